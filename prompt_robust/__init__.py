@@ -1,0 +1,32 @@
+"""prompt_robust: make existing CLIP prompt learners robust to distribution shift.
+
+``wrap(learner, RobustConfig(...))`` attaches plug-and-play robustness add-ons to a prompt learner (CoOp,
+CoCoOp, VPT, MaPLe or your own) and saves them as PEFT-style adapter files.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from .backbones import ClipBackbone, HFClipBackbone, load_backbone
+from .config import CounterfactualConfig, DebiasConfig, InvarianceConfig, RefinerConfig, RobustConfig
+from .learners import LEARNERS, PromptLearner, build_learner
+from .model import RobustOutput, RobustPromptModel, wrap
+
+__all__ = [
+    "LEARNERS",
+    "ClipBackbone",
+    "CounterfactualConfig",
+    "DebiasConfig",
+    "HFClipBackbone",
+    "InvarianceConfig",
+    "PromptLearner",
+    "RefinerConfig",
+    "RobustConfig",
+    "RobustOutput",
+    "RobustPromptModel",
+    "__version__",
+    "build_learner",
+    "load_backbone",
+    "wrap",
+]

@@ -1,0 +1,68 @@
+"""The add-on slot: what a robustness method can change in a wrapped learner, and the registry.
+
+An add-on is an ``nn.Module`` built from ``(learner, config)``. The wrapped model asks every enabled add-on,
+in a fixed order, for
+
+* ``prompt_override(pixel_values)``: per-sample prompts (the diffusion refiner);
+* ``sample_weights(batch, output)``: per-sample loss weights (group reweighting);
+* ``extra_loss(batch, output)``: a term added to the loss, with logs (the counterfactual regularizer);
+* ``adjust_output(output)``: a change to the logits (the invariant projection).
+
+Adding a method = one module implementing these + one ``register_addon`` line.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+__all__ = ["ADDONS", "RobustAddon", "register_addon"]
+
+
+class RobustAddon(nn.Module):
+    """Base class of the robustness add-ons; every hook defaults to "no change".
+
+    Args:
+        learner: the wrapped learner (kept as a plain reference, not a submodule, so its weights are saved once).
+        config: the add-on's config dataclass.
+    """
+
+    name: ClassVar[str] = "abstract"
+    config_class: ClassVar[type] = object
+
+    def __init__(self, learner: nn.Module, config: Any) -> None:
+        super().__init__()
+        self.__dict__["learner"] = learner
+        self.config = config
+
+    def prompt_override(self, pixel_values: torch.Tensor) -> dict[str, torch.Tensor] | None:
+        return None
+
+    def sample_weights(self, batch: Mapping[str, Any], output: Any) -> torch.Tensor | None:
+        return None
+
+    def extra_loss(self, batch: Mapping[str, Any], output: Any) -> tuple[torch.Tensor | None, dict[str, float]]:
+        return None, {}
+
+    def adjust_output(self, output: Any) -> Any:
+        return output
+
+    def detach(self) -> None:
+        """Undo anything the add-on attached to the learner (hooks); called by ``unwrap()``."""
+
+
+#: add-on name (the ``RobustConfig`` field) -> implementation
+ADDONS: dict[str, type[RobustAddon]] = {}
+
+
+def register_addon(cls: type[RobustAddon]) -> type[RobustAddon]:
+    """Class decorator registering an add-on under ``cls.name`` (a ``RobustConfig`` field name)."""
+    from .config import RobustConfig
+
+    if cls.name not in RobustConfig.nested:
+        raise ValueError(f"add-on name {cls.name!r} is not a RobustConfig field ({', '.join(RobustConfig.nested)}).")
+    ADDONS[cls.name] = cls
+    return cls

@@ -1,0 +1,34 @@
+"""CLIP backbones behind one protocol (:class:`ClipBackbone`).
+
+``load_backbone`` builds one from a short spec string, so configs and the CLI can name a backbone:
+
+* ``hf:/path/to/dir`` (or a bare directory path): a transformers CLIP checkpoint saved with ``save_pretrained``;
+* ``open_clip:ViT-B-16`` (random init) or ``open_clip:ViT-B-16:/path/weights.safetensors``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .base import BackboneIdentity, ClipBackbone
+from .hf_clip import HFClipBackbone
+
+__all__ = ["BackboneIdentity", "ClipBackbone", "HFClipBackbone", "load_backbone"]
+
+
+def load_backbone(spec: str | Path) -> ClipBackbone:
+    """Build a backbone from a spec string (see the module docstring).
+
+    Args:
+        spec: ``hf:<dir>``, ``<dir>``, ``open_clip:<model>`` or ``open_clip:<model>:<weights.safetensors>``.
+
+    Example:
+        >>> load_backbone("hf:/models/clip-vit-b16")  # doctest: +SKIP
+    """
+    spec = str(spec)
+    if spec.startswith("open_clip:"):
+        from .open_clip import OpenClipBackbone
+
+        model_name, _, weights = spec[len("open_clip:") :].partition(":")
+        return OpenClipBackbone.from_pretrained(model_name, weights or None)
+    return HFClipBackbone.from_pretrained(spec[len("hf:") :] if spec.startswith("hf:") else spec)

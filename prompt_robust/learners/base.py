@@ -1,0 +1,337 @@
+"""The prompt-learner contract and the machinery the reference learners share.
+
+A *prompt learner* is any ``nn.Module`` with
+
+* ``prompt_tokens() -> dict[str, Tensor]``: its learned prompt, one ``(n_tokens, dim)`` tensor per site
+  (e.g. ``"text"``, ``"vision"``);
+* ``forward(pixel_values, prompt_override=None)``: logits ``(batch, n_classes)`` (a tensor, or an object with
+  ``.logits``); ``prompt_override`` maps sites to per-sample prompts ``(batch, n_tokens, dim)`` used instead of
+  the learned ones;
+* ``image_features(pixel_values) -> (batch, embed_dim)``: prompt-free features the add-ons condition on.
+
+The reference learners derive from :class:`PromptLearner`; a user's own module only needs the three methods
+(see ``docs/learner_contract.md``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, Protocol, runtime_checkable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..backbones.base import ClipBackbone
+from ..config import ConfigMixin, _check, help_field
+
+__all__ = ["ClassPrompts", "LearnerConfig", "LearnerOutput", "PromptLearner", "PromptLearnerProtocol"]
+
+
+@runtime_checkable
+class PromptLearnerProtocol(Protocol):
+    """What ``wrap()`` needs from a learner."""
+
+    def prompt_tokens(self) -> dict[str, torch.Tensor]: ...
+
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor: ...
+
+    def __call__(
+        self, pixel_values: torch.Tensor, prompt_override: Mapping[str, torch.Tensor] | None = None
+    ) -> Any: ...
+
+
+@dataclass
+class LearnerOutput:
+    """What a reference learner returns.
+
+    Attributes:
+        logits: ``(batch, n_classes)`` scaled cosine similarities.
+        image_features: ``(batch, embed_dim)`` L2-normalised image features (with visual prompts if any).
+        text_features: ``(n_classes, embed_dim)`` or, for per-sample prompts, ``(batch, n_classes, embed_dim)``,
+            L2-normalised.
+    """
+
+    logits: torch.Tensor
+    image_features: torch.Tensor
+    text_features: torch.Tensor
+
+
+@dataclass
+class LearnerConfig(ConfigMixin):
+    """Options every reference learner has."""
+
+    text_chunk_size: int | None = help_field(
+        None,
+        "Most text sequences encoded in one pass (per-sample prompts need batch x classes of them); bounds "
+        "memory. None: no bound.",
+    )
+
+    def __post_init__(self) -> None:
+        if self.text_chunk_size is not None:
+            _check(self.text_chunk_size >= 1, f"text_chunk_size must be >= 1 or None; got {self.text_chunk_size!r}.")
+
+
+def check_classnames(classnames: Sequence[str]) -> list[str]:
+    """Validate a class list: non-empty, non-blank, unique strings."""
+    if isinstance(classnames, str) or not isinstance(classnames, Sequence):
+        raise TypeError(f"classnames must be a list of strings; got {type(classnames).__name__}.")
+    names = [str(name).strip() for name in classnames]
+    if not names:
+        raise ValueError("classnames is empty: pass the list of class names the model should predict.")
+    if not all(names):
+        raise ValueError(f"classnames contains an empty name: {list(classnames)!r}.")
+    dupes = sorted({name for name in names if names.count(name) > 1})
+    if dupes:
+        raise ValueError(f"classnames must be unique; repeated: {dupes}.")
+    return names
+
+
+def cosine_logits(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``scale * <image, text>`` for normalised features.
+
+    Args:
+        image: ``(b, d)``.
+        text: ``(n_cls, d)`` shared by the batch or ``(b, n_cls, d)`` per sample.
+    """
+    if text.dim() == 2:
+        return scale * image @ text.t()  # (b, n_cls)
+    return scale * torch.einsum("bd,bcd->bc", image, text)  # (b, n_cls)
+
+
+class ClassPrompts(nn.Module):
+    """Token ids and frozen token embeddings of ``<BOS> [ctx]*n_ctx <classname> . <EOT>`` for every class.
+
+    The learned context replaces the ``n_ctx`` placeholders; ``position`` moves the class name to the end
+    (CoOp default), the middle (context split in two halves around it) or the front. Total length and the EOT
+    position never change, so pooling reads the right token.
+
+    Args:
+        backbone: the CLIP backbone (its tokenizer and token embedding are used).
+        classnames: class names.
+        n_ctx: number of learned context tokens (0 allowed: plain ``"{name}."``).
+        position: ``"end"``, ``"middle"`` or ``"front"``.
+    """
+
+    POSITIONS: ClassVar[tuple[str, ...]] = ("end", "middle", "front")
+
+    def __init__(self, backbone: ClipBackbone, classnames: Sequence[str], n_ctx: int, position: str = "end") -> None:
+        super().__init__()
+        if position not in self.POSITIONS:
+            from ..config import unknown_name_error
+
+            raise unknown_name_error("class token position", position, self.POSITIONS)
+        self.n_ctx = n_ctx
+        names = check_classnames(classnames)
+        base = backbone.tokenize([f"{name}." for name in names])  # (n_cls, L): BOS name . EOT pad
+        eot = backbone.eot_positions(base)
+        length = base.shape[1]
+        if int(eot.max()) + n_ctx >= length:
+            worst = names[int(eot.argmax())]
+            raise ValueError(
+                f"class {worst!r} with {n_ctx} context tokens does not fit in the context length {length}; use "
+                "fewer context tokens or a shorter class name."
+            )
+        # Shift everything after BOS right by n_ctx; the placeholders reuse BOS's id (never the EOT id, so
+        # neither pooling rule can pick them).
+        placeholder = base[:, :1].expand(-1, n_ctx)
+        ids_end = torch.cat([base[:, :1], placeholder, base[:, 1 : length - n_ctx]], dim=1)  # (n_cls, L)
+        name_lens = (eot - 2).tolist()  # tokens of the name, without the final "."
+        order = torch.stack([self._order(length, n_ctx, n, position) for n in name_lens]).to(base.device)
+        with torch.no_grad():
+            embeds = backbone.token_embedding(ids_end)  # (n_cls, L, w)
+        self.register_buffer("input_ids", torch.gather(ids_end, 1, order), persistent=False)  # (n_cls, L)
+        self.register_buffer("prefix", embeds[:, :1].clone(), persistent=False)  # (n_cls, 1, w)
+        self.register_buffer("suffix", embeds[:, 1 + n_ctx :].clone(), persistent=False)  # (n_cls, L-1-n_ctx, w)
+        self.register_buffer("order", order, persistent=False)  # (n_cls, L)
+
+    @staticmethod
+    def _order(length: int, n_ctx: int, name_len: int, position: str) -> torch.Tensor:
+        """Permutation from the "end" layout [BOS, ctx, name, rest] to the requested layout."""
+        bos, ctx = [0], list(range(1, 1 + n_ctx))
+        name = list(range(1 + n_ctx, 1 + n_ctx + name_len))
+        rest = list(range(1 + n_ctx + name_len, length))
+        if position == "end":
+            seq = bos + ctx + name + rest
+        elif position == "front":
+            seq = bos + name + ctx + rest
+        else:
+            half = n_ctx // 2
+            seq = bos + ctx[:half] + name + ctx[half:] + rest
+        return torch.tensor(seq, dtype=torch.long)
+
+    @property
+    def num_classes(self) -> int:
+        return self.input_ids.shape[0]
+
+    def assemble(self, ctx: torch.Tensor) -> torch.Tensor:
+        """Token embeddings with the context in place.
+
+        Args:
+            ctx: ``(..., n_cls | 1, n_ctx, w)``: shared ``(1, n_ctx, w)``, class-specific ``(n_cls, n_ctx, w)``,
+                per-sample ``(b, 1, n_ctx, w)`` or per-sample class-specific ``(b, n_cls, n_ctx, w)``.
+
+        Returns:
+            ``(..., n_cls, L, w)`` token embeddings.
+        """
+        lead = ctx.shape[:-3]
+        n_cls = self.num_classes
+        shape = (*lead, n_cls)
+        width = self.prefix.shape[-1]
+        parts = [
+            self.prefix.expand(*shape, 1, width),
+            ctx.to(self.prefix.dtype).expand(*shape, self.n_ctx, width),
+            self.suffix.expand(*shape, self.suffix.shape[1], width),
+        ]
+        tokens = torch.cat(parts, dim=-2)  # (..., n_cls, L, w) in the "end" layout
+        index = self.order.expand(*shape, -1).unsqueeze(-1).expand(*shape, -1, width)
+        return torch.gather(tokens, -2, index)
+
+
+class PromptLearner(nn.Module):
+    """Base class of the reference learners: a frozen backbone, a class list and a config.
+
+    Subclasses set ``learner_type`` and ``config_class`` and implement ``prompt_tokens``, ``forward`` and
+    ``_build_class_state`` (what depends on the class list).
+    """
+
+    learner_type: ClassVar[str] = "base"
+    config_class: ClassVar[type[LearnerConfig]] = LearnerConfig
+
+    def __init__(self, backbone: ClipBackbone, classnames: Sequence[str], config: LearnerConfig | None = None) -> None:
+        super().__init__()
+        if not isinstance(backbone, ClipBackbone):
+            raise TypeError(
+                f"backbone must be a prompt_robust ClipBackbone (e.g. HFClipBackbone.from_pretrained(dir) or "
+                f"prompt_robust.load_backbone(...)); got {type(backbone).__name__}."
+            )
+        config = config if config is not None else self.config_class()
+        if not isinstance(config, self.config_class):
+            raise TypeError(f"{type(self).__name__} takes a {self.config_class.__name__}; got {type(config).__name__}.")
+        self.config = config
+        self.backbone = backbone
+        backbone.freeze()
+        self.classnames = check_classnames(classnames)
+
+    # -- contract --------------------------------------------------------------------------------------------
+    def prompt_tokens(self) -> dict[str, torch.Tensor]:
+        """The learned prompt as ``{site: (n_tokens, dim)}``; empty for a learner without prompts."""
+        return {}
+
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Prompt-free, L2-normalised image features ``(batch, embed_dim)`` (what add-ons condition on)."""
+        with torch.no_grad():
+            return F.normalize(self.backbone.encode_image(pixel_values), dim=-1)
+
+    def forward(
+        self, pixel_values: torch.Tensor, prompt_override: Mapping[str, torch.Tensor] | None = None
+    ) -> LearnerOutput:
+        raise NotImplementedError
+
+    # -- class list --------------------------------------------------------------------------------------------
+    def set_classnames(self, classnames: Sequence[str]) -> None:
+        """Predict over another class list (e.g. the new classes of base-to-new); learned prompts are kept."""
+        self.classnames = check_classnames(classnames)
+        self._build_class_state()
+
+    def _build_class_state(self) -> None:
+        """(Re)build everything that depends on ``self.classnames``."""
+
+    # -- helpers shared by subclasses --------------------------------------------------------------------------
+    def check_override(
+        self, prompt_override: Mapping[str, torch.Tensor] | None, batch: int
+    ) -> Mapping[str, torch.Tensor]:
+        """Validate per-sample prompts: known sites, shape ``(batch, *site_shape)``."""
+        if not prompt_override:
+            return {}
+        sites = self.prompt_tokens()
+        for site, value in prompt_override.items():
+            if site not in sites:
+                raise ValueError(
+                    f"{type(self).__name__} has no prompt site {site!r}; sites: {sorted(sites) or 'none'}."
+                )
+            expected = (batch, *sites[site].shape)
+            if tuple(value.shape) != expected:
+                raise ValueError(
+                    f"prompt_override[{site!r}] must have shape {expected} (batch, n_tokens, dim); got "
+                    f"{tuple(value.shape)}."
+                )
+        return prompt_override
+
+    def encode_prompts(
+        self,
+        prompts: ClassPrompts,
+        ctx: torch.Tensor,
+        deep_prompts: Mapping[int, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """Normalised text features of every class for the given context, in memory-bounded chunks.
+
+        Args:
+            prompts: the class token layout.
+            ctx: see :meth:`ClassPrompts.assemble`; leading dims ``(...)`` are kept.
+            deep_prompts: ``{layer: (n, w) | (b, n, w)}``; a per-sample entry is repeated over classes (its
+                ``b`` must equal the single leading dim of ``ctx``).
+
+        Returns:
+            ``(..., n_cls, embed_dim)``.
+        """
+        embeds = prompts.assemble(ctx)  # (..., n_cls, L, w)
+        lead = embeds.shape[:-2]
+        length, width = embeds.shape[-2:]
+        flat = embeds.reshape(-1, length, width)  # (N, L, w), N = prod(lead)
+        ids = prompts.input_ids.expand(*lead, -1).reshape(-1, length)  # (N, L)
+        n_cls = prompts.num_classes
+        deep = {}
+        for layer, value in (deep_prompts or {}).items():
+            # (b, n, w) per sample -> (b * n_cls, n, w); (n, w) stays shared
+            deep[layer] = value.repeat_interleave(n_cls, dim=0) if value.dim() == 3 else value
+        chunk = self.config.text_chunk_size or flat.shape[0]
+        outs = []
+        for start in range(0, flat.shape[0], chunk):
+            stop = start + chunk
+            part = {k: (v[start:stop] if v.dim() == 3 else v) for k, v in deep.items()}
+            outs.append(self.backbone.encode_text(ids[start:stop], token_embeds=flat[start:stop], deep_prompts=part))
+        features = torch.cat(outs).reshape(*lead, -1)
+        return F.normalize(features, dim=-1)
+
+    def fixed_text_features(self, texts: Sequence[str]) -> torch.Tensor:
+        """Normalised features of fixed texts ``(n, d)``, cached while the backbone is frozen."""
+        trainable = any(p.requires_grad for p in self.backbone.parameters())
+        key = (tuple(texts), self.backbone.device, self.backbone.dtype)
+        cache = self.__dict__.setdefault("_text_cache", {})
+        if not trainable and key in cache:
+            return cache[key]
+        with torch.set_grad_enabled(trainable and torch.is_grad_enabled()):
+            features = F.normalize(self.backbone.encode_text(self.backbone.tokenize(list(texts))), dim=-1)
+        if not trainable:
+            cache.clear()
+            cache[key] = features
+        return features
+
+    def hyperparameters(self) -> dict[str, Any]:
+        """What ``save_pretrained`` stores to rebuild this learner."""
+        return self.config.to_dict()
+
+    def extra_repr(self) -> str:
+        return f"classes={len(self.classnames)}, config={self.config}"
+
+
+def init_context(
+    backbone: ClipBackbone, n_ctx: int, ctx_init: str | None, width: int, std: float = 0.02
+) -> tuple[torch.Tensor, int]:
+    """Context vectors: the token embeddings of ``ctx_init`` (then ``n_ctx`` is its token count) or N(0, std²).
+
+    Returns:
+        ``(n_ctx, width)`` tensor and the resulting ``n_ctx``.
+    """
+    if ctx_init:
+        ids = backbone.tokenize([ctx_init])
+        n_tokens = int(backbone.eot_positions(ids)[0]) - 1
+        if n_tokens < 1:
+            raise ValueError(f"ctx_init {ctx_init!r} tokenizes to no token.")
+        with torch.no_grad():
+            ctx = backbone.token_embedding(ids)[0, 1 : 1 + n_tokens].clone().float()
+        return ctx, n_tokens
+    _check(n_ctx >= 1, f"n_ctx must be >= 1 when ctx_init is not given; got {n_ctx!r}.")
+    return torch.randn(n_ctx, width) * std, n_ctx

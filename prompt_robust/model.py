@@ -1,0 +1,340 @@
+"""``wrap(learner, config)``: a prompt learner plus robustness add-ons, with PEFT-style adapter files."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import _io
+from .addons import ADDONS, RobustAddon
+from .backbones.base import ClipBackbone
+from .config import RobustConfig
+from .learners import LEARNERS, PromptLearner
+
+__all__ = ["ADAPTER_CONFIG_NAME", "ADAPTER_WEIGHTS_NAME", "RobustOutput", "RobustPromptModel", "wrap"]
+
+ADAPTER_CONFIG_NAME = "adapter_config.json"
+ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
+FORMAT_VERSION = 1
+_REQUIRED_METHODS = ("prompt_tokens", "image_features", "forward")
+
+
+@dataclass
+class RobustOutput:
+    """What the wrapped model returns.
+
+    Attributes:
+        loss: scalar training loss when ``labels`` were given (task loss, reweighted, plus add-on terms).
+        logits: ``(batch, n_classes)``.
+        logs: scalar diagnostics of the add-ons (floats), e.g. ``{"counterfactual/loss": 0.3}``.
+        learner_output: whatever the learner returned (its features, for reference learners).
+    """
+
+    loss: torch.Tensor | None
+    logits: torch.Tensor
+    logs: dict[str, float] = field(default_factory=dict)
+    learner_output: Any = None
+
+    def __getitem__(self, key: str) -> Any:  # dict-style access, as transformers' Trainer uses
+        return getattr(self, key)
+
+    def keys(self) -> list[str]:
+        return ["loss", "logits"] if self.loss is not None else ["logits"]
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    parts = []
+    for piece in version.split(".")[:3]:
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        parts.append(int(digits or 0))
+    return tuple(parts)
+
+
+def _find_backbone(module: nn.Module) -> ClipBackbone | None:
+    return next((m for m in module.modules() if isinstance(m, ClipBackbone)), None)
+
+
+def _check_learner(learner: Any) -> None:
+    if not isinstance(learner, nn.Module):
+        raise TypeError(f"wrap() needs a torch.nn.Module prompt learner; got {type(learner).__name__}.")
+    missing = [name for name in _REQUIRED_METHODS if not callable(getattr(learner, name, None))]
+    if missing:
+        raise TypeError(
+            f"{type(learner).__name__} does not implement the prompt-learner contract: missing "
+            f"{', '.join(missing)}. A learner needs prompt_tokens() -> {{site: (n_tokens, dim)}}, "
+            "forward(pixel_values, prompt_override=None) -> logits and image_features(pixel_values); see "
+            "docs/learner_contract.md."
+        )
+
+
+class RobustPromptModel(nn.Module):
+    """A prompt learner with robustness add-ons; trains and predicts like the learner.
+
+    With no add-on enabled its logits equal the learner's exactly. ``forward`` returns a :class:`RobustOutput`
+    with the loss when ``labels`` are given, so it trains with :func:`prompt_robust.fit`, a plain loop or a
+    transformers ``Trainer``.
+
+    Args:
+        learner: a reference learner or any module implementing the learner contract.
+        config: which add-ons to attach (:class:`RobustConfig`).
+
+    Example:
+        >>> import prompt_robust as pr
+        >>> from prompt_robust.backbones.tiny import tiny_clip_backbone
+        >>> learner = pr.build_learner("coop", tiny_clip_backbone(layers=1), ["cat", "dog"], n_ctx=4)
+        >>> model = pr.wrap(learner, pr.RobustConfig())
+        >>> out = model(torch.zeros(2, 3, 32, 32), labels=torch.tensor([0, 1]))
+        >>> out.logits.shape, out.loss.dim()
+        (torch.Size([2, 2]), 0)
+    """
+
+    # transformers.Trainer: the loss is complete as returned (no gradient-accumulation rescaling by the Trainer).
+    accepts_loss_kwargs = False
+
+    def __init__(self, learner: nn.Module, config: RobustConfig | None = None) -> None:
+        super().__init__()
+        _check_learner(learner)
+        config = config if config is not None else RobustConfig()
+        if not isinstance(config, RobustConfig):
+            raise TypeError(f"config must be a RobustConfig; got {type(config).__name__}.")
+        self.learner = learner
+        self.config = config
+        self.addons = nn.ModuleDict()
+        for name in config.enabled():
+            if name not in ADDONS:
+                raise NotImplementedError(
+                    f"the {name!r} add-on is not available in this version of prompt_robust; available add-ons: "
+                    f"{', '.join(sorted(ADDONS)) or 'none yet'}. Set RobustConfig.{name}=None."
+                )
+            self.addons[name] = ADDONS[name](learner, getattr(config, name))
+
+    # -- forward -----------------------------------------------------------------------------------------------
+    def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None, **batch: Any) -> RobustOutput:
+        """Logits for ``pixel_values``; the loss too when ``labels`` are given.
+
+        Args:
+            pixel_values: ``(batch, 3, H, W)`` normalised images.
+            labels: ``(batch,)`` class indices.
+            **batch: extra per-sample fields some add-ons read (e.g. ``groups``); others are ignored.
+        """
+        addons: list[RobustAddon] = list(self.addons.values())
+        override: dict[str, torch.Tensor] = {}
+        for addon in addons:
+            override.update(addon.prompt_override(pixel_values) or {})
+        raw = self.learner(pixel_values, prompt_override=override) if override else self.learner(pixel_values)
+        for addon in addons:
+            raw = addon.adjust_output(raw)
+        logits = raw if isinstance(raw, torch.Tensor) else raw.logits
+        if logits.dim() != 2 or logits.shape[0] != pixel_values.shape[0]:
+            raise ValueError(
+                f"the learner returned logits of shape {tuple(logits.shape)}; expected (batch={pixel_values.shape[0]}, "
+                "n_classes)."
+            )
+        logs: dict[str, float] = {}
+        loss = None
+        if labels is not None:
+            full = {"pixel_values": pixel_values, "labels": labels, **batch}
+            per_sample = F.cross_entropy(logits, labels, reduction="none")  # (b,)
+            weights = None
+            for addon in addons:
+                w = addon.sample_weights(full, raw)
+                if w is not None:
+                    weights = w if weights is None else weights * w
+            loss = per_sample.mean() if weights is None else (weights * per_sample).sum() / weights.sum()
+            for addon in addons:
+                extra, addon_logs = addon.extra_loss(full, raw)
+                if extra is not None:
+                    loss = loss + extra
+                logs.update(addon_logs)
+        return RobustOutput(loss=loss, logits=logits, logs=logs, learner_output=raw)
+
+    # -- composition -----------------------------------------------------------------------------------------
+    def unwrap(self) -> nn.Module:
+        """Detach every add-on and return the learner, unchanged."""
+        for addon in self.addons.values():
+            addon.detach()
+        self.addons = nn.ModuleDict()
+        return self.learner
+
+    @property
+    def backbone(self) -> ClipBackbone | None:
+        return _find_backbone(self.learner)
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """The tensors an adapter holds: the learner's own parameters (never the frozen backbone's) and the
+        add-ons' state. A learner without a ClipBackbone submodule contributes its trainable parameters."""
+        backbone = _find_backbone(self.learner)
+        frozen = {id(p) for p in backbone.parameters()} if backbone is not None else set()
+        state = {}
+        for name, param in self.learner.named_parameters():
+            if id(param) in frozen or (backbone is None and not param.requires_grad):
+                continue
+            state[f"learner.{name}"] = param
+        for name, tensor in self.addons.state_dict().items():
+            state[f"addons.{name}"] = tensor
+        return state
+
+    # -- adapter files -----------------------------------------------------------------------------------------
+    def save_pretrained(self, directory: str | Path, *, overwrite: bool = False) -> Path:
+        """Write ``adapter_config.json`` and ``adapter_model.safetensors`` (trainable tensors only) to ``directory``.
+
+        An existing adapter in ``directory`` is never replaced unless ``overwrite=True``; other files in the
+        folder are left alone. Each file is written to a temporary name and renamed into place, the config last,
+        so an interrupted save never leaves a loadable half-adapter.
+
+        Args:
+            directory: target folder (created if missing).
+            overwrite: replace an adapter already saved there.
+
+        Returns:
+            The directory path.
+        """
+        from . import __version__
+
+        directory = Path(directory)
+        existing = [n for n in (ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME) if (directory / n).exists()]
+        if existing and not overwrite:
+            raise FileExistsError(
+                f"{str(directory)!r} already holds an adapter ({', '.join(existing)}); pass overwrite=True to "
+                "replace it or choose another directory."
+            )
+        learner = self.learner
+        if isinstance(learner, PromptLearner):
+            learner_info = {
+                "type": learner.learner_type,
+                "config": learner.hyperparameters(),
+                "classnames": list(learner.classnames),
+            }
+        else:
+            cls = type(learner)
+            learner_info = {"type": "custom", "class": f"{cls.__module__}:{cls.__qualname__}"}
+        backbone = self.backbone
+        config = {
+            "library": "prompt_robust",
+            "prompt_robust_version": __version__,
+            "format_version": FORMAT_VERSION,
+            "learner": learner_info,
+            "robust_config": self.config.to_dict(),
+            "backbone": backbone.identity().to_dict() if backbone is not None else None,
+        }
+        metadata = {"format": "pt", "prompt_robust_version": __version__}
+        _io.write_safetensors(directory / ADAPTER_WEIGHTS_NAME, self.trainable_state_dict(), metadata=metadata)
+        _io.write_json(directory / ADAPTER_CONFIG_NAME, config)
+        return directory
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        directory: str | Path,
+        backbone: ClipBackbone | None = None,
+        *,
+        learner: nn.Module | None = None,
+        strict_backbone: bool = True,
+    ) -> RobustPromptModel:
+        """Load an adapter written by :meth:`save_pretrained`.
+
+        Args:
+            directory: the adapter folder.
+            backbone: the CLIP backbone to attach a reference learner to (required unless ``learner`` is given).
+            learner: an already built learner to load the weights into (required for custom learners).
+            strict_backbone: refuse a backbone whose architecture or weights fingerprint differs from the one the
+                adapter was trained on.
+
+        Example:
+            >>> model = RobustPromptModel.from_pretrained("runs/coop", backbone=backbone)  # doctest: +SKIP
+        """
+        from . import __version__
+
+        directory = Path(directory)
+        if not directory.is_dir():
+            raise FileNotFoundError(f"adapter directory {str(directory)!r} does not exist.")
+        for name in (ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME):
+            if not (directory / name).is_file():
+                raise FileNotFoundError(
+                    f"adapter directory {str(directory)!r} is missing {name}; an adapter folder holds "
+                    f"{ADAPTER_CONFIG_NAME} and {ADAPTER_WEIGHTS_NAME} as written by save_pretrained()."
+                )
+        saved = _io.read_json(directory / ADAPTER_CONFIG_NAME, "adapter config")
+        if saved.get("library") != "prompt_robust" or "format_version" not in saved:
+            raise ValueError(f"{str(directory)!r} does not hold a prompt_robust adapter (no prompt_robust stamp).")
+        if saved["format_version"] != FORMAT_VERSION or _version_tuple(saved["prompt_robust_version"]) > _version_tuple(
+            __version__
+        ):
+            raise ValueError(
+                f"adapter was saved by prompt_robust {saved['prompt_robust_version']} (format "
+                f"{saved['format_version']}); this is prompt_robust {__version__} (format {FORMAT_VERSION}). "
+                "Upgrade prompt_robust to load it."
+            )
+        info = saved["learner"]
+        if learner is None:
+            if info["type"] == "custom":
+                raise ValueError(
+                    f"the adapter holds a custom learner ({info['class']}); build it and pass learner=... to load "
+                    "its weights into it."
+                )
+            if backbone is None:
+                raise ValueError("pass backbone=... (the CLIP backbone the adapter was trained on).")
+            if info["type"] not in LEARNERS:
+                raise ValueError(f"unknown learner type {info['type']!r} in the adapter; known: {sorted(LEARNERS)}.")
+            learner_cls = LEARNERS[info["type"]]
+            learner = learner_cls(backbone, info["classnames"], learner_cls.config_class.from_dict(info["config"]))
+        elif isinstance(learner, PromptLearner) and info["type"] != learner.learner_type:
+            raise ValueError(f"the adapter holds a {info['type']!r} learner; got a {learner.learner_type!r} learner.")
+        found = _find_backbone(learner)
+        if strict_backbone and found is not None and saved.get("backbone"):
+            diffs = found.identity().mismatches(saved["backbone"])
+            if diffs:
+                raise ValueError(
+                    "this adapter was trained on another backbone: " + "; ".join(diffs) + ". Load it with the "
+                    "backbone it was saved with, or pass strict_backbone=False to attach it anyway."
+                )
+        model = cls(learner, RobustConfig.from_dict(saved["robust_config"]))
+        model.load_adapter_weights(directory / ADAPTER_WEIGHTS_NAME)
+        return model
+
+    def load_adapter_weights(self, path: str | Path) -> None:
+        """Copy the tensors of an ``adapter_model.safetensors`` into this model, checking names and shapes."""
+        tensors = _io.read_safetensors(path, "adapter weights")
+        own = self.trainable_state_dict()
+        missing = sorted(set(own) - set(tensors))
+        unexpected = sorted(set(tensors) - set(own))
+        if missing or unexpected:
+            raise ValueError(
+                f"adapter weights do not match this model: missing {missing or 'none'}, unexpected "
+                f"{unexpected or 'none'}. Was the adapter saved from another learner or configuration?"
+            )
+        for name, value in tensors.items():
+            if tuple(own[name].shape) != tuple(value.shape):
+                raise ValueError(
+                    f"adapter tensor {name!r} has shape {tuple(value.shape)}; the model expects "
+                    f"{tuple(own[name].shape)} (different n_ctx, depth, class count or backbone width?)."
+                )
+        with torch.no_grad():
+            for name, value in tensors.items():
+                own[name].copy_(value.to(own[name].device, own[name].dtype))
+
+
+def wrap(learner: nn.Module, config: RobustConfig | None = None) -> RobustPromptModel:
+    """Attach robustness add-ons to a prompt learner.
+
+    Args:
+        learner: a reference learner (:func:`prompt_robust.build_learner`) or your own module implementing the
+            contract in ``docs/learner_contract.md``.
+        config: which add-ons to enable; ``None`` or ``RobustConfig()`` enables none.
+
+    Returns:
+        A :class:`RobustPromptModel`; ``model.unwrap()`` gives the learner back.
+
+    Example:
+        >>> import prompt_robust as pr
+        >>> from prompt_robust.backbones.tiny import tiny_clip_backbone
+        >>> model = pr.wrap(pr.build_learner("zeroshot", tiny_clip_backbone(layers=1), ["cat", "dog"]))
+        >>> type(model).__name__
+        'RobustPromptModel'
+    """
+    return RobustPromptModel(learner, config)

@@ -1,0 +1,51 @@
+"""Shared fixtures: tiny CLIP backbones built in-process (no downloads), one torch thread."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+# Two shared cores make multi-threaded torch erratic (and 50x slower under contention).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(1)
+
+CLASSNAMES = ["cat", "dog", "bird", "fish"]
+BACKBONES = ["hf", "open_clip"]
+LEARNER_NAMES = ["zeroshot", "coop", "cocoop", "vpt", "maple"]
+# Small settings so every learner fits the tiny backbones' context and runs in milliseconds.
+LEARNER_KWARGS = {
+    "zeroshot": {},
+    "coop": {"n_ctx": 4},
+    "cocoop": {},
+    "vpt": {"n_tokens": 4, "deep": True},
+    "maple": {"depth": 2},
+}
+
+
+def make_backbone(kind: str, seed: int = 0):
+    if kind == "hf":
+        from prompt_robust.backbones.tiny import tiny_clip_backbone
+
+        return tiny_clip_backbone(seed=seed, context_length=32, initializer_factor=3.0)
+    pytest.importorskip("open_clip")
+    from prompt_robust.backbones.open_clip import tiny_open_clip_backbone
+
+    return tiny_open_clip_backbone(seed=seed, attention_scale=3.0)
+
+
+@pytest.fixture(params=BACKBONES)
+def backbone(request):
+    return make_backbone(request.param)
+
+
+@pytest.fixture
+def hf_backbone():
+    return make_backbone("hf")
+
+
+@pytest.fixture
+def images():
+    generator = torch.Generator().manual_seed(0)
+    return torch.randn(3, 3, 32, 32, generator=generator)
