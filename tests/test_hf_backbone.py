@@ -67,7 +67,8 @@ def test_fingerprint_tells_weights_apart():
 
 
 def test_peft_lora_backbone_trains_lora_and_prompts_together(images):
-    peft = pytest.importorskip("peft")
+    import peft
+
     base = make_backbone("hf")
     lora = peft.get_peft_model(
         base.clip, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=True)

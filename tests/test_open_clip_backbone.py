@@ -7,8 +7,9 @@ import sys
 
 import pytest
 import torch
+from conftest import import_optional
 
-open_clip = pytest.importorskip("open_clip")
+open_clip = import_optional("open_clip")
 
 from prompt_robust.backbones.open_clip import OpenClipBackbone, tiny_open_clip_backbone  # noqa: E402
 from prompt_robust.learners import build_learner  # noqa: E402

@@ -26,7 +26,7 @@ from torch import nn
 from ..backbones.base import ClipBackbone
 from ..config import ConfigMixin, _check, help_field
 
-__all__ = ["ClassPrompts", "LearnerConfig", "LearnerOutput", "PromptLearner", "PromptLearnerProtocol"]
+__all__ = ["ClassPrompts", "ContextConfig", "LearnerConfig", "LearnerOutput", "PromptLearner", "PromptLearnerProtocol"]
 
 
 @runtime_checkable
@@ -71,6 +71,21 @@ class LearnerConfig(ConfigMixin):
     def __post_init__(self) -> None:
         if self.text_chunk_size is not None:
             _check(self.text_chunk_size >= 1, f"text_chunk_size must be >= 1 or None; got {self.text_chunk_size!r}.")
+
+
+@dataclass
+class ContextConfig(LearnerConfig):
+    """Options of learners with learned text context vectors (CoOp, CoCoOp, MaPLe)."""
+
+    n_ctx: int = help_field(16, "Number of context tokens (ignored when ctx_init is given).")
+    ctx_init: str | None = help_field(None, "Initialise the context from these words, e.g. 'a photo of a'.")
+    init_std: float = help_field(0.02, "Std of the random context initialisation.")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.ctx_init is None:
+            _check(self.n_ctx >= 1, f"n_ctx must be >= 1; got {self.n_ctx!r}.")
+        _check(self.init_std > 0, f"init_std must be > 0; got {self.init_std!r}.")
 
 
 def check_classnames(classnames: Sequence[str]) -> list[str]:

@@ -12,26 +12,22 @@ from torch import nn
 
 from ..backbones.base import ClipBackbone
 from ..config import _check, help_field
-from .base import ClassPrompts, LearnerConfig, LearnerOutput, PromptLearner, cosine_logits, init_context
+from .base import ClassPrompts, ContextConfig, LearnerOutput, PromptLearner, cosine_logits, init_context
 
 __all__ = ["CoCoOp", "CoCoOpConfig"]
 
 
 @dataclass
-class CoCoOpConfig(LearnerConfig):
+class CoCoOpConfig(ContextConfig):
     """CoCoOp options (paper defaults: 4 context tokens from "a photo of a", meta-net bottleneck 1/16)."""
 
     n_ctx: int = help_field(4, "Number of context tokens (ignored when ctx_init is given).")
     ctx_init: str | None = help_field("a photo of a", "Initialise the context from these words.")
     meta_ratio: int = help_field(16, "Meta-net bottleneck: hidden = embed_dim // meta_ratio.")
-    init_std: float = help_field(0.02, "Std of the random context initialisation.")
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.ctx_init is None:
-            _check(self.n_ctx >= 1, f"n_ctx must be >= 1; got {self.n_ctx!r}.")
         _check(self.meta_ratio >= 1, f"meta_ratio must be >= 1; got {self.meta_ratio!r}.")
-        _check(self.init_std > 0, f"init_std must be > 0; got {self.init_std!r}.")
 
 
 class CoCoOp(PromptLearner):

@@ -11,29 +11,23 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..backbones.base import ClipBackbone
-from ..config import _check, help_field, unknown_name_error
-from .base import ClassPrompts, LearnerConfig, LearnerOutput, PromptLearner, cosine_logits, init_context
+from ..config import help_field, unknown_name_error
+from .base import ClassPrompts, ContextConfig, LearnerOutput, PromptLearner, cosine_logits, init_context
 
 __all__ = ["CoOp", "CoOpConfig"]
 
 
 @dataclass
-class CoOpConfig(LearnerConfig):
+class CoOpConfig(ContextConfig):
     """CoOp options (defaults of the paper's few-shot setting, 16 context tokens, class token at the end)."""
 
-    n_ctx: int = help_field(16, "Number of context tokens (ignored when ctx_init is given).")
-    ctx_init: str | None = help_field(None, "Initialise the context from these words, e.g. 'a photo of a'.")
     class_specific: bool = help_field(False, "One context per class (CSC) instead of one shared context.")
     class_token_position: str = help_field("end", "Where the class name goes: end, middle or front.")
-    init_std: float = help_field(0.02, "Std of the random context initialisation.")
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.ctx_init is None:
-            _check(self.n_ctx >= 1, f"n_ctx must be >= 1; got {self.n_ctx!r}.")
         if self.class_token_position not in ClassPrompts.POSITIONS:
             raise unknown_name_error("class_token_position", self.class_token_position, ClassPrompts.POSITIONS)
-        _check(self.init_std > 0, f"init_std must be > 0; got {self.init_std!r}.")
 
 
 class CoOp(PromptLearner):

@@ -12,26 +12,22 @@ from torch import nn
 
 from ..backbones.base import ClipBackbone
 from ..config import _check, help_field
-from .base import ClassPrompts, LearnerConfig, LearnerOutput, PromptLearner, cosine_logits, init_context
+from .base import ClassPrompts, ContextConfig, LearnerOutput, PromptLearner, cosine_logits, init_context
 
 __all__ = ["MaPLe", "MaPLeConfig"]
 
 
 @dataclass
-class MaPLeConfig(LearnerConfig):
+class MaPLeConfig(ContextConfig):
     """MaPLe options (paper: 2 tokens, depth 9 of 12; depth is capped at the backbone's layer count)."""
 
     n_ctx: int = help_field(2, "Prompt tokens per layer (ignored when ctx_init is given).")
     ctx_init: str | None = help_field("a photo of a", "Initialise the first-layer text prompt from these words.")
     depth: int = help_field(9, "Number of prompted layers in both towers (capped at the backbone depth).")
-    init_std: float = help_field(0.02, "Std of the random initialisation of deeper prompts.")
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.ctx_init is None:
-            _check(self.n_ctx >= 1, f"n_ctx must be >= 1; got {self.n_ctx!r}.")
         _check(self.depth >= 1, f"depth must be >= 1; got {self.depth!r}.")
-        _check(self.init_std > 0, f"init_std must be > 0; got {self.init_std!r}.")
 
 
 class MaPLe(PromptLearner):
