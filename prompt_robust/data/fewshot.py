@@ -14,13 +14,14 @@ import json
 import logging
 import os
 import random
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch.utils.data import Dataset, Subset
+
+from .._io import atomic_write
 
 __all__ = ["FewShotSubset", "check_split", "load_split", "sample_few_shot", "save_split"]
 
@@ -167,17 +168,7 @@ def save_split(
         text = json.dumps({"indices": values, **meta}, indent=1)
     except TypeError as err:
         raise TypeError(f"meta must be JSON-serializable: {err}") from err
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
 def load_split(path: str | os.PathLike) -> tuple[list[int], dict[str, Any]]:
