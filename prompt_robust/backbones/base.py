@@ -224,7 +224,7 @@ class ClipBackbone(nn.Module, ABC):
             raise ValueError(
                 f"pixel_values has shape {tuple(pixel_values.shape)} but this backbone expects "
                 f"(batch, 3, {size}, {size}). Resize images to {size}x{size} (e.g. with "
-                f"prompt_robust.data.image_transform(backbone)) before calling the model."
+                f"prompt_robust.data.transform_for(backbone)) before calling the model."
             )
 
     def encode_text(
