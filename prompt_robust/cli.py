@@ -1,37 +1,277 @@
-"""The ``prompt-robust`` command line.
+"""The ``prompt-robust`` command line: ``demo``, ``bench``, ``pretrain-backbone``, ``train``, ``eval``.
 
-The CLI prints its results; the library itself never prints.
+Options of the training, benchmark and pretraining commands are generated from their config dataclasses
+(:class:`~prompt_robust.training.FitConfig`, :class:`~prompt_robust.benchmark.BenchConfig`,
+:class:`~prompt_robust.pretrain.PretrainConfig`), so the CLI and the Python API never disagree. The CLI prints its
+results; the library itself never prints.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import logging
+import shlex
 import sys
+import time
+import types
+import typing
+from pathlib import Path
+from typing import Any
 
 from . import __version__
 
 __all__ = ["main"]
 
+DEMO_METHODS = ["zeroshot", "coop"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# dataclass -> argparse
+# ---------------------------------------------------------------------------------------------------------------
+def _arg_type(annotation: Any) -> tuple[Any, bool]:
+    """(element type, is_list) of a field annotation such as ``int``, ``float | None`` or ``list[str]``."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return _arg_type(args[0])
+    if origin is list:
+        return typing.get_args(annotation)[0], True
+    return annotation, False
+
+
+def _parse_bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false; got {text!r}")
+
+
+def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
+    """Add ``--field-name`` options for every field of config dataclass ``cls`` (defaults left to the class)."""
+    hints = typing.get_type_hints(cls)
+    group = parser.add_argument_group(cls.__name__)
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        kind, is_list = _arg_type(hints[f.name])
+        kind = _parse_bool if kind is bool else kind
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        group.add_argument(
+            f"--{f.name.replace('_', '-')}",
+            dest=f"{cls.__name__}.{f.name}",
+            type=kind,
+            nargs="+" if is_list else None,
+            default=argparse.SUPPRESS,
+            help=f"{f.metadata.get('help', '')} (default: {default})",
+        )
+
+
+def dataclass_from_args(cls: type, args: argparse.Namespace, **overrides: Any) -> Any:
+    """Build ``cls`` from the options :func:`add_dataclass_args` added (unset ones keep their defaults)."""
+    prefix = f"{cls.__name__}."
+    values = {key[len(prefix) :]: value for key, value in vars(args).items() if key.startswith(prefix)}
+    return cls(**{**overrides, **values})
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# commands
+# ---------------------------------------------------------------------------------------------------------------
+def _embedded_or_given(spec: str | None):
+    from .backbones import load_backbone
+
+    return load_backbone(spec or "embedded")
+
+
+def _print_tables(means: dict, stds: dict) -> None:
+    from .benchmark import TASKS
+    from .report import format_table, sanity_checks
+
+    for task in TASKS:
+        if task in means:
+            print(f"\n{task}\n" + format_table(task, means, stds))
+    checks = sanity_checks(means)
+    if checks:
+        print("\nsanity checks\n" + "\n".join(f"- {c}" for c in checks))
+
+
+def _run_bench(args: argparse.Namespace, config, title: str) -> int:
+    from .benchmark import run_benchmark, summarize
+    from .report import write_outputs
+
+    started = time.time()
+    backbone = _embedded_or_given(args.backbone)
+    out = Path(args.out)
+    raw = run_benchmark(backbone, config, out, progress=not args.quiet)
+    means, stds = summarize(raw)
+    command = "prompt-robust " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    header = (
+        f"# {title}\n\nCommand: `{command}`  \nBackbone: `{backbone.name}`  \nSeeds: {config.seeds} "
+        f"(mean ± std, %)  \nWall time: {time.time() - started:.0f} s"
+    )
+    files = write_outputs(out, raw, means, stds, header=header, settings=config.to_dict())
+    _print_tables(means, stds)
+    print(f"\nwrote {', '.join(str(out / f) for f in files)} ({time.time() - started:.0f} s)")
+    return 0
+
 
 def _demo(args: argparse.Namespace) -> int:
+    from .addons import ADDONS
+    from .benchmark import BenchConfig
+
+    methods = DEMO_METHODS + [f"coop+{name}" for name in sorted(ADDONS)]
+    config = BenchConfig(methods=methods, seeds=[1], steps=150, test_per_class=30, retrieval_size=500)
+    return _run_bench(args, config, "prompt_robust demo on the embedded world")
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from .addons import ADDONS
+    from .benchmark import BenchConfig
+
+    if args.suite == "full":
+        learners = ["coop", "cocoop", "vpt", "maple"]
+        methods = ["zeroshot"] + learners + [f"{lr}+{a}" for lr in learners for a in sorted(ADDONS)]
+    else:
+        methods = DEMO_METHODS + [f"coop+{name}" for name in sorted(ADDONS)]
+    config = dataclass_from_args(BenchConfig, args, methods=methods, seeds=list(range(1, args.seeds + 1)))
+    return _run_bench(args, config, f"prompt_robust benchmark ({args.suite} suite)")
+
+
+def _pretrain(args: argparse.Namespace) -> int:
+    from .pretrain import EMBEDDED_DIR, PretrainConfig, pretrain_backbone
+
+    config = dataclass_from_args(PretrainConfig, args)
+    out = Path(args.out) if args.out else EMBEDDED_DIR
+    command = "prompt-robust " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    record = pretrain_backbone(out, config, overwrite=args.overwrite, progress=not args.quiet, command=command)
+    print(f"saved the mini-CLIP to {out}")
+    print("zero-shot accuracy ('a photo of a {}.'), per class group and style:")
+    for group, values in record["zero_shot"].items():
+        print(f"  {group:6s} " + "  ".join(f"{k} {100 * v:5.1f}" for k, v in values.items()))
+    return 0
+
+
+def _dataset(args: argparse.Namespace, split: str, transform):
+    from .data import loaders
+
+    kind = args.dataset
+    if kind == "coop":
+        if not args.split_file or not args.image_dir:
+            raise SystemExit("--dataset coop needs --split-file split_zhou_<Dataset>.json and --image-dir DIR")
+        return loaders.load_coop_split(args.split_file, args.image_dir, split, transform=transform)
+    if kind == "waterbirds":
+        return loaders.load_waterbirds(args.root, split, transform=transform)
+    if kind == "celeba":
+        return loaders.load_celeba(args.root, args.target, args.spurious, split, transform=transform)
+    dataset = loaders.load_domainbed(args.root, transform=transform)
+    if not args.test_domains:
+        raise SystemExit("--dataset domainbed needs --test-domains (the held-out domains)")
+    train, tests = loaders.split_by_domain(dataset, args.test_domains)
+    return train if split == "train" else tests
+
+
+def _train(args: argparse.Namespace) -> int:
+    from . import build_learner, wrap
+    from .data.fewshot import sample_few_shot, save_split
+    from .data.loaders import transform_for
+    from .training import FitConfig, fit
+
+    backbone = _embedded_or_given(args.backbone)
+    data = _dataset(args, "train", transform_for(backbone))
+    if args.k:
+        indices = sample_few_shot(data.labels, args.k, args.seed)
+        save_split(Path(args.out) / "split.json", indices, meta={"k": args.k, "seed": args.seed, "n_total": len(data)})
+        data = data.subset(indices)
+    learner = build_learner(args.learner, backbone, data.classnames)
+    model = wrap(learner)
+    config = dataclass_from_args(FitConfig, args, seed=args.seed)
+    result = fit(model, data, config, checkpoint_dir=Path(args.out) / "checkpoints")
+    model.save_pretrained(Path(args.out) / "adapter", overwrite=args.overwrite)
     print(
-        "prompt-robust demo: not yet available. The embedded benchmark world and the shipped mini-CLIP it runs on "
-        "are being built; until then see README.md for the Python API."
+        f"trained {args.learner} for {result.steps} steps (final loss {result.final_loss:.4f}); adapter in "
+        f"{Path(args.out) / 'adapter'}"
     )
     return 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+    from .data.loaders import transform_for
+    from .model import RobustPromptModel
+    from .training import evaluate
+
+    backbone = _embedded_or_given(args.backbone)
+    model = RobustPromptModel.from_pretrained(args.adapter, backbone=backbone)
+    sets = _dataset(args, "test", transform_for(backbone))
+    sets = sets if isinstance(sets, dict) else {"test": sets}
+    report = {}
+    for name, data in sets.items():
+        groups = "groups" if getattr(data, "groups", None) is not None else None
+        metrics = evaluate(model, data, groups_key=groups)
+        report[name] = {k: v for k, v in metrics.items() if k != "per_group"}
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+def _add_data_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dataset", required=True, choices=["coop", "waterbirds", "celeba", "domainbed"])
+    parser.add_argument("--root", help="Dataset root (waterbirds, celeba, domainbed).")
+    parser.add_argument("--split-file", help="split_zhou_<Dataset>.json (coop layout).")
+    parser.add_argument("--image-dir", help="Image root of the split file (coop layout).")
+    parser.add_argument("--target", default="Blond_Hair", help="CelebA target attribute.")
+    parser.add_argument("--spurious", default="Male", help="CelebA spurious attribute.")
+    parser.add_argument("--test-domains", nargs="+", help="DomainBed held-out domains.")
+    parser.add_argument("--backbone", help="hf:<dir>, <dir> or open_clip:<model>:<weights>; default: embedded.")
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from .benchmark import BenchConfig
+    from .learners import LEARNERS
+    from .pretrain import PretrainConfig
+    from .training import FitConfig
+
     parser = argparse.ArgumentParser(
         prog="prompt-robust", description="Make CLIP prompt learners robust to distribution shift."
     )
     parser.add_argument("--version", action="version", version=f"prompt_robust {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="Log progress details.")
+    parser.add_argument("-q", "--quiet", action="store_true", help="No progress bars.")
     commands = parser.add_subparsers(dest="command", required=True)
-    demo = commands.add_parser("demo", help="Run the main comparison on the embedded default world.")
+
+    demo = commands.add_parser("demo", help="Compare zero-shot, CoOp and the add-ons on the embedded world.")
     demo.add_argument("--out", default="prompt_robust_demo", help="Output directory.")
+    demo.add_argument("--backbone", help=argparse.SUPPRESS)
     demo.set_defaults(func=_demo)
+
+    bench = commands.add_parser("bench", help="Every learner x add-on x task, mean ± std over seeds.")
+    bench.add_argument("--suite", choices=["quick", "full"], default="quick")
+    bench.add_argument("--seeds", type=int, default=3, help="Number of seeds (1..N).")
+    bench.add_argument("--out", default="prompt_robust_bench", help="Output directory.")
+    bench.add_argument("--backbone", help="Backbone spec; default: the embedded mini-CLIP.")
+    add_dataclass_args(bench, BenchConfig, skip=("methods", "seeds"))
+    bench.set_defaults(func=_bench)
+
+    pretrain = commands.add_parser("pretrain-backbone", help="Pretrain the mini-CLIP on the embedded world.")
+    pretrain.add_argument("--out", help="Output directory (default: the package's embedded model directory).")
+    pretrain.add_argument("--overwrite", action="store_true", help="Replace a model already saved there.")
+    add_dataclass_args(pretrain, PretrainConfig)
+    pretrain.set_defaults(func=_pretrain)
+
+    train = commands.add_parser("train", help="Tune a prompt learner on your dataset and save an adapter.")
+    _add_data_args(train)
+    train.add_argument("--learner", default="coop", choices=sorted(LEARNERS))
+    train.add_argument("--k", type=int, default=0, help="Shots per class (0: the whole training split).")
+    train.add_argument("--out", required=True, help="Run directory (checkpoints, split, adapter).")
+    train.add_argument("--overwrite", action="store_true", help="Replace an adapter already saved there.")
+    add_dataclass_args(train, FitConfig, skip=("seed",))
+    train.add_argument("--seed", type=int, default=1)
+    train.set_defaults(func=_train)
+
+    evaluate = commands.add_parser("eval", help="Evaluate a saved adapter on your dataset's test split.")
+    _add_data_args(evaluate)
+    evaluate.add_argument("--adapter", required=True, help="Adapter directory written by train.")
+    evaluate.set_defaults(func=_eval)
     return parser
 
 

@@ -2,6 +2,7 @@
 
 ``load_backbone`` builds one from a short spec string, so configs and the CLI can name a backbone:
 
+* ``embedded``: the mini-CLIP shipped with the package (pretrained on the procedural world);
 * ``hf:/path/to/dir`` (or a bare directory path): a transformers CLIP checkpoint saved with ``save_pretrained``;
 * ``open_clip:ViT-B-16`` (random init) or ``open_clip:ViT-B-16:/path/weights.safetensors``.
 """
@@ -26,6 +27,15 @@ def load_backbone(spec: str | Path) -> ClipBackbone:
         >>> load_backbone("hf:/models/clip-vit-b16")  # doctest: +SKIP
     """
     spec = str(spec)
+    if spec == "embedded":
+        from ..pretrain import EMBEDDED_DIR
+
+        if not (EMBEDDED_DIR / "model.safetensors").is_file():
+            raise FileNotFoundError(
+                f"the embedded mini-CLIP is missing from {EMBEDDED_DIR}; reinstall prompt_robust or recreate it with "
+                "`prompt-robust pretrain-backbone`."
+            )
+        return HFClipBackbone.from_pretrained(EMBEDDED_DIR)
     if spec.startswith("open_clip:"):
         from .open_clip import OpenClipBackbone
 

@@ -1,0 +1,270 @@
+"""The benchmark protocol on the embedded world: every method x task x seed, aggregated as mean ± std.
+
+A *method* is a learner name with optional add-ons joined by ``+`` (``coop``, ``maple+debias``). For each seed
+and method the runner trains three prompt sets (base classes; all 24 classes in the photo style; the spurious
+task) with :func:`prompt_robust.training.fit` and evaluates:
+
+* ``base_to_new``: ``base``, ``new``, ``hm`` (harmonic mean);
+* ``domain_generalization``: one key per unseen style and ``avg`` (prompts from the all-class photo training);
+* ``cross_dataset``: ``acc`` on the 12 disjoint classes (same prompts);
+* ``spurious``: ``avg``, ``worst_group``, ``gap``;
+* ``retrieval``: ``i2t_r1/5/10`` and ``t2i_r1/5/10``. Image features are the learner's (visual prompts
+  included); captions are encoded by the backbone as they are, since a class-name prompt does not define how
+  to encode a free caption. Text-only learners therefore retrieve exactly like zero-shot CLIP.
+
+The few-shot indices of every seed are written to ``splits/`` so a run can be repeated exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import statistics
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from . import _io
+from .backbones.base import ClipBackbone
+from .config import ConfigMixin, RobustConfig, _check, help_field, unknown_name_error
+from .data import world
+from .data.fewshot import save_split
+from .data.tasks import BASE_CLASSES, NEW_CLASSES, TARGET_STYLES, TaskData, WorldTasks
+from .eval.metrics import accuracy, accuracy_gap, harmonic_mean, per_group_accuracy, worst_group_accuracy
+from .learners import LEARNERS, build_learner
+from .model import RobustPromptModel, wrap
+from .training import FitConfig, fit
+
+__all__ = ["TASKS", "BenchConfig", "parse_method", "run_benchmark", "summarize"]
+
+logger = logging.getLogger(__name__)
+
+TASKS: tuple[str, ...] = ("base_to_new", "domain_generalization", "spurious", "retrieval", "cross_dataset")
+
+#: learner settings used by the benchmark (one setting for every task and seed; not tuned per task)
+LEARNER_SETTINGS: dict[str, dict[str, Any]] = {
+    "zeroshot": {},
+    "coop": {"ctx_init": "a photo of a"},
+    "cocoop": {"ctx_init": "a photo of a"},
+    "vpt": {"n_tokens": 4, "deep": True},
+    "maple": {"ctx_init": "a photo of a", "depth": 3},
+}
+
+
+@dataclass
+class BenchConfig(ConfigMixin):
+    """What a benchmark run covers and how prompts are trained."""
+
+    methods: list[str] = help_field(["zeroshot", "coop"], "Methods: a learner name, optionally +add-ons.")
+    seeds: list[int] = help_field([1], "Seeds (few-shot draws and initialisations); results are mean ± std.")
+    k: int = help_field(16, "Shots per class for base-to-new and domain generalisation.")
+    steps: int = help_field(200, "Optimizer steps per training.")
+    batch_size: int = help_field(32, "Training batch size.")
+    lr: float = help_field(0.002, "Learning rate (SGD with momentum, cosine decay, as CoOp).")
+    optimizer: str = help_field("sgd", "sgd or adamw.")
+    spurious_per_class: int = help_field(64, "Training images per class of the spurious task.")
+    pool_per_class: int = help_field(32, "Rendered training pool per class (k shots are drawn from it).")
+    test_per_class: int = help_field(50, "Evaluation images per class (per style, per group).")
+    retrieval_size: int = help_field(1000, "Captioned images of the retrieval task.")
+    tasks: list[str] = help_field(list(TASKS), "Tasks to run.")
+
+    def __post_init__(self) -> None:
+        _check(len(self.methods) > 0, "methods must name at least one method.")
+        for method in self.methods:
+            parse_method(method)
+        _check(len(self.seeds) > 0, "seeds must list at least one seed.")
+        for task in self.tasks:
+            if task not in TASKS:
+                raise unknown_name_error("task", task, TASKS)
+        _check(self.k >= 1 and self.k <= self.pool_per_class, f"k must be in 1..pool_per_class; got {self.k!r}.")
+        for name in ("steps", "batch_size", "spurious_per_class", "test_per_class", "retrieval_size"):
+            _check(getattr(self, name) >= 1, f"{name} must be >= 1; got {getattr(self, name)!r}.")
+
+
+def parse_method(method: str) -> tuple[str, list[str]]:
+    """``"maple+debias"`` -> ``("maple", ["debias"])``, with names checked."""
+    learner, *addons = [part.strip() for part in method.split("+")]
+    if learner not in LEARNERS:
+        raise unknown_name_error("learner", learner, list(LEARNERS))
+    for addon in addons:
+        if addon not in RobustConfig.nested:
+            raise unknown_name_error("add-on", addon, list(RobustConfig.nested))
+    return learner, addons
+
+
+@torch.no_grad()
+def _outputs(model: RobustPromptModel, data: TaskData, batch_size: int = 250) -> tuple[torch.Tensor, torch.Tensor]:
+    """Predicted labels and prompted image features of a whole set."""
+    was_training = model.training
+    model.eval()
+    predictions, features = [], []
+    for start in range(0, len(data), batch_size):
+        out = model(data.pixel_values[start : start + batch_size])
+        predictions.append(out.logits.argmax(-1))
+        features.append(out.learner_output.image_features)
+    model.train(was_training)
+    return torch.cat(predictions), torch.cat(features)
+
+
+def _accuracy(model: RobustPromptModel, data: TaskData) -> float:
+    return accuracy(_outputs(model, data)[0], data.labels)
+
+
+def recall_at_k(similarity: torch.Tensor, ks: Sequence[int] = (1, 5, 10)) -> dict[int, float]:
+    """Recall@k of a square similarity matrix whose diagonal holds the matching pairs."""
+    ranks = (similarity > similarity.diagonal().unsqueeze(1)).sum(1)  # (n,) items ranked above the match
+    return {k: float((ranks < k).float().mean()) for k in ks}
+
+
+class _Runner:
+    def __init__(self, backbone: ClipBackbone, config: BenchConfig, out_dir: Path, progress: bool) -> None:
+        self.backbone = backbone
+        self.config = config
+        self.out_dir = out_dir
+        self.progress = progress
+        self.tasks = WorldTasks(
+            backbone.image_size,
+            backbone.image_mean,
+            backbone.image_std,
+            pool_per_class=config.pool_per_class,
+            test_per_class=config.test_per_class,
+            retrieval_size=config.retrieval_size,
+        )
+
+    def _model(self, learner_name: str, addons: list[str], classnames: Sequence[str], seed: int) -> RobustPromptModel:
+        torch.manual_seed(seed)
+        learner = build_learner(learner_name, self.backbone, list(classnames), **LEARNER_SETTINGS[learner_name])
+        robust = RobustConfig(**{name: RobustConfig.nested[name]() for name in addons})
+        return wrap(learner, robust)
+
+    def _train(self, model: RobustPromptModel, data: TaskData, seed: int) -> None:
+        if not any(p.requires_grad for p in model.parameters()):
+            return  # zero-shot CLIP: nothing to train
+        config = FitConfig(
+            steps=self.config.steps,
+            batch_size=self.config.batch_size,
+            lr=self.config.lr,
+            optimizer=self.config.optimizer,
+            warmup_steps=min(10, self.config.steps // 10),
+            seed=seed,
+            progress=False,
+        )
+        fit(model, data, config)
+
+    def _save_split(self, name: str, seed: int, indices: list[int]) -> None:
+        path = self.out_dir / "splits" / f"{name}_k{self.config.k}_seed{seed}.json"
+        save_split(path, indices, meta={"task": name, "k": self.config.k, "seed": seed}, overwrite=True)
+
+    def run(self, method: str, seed: int) -> dict[str, dict[str, float]]:
+        learner_name, addons = parse_method(method)
+        tasks, results = self.config.tasks, {}
+        if "base_to_new" in tasks:
+            train, indices = self.tasks.base_to_new_train(self.config.k, seed)
+            self._save_split("base_to_new", seed, indices)
+            model = self._model(learner_name, addons, BASE_CLASSES, seed)
+            self._train(model, train, seed)
+            base_test, new_test = self.tasks.base_to_new_test()
+            base = _accuracy(model, base_test)
+            model.learner.set_classnames(NEW_CLASSES)
+            new = _accuracy(model, new_test)
+            results["base_to_new"] = {"base": base, "new": new, "hm": harmonic_mean(base, new)}
+        if any(t in tasks for t in ("domain_generalization", "cross_dataset", "retrieval")):
+            train, indices = self.tasks.dg_train(self.config.k, seed)
+            self._save_split("domain_generalization", seed, indices)
+            model = self._model(learner_name, addons, world.CLASSES, seed)
+            self._train(model, train, seed)
+            if "domain_generalization" in tasks:
+                per_style = {style: _accuracy(model, data) for style, data in self.tasks.dg_test().items()}
+                per_style["source_photo"] = _accuracy(model, self.tasks.dg_source_test())
+                per_style["avg"] = sum(per_style[s] for s in TARGET_STYLES) / len(TARGET_STYLES)
+                results["domain_generalization"] = per_style
+            if "retrieval" in tasks:
+                results["retrieval"] = self._retrieval(model)
+            if "cross_dataset" in tasks:
+                model.learner.set_classnames(world.CROSS_CLASSES)
+                results["cross_dataset"] = {"acc": _accuracy(model, self.tasks.cross_dataset_test())}
+        if "spurious" in tasks:
+            train = self.tasks.spurious_train(self.config.spurious_per_class, seed)
+            model = self._model(learner_name, addons, train.classnames, seed)
+            self._train(model, train, seed)
+            test = self.tasks.spurious_test()
+            predictions = _outputs(model, test)[0]
+            groups = per_group_accuracy(predictions, test.labels, test.groups)
+            avg, worst = accuracy(predictions, test.labels), worst_group_accuracy(groups)
+            results["spurious"] = {"avg": avg, "worst_group": worst, "gap": accuracy_gap(avg, worst)}
+            results["spurious_groups"] = {test.group_names[int(g)]: acc for g, acc in sorted(groups.items())}
+        return results
+
+    def _retrieval(self, model: RobustPromptModel) -> dict[str, float]:
+        data = self.tasks.retrieval_test()
+        _, image = _outputs(model, data)
+        with torch.no_grad():
+            text = F.normalize(self.backbone.encode_text(self.backbone.tokenize(data.captions)), dim=-1)
+        similarity = image @ text.t()  # (n_images, n_captions)
+        i2t, t2i = recall_at_k(similarity), recall_at_k(similarity.t())
+        return {**{f"i2t_r{k}": v for k, v in i2t.items()}, **{f"t2i_r{k}": v for k, v in t2i.items()}}
+
+
+def run_benchmark(
+    backbone: ClipBackbone,
+    config: BenchConfig,
+    out_dir: str | Path,
+    *,
+    progress: bool = True,
+    on_result: Callable[[str, int, dict], None] | None = None,
+) -> dict[str, dict[int, dict]]:
+    """Run every method and seed of ``config``; returns ``{method: {seed: {task: {metric: value}}}}``.
+
+    Per-(method, seed) results are saved to ``out_dir/runs/`` as they finish, and a rerun skips those already
+    saved (with the same config), so an interrupted benchmark resumes.
+
+    Args:
+        backbone: the CLIP backbone (the embedded mini-CLIP by default in the CLI).
+        config: methods, seeds, tasks and training settings.
+        out_dir: output directory.
+        progress: show a progress bar over (method, seed) runs.
+        on_result: called with (method, seed, results) after each run.
+    """
+    out_dir = Path(out_dir)
+    runner = _Runner(backbone, config, out_dir, progress)
+    raw: dict[str, dict[int, dict]] = {}
+    jobs = [(method, seed) for method in config.methods for seed in config.seeds]
+    for method, seed in tqdm(jobs, desc="benchmark", disable=not progress):
+        path = out_dir / "runs" / f"{method}_seed{seed}.json"
+        saved = _io.read_json(path) if path.is_file() else None
+        if saved is not None and saved.get("config") == config.to_dict():
+            results = saved["results"]
+        else:
+            results = runner.run(method, seed)
+            _io.write_json(path, {"config": config.to_dict(), "method": method, "seed": seed, "results": results})
+        raw.setdefault(method, {})[seed] = results
+        if on_result is not None:
+            on_result(method, seed, results)
+    return raw
+
+
+def summarize(raw: dict[str, dict[int, dict]]) -> tuple[dict, dict]:
+    """Mean and std over seeds: ``({task: {method: {metric: mean}}}, same with std)`` (std 0 for one seed)."""
+    means: dict[str, dict[str, dict[str, float]]] = {}
+    stds: dict[str, dict[str, dict[str, float]]] = {}
+    for method, per_seed in raw.items():
+        runs = list(per_seed.values())
+        for task in runs[0]:
+            for metric in runs[0][task]:
+                values = [run[task][metric] for run in runs]
+                mean = sum(values) / len(values)
+                std = statistics.stdev(values) if len(values) > 1 else 0.0
+                means.setdefault(task, {}).setdefault(method, {})[metric] = mean
+                stds.setdefault(task, {}).setdefault(method, {})[metric] = 0.0 if math.isnan(std) else std
+    return means, stds
+
+
+def results_json(means: dict) -> str:
+    """``results.json`` content: the task table without the per-group breakdown keys."""
+    return json.dumps({task: v for task, v in means.items() if task in TASKS}, indent=2, sort_keys=True)

@@ -1,0 +1,233 @@
+"""The benchmark tasks on the embedded world: base-to-new, domain generalisation, spurious correlation,
+image-text retrieval and cross-dataset transfer.
+
+Evaluation sets and training pools are rendered from fixed seeds (like a dataset's fixed test split); a run's
+seed only picks the few-shot training indices (and the spurious task's training draw), which are saved as JSON
+so a split can be reused exactly.
+
+* **base-to-new** (the CoCoOp protocol): the 24 classes split into base (first half) and new (second half);
+  prompts are tuned on ``k`` shots per base class (photo style) and evaluated on base and new classes.
+* **domain generalisation**: prompts tuned on ``k`` shots per class of all 24 classes in the photo style,
+  evaluated on each unseen style (sketch, painting, pixel) and their average.
+* **cross-dataset**: the same prompts evaluated on the 12 disjoint cross-dataset classes (photo style).
+* **spurious correlation** (Waterbirds-like): two "land" classes (habitat grass) and two "water" classes
+  (habitat water); in training 95% of a class's images show its habitat background, in test every (class,
+  background) group is equally large. Metrics: average, worst-group accuracy and the gap between them.
+* **retrieval**: held-out captioned images of all classes and styles; R@1/5/10 image-to-text and text-to-image.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+import torch
+from torch.utils.data import Dataset
+
+from . import world
+from .fewshot import sample_few_shot
+
+__all__ = [
+    "BASE_CLASSES",
+    "NEW_CLASSES",
+    "SPURIOUS_CLASSES",
+    "SPURIOUS_MAJORITY",
+    "TaskData",
+    "WorldTasks",
+]
+
+BASE_CLASSES: tuple[str, ...] = world.CLASSES[: len(world.CLASSES) // 2]
+NEW_CLASSES: tuple[str, ...] = world.CLASSES[len(world.CLASSES) // 2 :]
+SOURCE_STYLE = "photo"
+TARGET_STYLES: tuple[str, ...] = tuple(s for s in world.STYLES if s != SOURCE_STYLE)
+#: two land classes (habitat grass) and two water classes (habitat water)
+SPURIOUS_CLASSES: tuple[str, ...] = ("heart", "mushroom", "drop", "ring")
+SPURIOUS_BACKGROUNDS: tuple[str, ...] = ("grass", "water")
+#: fraction of a class's training images on its habitat background
+SPURIOUS_MAJORITY = 0.95
+
+# Fixed seeds of the evaluation sets and pools (a run's seed never touches them).
+_SEEDS = {"b2n_pool": 101, "b2n_base": 102, "b2n_new": 103, "dg_pool": 201, "dg_test": 202, "cross": 301}
+_SEEDS.update({"spurious_train": 401, "spurious_test": 402, "retrieval": 501})
+
+
+@dataclass
+class TaskData(Dataset):
+    """Rendered, normalised images with labels (and groups or captions where the task has them).
+
+    Items are dicts ``{"pixel_values": (3, S, S), "labels": int}`` plus ``"groups"`` when groups exist.
+    """
+
+    pixel_values: torch.Tensor  # (n, 3, S, S)
+    labels: torch.Tensor  # (n,)
+    classnames: list[str]
+    groups: torch.Tensor | None = None  # (n,)
+    group_names: list[str] | None = None
+    captions: list[str] | None = None
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        item = {"pixel_values": self.pixel_values[index], "labels": self.labels[index]}
+        if self.groups is not None:
+            item["groups"] = self.groups[index]
+        return item
+
+    def subset(self, indices: Sequence[int]) -> TaskData:
+        index = torch.as_tensor(list(indices), dtype=torch.long)
+        return replace(
+            self,
+            pixel_values=self.pixel_values[index],
+            labels=self.labels[index],
+            groups=None if self.groups is None else self.groups[index],
+            captions=None if self.captions is None else [self.captions[i] for i in index.tolist()],
+        )
+
+
+class WorldTasks:
+    """Builds every task's data for one backbone (image size and normalisation) and scale.
+
+    Args:
+        image_size: rendered resolution (the backbone's).
+        mean / std: the backbone's normalisation.
+        pool_per_class: training images rendered per class, from which ``k`` shots are drawn.
+        test_per_class: evaluation images per class (per style, per group).
+        retrieval_size: captioned images in the retrieval set.
+
+    Example:
+        >>> tasks = WorldTasks(32, (0.5,) * 3, (0.5,) * 3, pool_per_class=4, test_per_class=2, retrieval_size=8)
+        >>> train, indices = tasks.base_to_new_train(k=2, seed=1)
+        >>> len(train), len(indices)
+        (24, 24)
+    """
+
+    def __init__(
+        self,
+        image_size: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        *,
+        pool_per_class: int = 32,
+        test_per_class: int = 50,
+        retrieval_size: int = 1000,
+    ) -> None:
+        self.config = world.WorldConfig(image_size=image_size)
+        self.mean = torch.tensor(mean, dtype=torch.float).view(1, 3, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float).view(1, 3, 1, 1)
+        self.pool_per_class = pool_per_class
+        self.test_per_class = test_per_class
+        self.retrieval_size = retrieval_size
+        self._cache: dict[tuple, TaskData] = {}
+
+    # -- rendering -------------------------------------------------------------------------------------------
+    def _render(self, attrs: world.Attributes) -> torch.Tensor:
+        return (world.render(attrs, self.config) - self.mean) / self.std
+
+    def _classes(
+        self, key: str, classes: Sequence[str], per_class: int, style: str, seed: int, background=None
+    ) -> TaskData:
+        cache_key = (key, tuple(classes), per_class, style, seed)
+        if cache_key not in self._cache:
+            labels = torch.arange(len(classes)).repeat_interleave(per_class)
+            attrs = world.sample_attributes(
+                len(labels),
+                seed,
+                classes=classes,
+                class_idx=labels,
+                style=torch.full_like(labels, world.STYLES.index(style)),
+                background=background,
+            )
+            self._cache[cache_key] = TaskData(self._render(attrs), labels, list(classes))
+        return self._cache[cache_key]
+
+    # -- base-to-new -------------------------------------------------------------------------------------------
+    def base_to_new_train(self, k: int, seed: int) -> tuple[TaskData, list[int]]:
+        """``k`` shots per base class (photo) and the chosen pool indices."""
+        pool = self._classes("b2n_pool", BASE_CLASSES, self.pool_per_class, SOURCE_STYLE, _SEEDS["b2n_pool"])
+        indices = sample_few_shot(pool.labels.tolist(), k, seed)
+        return pool.subset(indices), indices
+
+    def base_to_new_test(self) -> tuple[TaskData, TaskData]:
+        """Held-out photos of the base and of the new classes."""
+        base = self._classes("b2n_base", BASE_CLASSES, self.test_per_class, SOURCE_STYLE, _SEEDS["b2n_base"])
+        new = self._classes("b2n_new", NEW_CLASSES, self.test_per_class, SOURCE_STYLE, _SEEDS["b2n_new"])
+        return base, new
+
+    # -- domain generalisation and cross-dataset ------------------------------------------------------------------
+    def dg_train(self, k: int, seed: int) -> tuple[TaskData, list[int]]:
+        """``k`` shots per class of all 24 classes in the source style (photo)."""
+        pool = self._classes("dg_pool", world.CLASSES, self.pool_per_class, SOURCE_STYLE, _SEEDS["dg_pool"])
+        indices = sample_few_shot(pool.labels.tolist(), k, seed)
+        return pool.subset(indices), indices
+
+    def dg_test(self) -> dict[str, TaskData]:
+        """Held-out images of the 24 classes in each unseen style."""
+        return {
+            style: self._classes("dg_test", world.CLASSES, self.test_per_class, style, _SEEDS["dg_test"] + i)
+            for i, style in enumerate(TARGET_STYLES)
+        }
+
+    def dg_source_test(self) -> TaskData:
+        """Held-out photos of the 24 classes (the source domain, for reference)."""
+        return self._classes("dg_source", world.CLASSES, self.test_per_class, SOURCE_STYLE, _SEEDS["dg_test"] + 99)
+
+    def cross_dataset_test(self) -> TaskData:
+        """Held-out photos of the 12 cross-dataset classes."""
+        return self._classes("cross", world.CROSS_CLASSES, self.test_per_class, SOURCE_STYLE, _SEEDS["cross"])
+
+    # -- spurious correlation -------------------------------------------------------------------------------------
+    @staticmethod
+    def spurious_group(label: torch.Tensor, background: torch.Tensor) -> torch.Tensor:
+        """Group id = class * n_backgrounds + background index."""
+        return label * len(SPURIOUS_BACKGROUNDS) + background
+
+    @staticmethod
+    def spurious_group_names() -> list[str]:
+        return [f"{c} on {b}" for c in SPURIOUS_CLASSES for b in SPURIOUS_BACKGROUNDS]
+
+    def _spurious_set(self, labels: torch.Tensor, background: torch.Tensor, seed: int) -> TaskData:
+        attrs = world.sample_attributes(
+            len(labels),
+            seed,
+            classes=SPURIOUS_CLASSES,
+            backgrounds=SPURIOUS_BACKGROUNDS,
+            class_idx=labels,
+            background=background,
+            style=torch.full_like(labels, world.STYLES.index(SOURCE_STYLE)),
+        )
+        groups = self.spurious_group(labels, background)
+        return TaskData(self._render(attrs), labels, list(SPURIOUS_CLASSES), groups, self.spurious_group_names())
+
+    def spurious_train(self, n_per_class: int, seed: int) -> TaskData:
+        """``n_per_class`` images per class; a fraction ``SPURIOUS_MAJORITY`` on the class's habitat (exactly
+        rounded, so the correlation is the same for every seed)."""
+        labels = torch.arange(len(SPURIOUS_CLASSES)).repeat_interleave(n_per_class)
+        n_minority = round(n_per_class * (1 - SPURIOUS_MAJORITY))
+        habitat = torch.tensor([SPURIOUS_BACKGROUNDS.index(world.habitat(c)) for c in SPURIOUS_CLASSES])
+        background = habitat[labels].clone()
+        for c in range(len(SPURIOUS_CLASSES)):
+            start = c * n_per_class
+            background[start : start + n_minority] = 1 - habitat[c]
+        return self._spurious_set(labels, background, _SEEDS["spurious_train"] + 1000 * seed)
+
+    def spurious_test(self) -> TaskData:
+        """Every (class, background) group with ``test_per_class`` images."""
+        key = ("spurious_test", self.test_per_class)
+        if key not in self._cache:
+            n_bg = len(SPURIOUS_BACKGROUNDS)
+            labels = torch.arange(len(SPURIOUS_CLASSES)).repeat_interleave(n_bg * self.test_per_class)
+            background = torch.arange(n_bg).repeat_interleave(self.test_per_class).repeat(len(SPURIOUS_CLASSES))
+            self._cache[key] = self._spurious_set(labels, background, _SEEDS["spurious_test"])
+        return self._cache[key]
+
+    # -- retrieval --------------------------------------------------------------------------------------------------
+    def retrieval_test(self) -> TaskData:
+        """Captioned held-out images of all 36 classes in all styles (labels index the classes)."""
+        key = ("retrieval", self.retrieval_size)
+        if key not in self._cache:
+            classes = world.CLASSES + world.CROSS_CLASSES
+            attrs = world.sample_attributes(self.retrieval_size, _SEEDS["retrieval"], classes=classes)
+            captions = world.captions(attrs, _SEEDS["retrieval"])
+            self._cache[key] = TaskData(self._render(attrs), attrs.class_idx, list(classes), captions=captions)
+        return self._cache[key]

@@ -1,0 +1,314 @@
+"""Contrastive pretraining of the embedded mini-CLIP on the procedural world (``prompt-robust pretrain-backbone``).
+
+The recipe is CLIP's (Radford et al., https://arxiv.org/abs/2103.00020): a symmetric InfoNCE loss between image
+and caption embeddings with a learned temperature, AdamW with warm-up and cosine decay. The data is an endless
+stream of freshly rendered world images with their captions (:mod:`prompt_robust.data.world`), every batch a pure
+function of its indices, so a run is reproducible from its seed and resumes exactly from a checkpoint
+(:func:`prompt_robust.training.fit` does the loop).
+
+What the stream looks like, and why:
+
+* all 36 object classes (the 24 of the main benchmarks and the 12 cross-dataset ones): a pretrained CLIP has
+  seen the "new" classes of base-to-new too, which is what makes zero-shot transfer to them possible;
+* styles drawn with weights (photo 0.4, sketch / painting / pixel 0.2 each): mostly photos, like web data;
+* ``class_background_bias`` (0.5): half of the images show a class on its habitat background, the co-occurrence
+  that gives real CLIP its spurious associations (waterbirds on water).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Dataset
+
+from . import _io
+from .backbones.hf_clip import OPENAI_MEAN, OPENAI_STD, HFClipBackbone
+from .backbones.tiny import build_clip_tokenizer, tiny_clip_backbone
+from .config import ConfigMixin, _check, help_field
+from .data import world
+
+__all__ = ["EMBEDDED_DIR", "PretrainConfig", "pretrain_backbone", "zero_shot_report"]
+
+logger = logging.getLogger(__name__)
+
+#: where the shipped mini-CLIP lives inside the package
+EMBEDDED_DIR = Path(__file__).resolve().parent / "assets" / "mini_clip"
+RECORD_NAME = "pretrain_record.json"
+
+
+@dataclass
+class PretrainConfig(ConfigMixin):
+    """Mini-CLIP architecture and pretraining schedule."""
+
+    steps: int = help_field(1500, "Optimizer steps.")
+    batch_size: int = help_field(256, "Image-caption pairs per step (the contrastive batch).")
+    lr: float = help_field(1e-3, "Peak AdamW learning rate.")
+    weight_decay: float = help_field(0.1, "AdamW weight decay.")
+    warmup_steps: int = help_field(100, "Linear warm-up steps before the cosine decay.")
+    seed: int = help_field(0, "Seed of the initialisation and of the data stream.")
+    image_size: int = help_field(32, "Image resolution.")
+    patch_size: int = help_field(4, "ViT patch size.")
+    width: int = help_field(128, "Width of both towers.")
+    layers: int = help_field(4, "Depth of both towers.")
+    heads: int = help_field(4, "Attention heads of both towers.")
+    embed_dim: int = help_field(128, "Joint embedding size.")
+    context_length: int = help_field(32, "Text positions (prompts with 16 context tokens must fit).")
+    vocab_size: int = help_field(2048, "Upper bound on the BPE vocabulary.")
+    class_background_bias: float = help_field(0.5, "Probability an image shows its class's habitat background.")
+    group_size: int = help_field(
+        12, "Images per same-colour/background/style group in a batch (hard negatives; 1: no grouping)."
+    )
+    grouped_fraction: float = help_field(0.5, "Fraction of each batch made of such groups.")
+    style_weights: list[float] = help_field([0.4, 0.2, 0.2, 0.2], "Sampling weights of photo, sketch, painting, pixel.")
+    checkpoint_every: int = help_field(100, "Steps between resumable checkpoints.")
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "image_size", "patch_size", "width", "layers", "heads", "embed_dim"):
+            _check(getattr(self, name) >= 1, f"{name} must be >= 1; got {getattr(self, name)!r}.")
+        _check(self.image_size % self.patch_size == 0, "image_size must be a multiple of patch_size.")
+        _check(self.width % self.heads == 0, "width must be a multiple of heads.")
+        _check(len(self.style_weights) == len(world.STYLES), f"style_weights needs {len(world.STYLES)} values.")
+        _check(all(w >= 0 for w in self.style_weights) and sum(self.style_weights) > 0, "style_weights must be >= 0.")
+        _check(0 <= self.class_background_bias <= 1, "class_background_bias must be in [0, 1].")
+        _check(1 <= self.group_size <= len(world.CLASSES), f"group_size must be in 1..{len(world.CLASSES)}.")
+        _check(0 <= self.grouped_fraction <= 1, "grouped_fraction must be in [0, 1].")
+
+
+def normalize_images(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """``(n, 3, S, S)`` images in [0, 1] -> CLIP-normalised."""
+    mean_t = torch.tensor(mean, dtype=images.dtype).view(1, 3, 1, 1)
+    std_t = torch.tensor(std, dtype=images.dtype).view(1, 3, 1, 1)
+    return (images - mean_t) / std_t
+
+
+class _Stream(Dataset):
+    """Indices of an endless rendered stream; the collate function renders a whole batch at once."""
+
+    def __init__(self, length: int) -> None:
+        self.length = length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> int:
+        return index
+
+
+class _RenderBatch:
+    """Collate: indices -> rendered images, tokenized captions and contrastive targets."""
+
+    def __init__(self, config: PretrainConfig, tokenize) -> None:
+        self.config = config
+        self.tokenize = tokenize
+        self.classes = world.CLASSES + world.CROSS_CLASSES
+        self.style_weights = torch.tensor(config.style_weights, dtype=torch.float)
+
+    def _free(self, n: int, seed: int, generator: torch.Generator) -> world.Attributes:
+        """Images with independent attributes (classes on their habitat with ``class_background_bias``)."""
+        n_free = n - self._n_grouped(n)
+        style = torch.multinomial(self.style_weights, n_free, replacement=True, generator=generator)
+        return world.sample_attributes(
+            n_free, seed, classes=self.classes, class_background_bias=self.config.class_background_bias, style=style
+        )
+
+    def _n_grouped(self, n: int) -> int:
+        size = self.config.group_size
+        return 0 if size == 1 else int(n * self.config.grouped_fraction) // size * size
+
+    def _grouped(self, n: int, seed: int, generator: torch.Generator) -> world.Attributes:
+        """Groups of distinct classes sharing colour, background and style: colour, background and style cannot
+        tell their captions apart, so the towers have to learn the shapes (hard negatives by construction)."""
+        size, parts = self.config.group_size, []
+        for g in range(self._n_grouped(n) // size):
+            pick = lambda count: int(torch.randint(count, (1,), generator=generator))  # noqa: E731
+            colour, background = pick(len(world.COLOURS)), pick(len(world.BACKGROUNDS))
+            style = int(torch.multinomial(self.style_weights, 1, generator=generator))
+            classes = torch.randperm(len(self.classes), generator=generator)[:size]
+            part = world.sample_attributes(
+                size,
+                seed + 7 * (g + 1),
+                classes=self.classes,
+                class_idx=classes,
+                background=torch.full((size,), background),
+                style=torch.full((size,), style),
+            )
+            parts.append(dataclasses.replace(part, colour=torch.full((size,), colour)))
+        return world.Attributes.cat(parts) if parts else world.sample_attributes(0, seed, classes=self.classes)
+
+    def __call__(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        # A batch is a pure function of its indices (and the run seed): resume replays it exactly.
+        seed = (self.config.seed * 1_000_003 + sum((i + 1) * 7919**k for k, i in enumerate(indices[:4]))) % (2**31)
+        generator = torch.Generator().manual_seed(seed)
+        n = len(indices)
+        attrs = world.Attributes.cat([self._grouped(n, seed, generator), self._free(n, seed, generator)])
+        images = world.render(attrs, world.WorldConfig(image_size=self.config.image_size))
+        ids = self.tokenize(world.captions(attrs, seed))
+        ids = ids[:, : int((ids != ids[0, -1]).sum(1).max()) + 1]  # drop all-padding columns (causal text tower)
+        return {
+            "pixel_values": normalize_images(images, OPENAI_MEAN, OPENAI_STD),
+            "input_ids": ids,
+            "labels": torch.arange(n),
+        }
+
+
+class _Contrastive(nn.Module):
+    """CLIPModel -> ``.loss`` (symmetric InfoNCE) and ``.logits`` (image-to-text similarities)."""
+
+    def __init__(self, clip: nn.Module) -> None:
+        super().__init__()
+        self.clip = clip
+
+    def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, labels: torch.Tensor | None = None):
+        image = F.normalize(self.clip.get_image_features(pixel_values=pixel_values).pooler_output, dim=-1)
+        text = F.normalize(self.clip.get_text_features(input_ids=input_ids).pooler_output, dim=-1)
+        logits = self.clip.logit_scale.exp().clamp(max=100) * image @ text.t()  # (b, b)
+        targets = torch.arange(len(logits), device=logits.device)
+        loss = (F.cross_entropy(logits, targets) + F.cross_entropy(logits.t(), targets)) / 2
+        return SimpleNamespace(loss=loss, logits=logits)
+
+
+@torch.no_grad()
+def zero_shot_report(
+    backbone: HFClipBackbone, n_per_class: int = 20, seed: int = 10_000, template: str = "a photo of a {}."
+) -> dict[str, Any]:
+    """Zero-shot accuracy of a backbone on freshly rendered held-out images, per class group and style.
+
+    Classes are predicted among their own group (base = first half of ``CLASSES``, new = second half, all 24,
+    cross = ``CROSS_CLASSES``), images balanced over classes and drawn uniformly over styles and backgrounds.
+
+    Args:
+        backbone: the CLIP to evaluate.
+        n_per_class: images per class and style.
+        seed: seed of the held-out images (pretraining streams use other seeds).
+        template: the prompt.
+    """
+    groups = {
+        "base": world.CLASSES[: len(world.CLASSES) // 2],
+        "new": world.CLASSES[len(world.CLASSES) // 2 :],
+        "all": world.CLASSES,
+        "cross": world.CROSS_CLASSES,
+    }
+    report: dict[str, Any] = {}
+    for group, classes in groups.items():
+        text = F.normalize(backbone.encode_text(backbone.tokenize([template.format(c) for c in classes])), dim=-1)
+        per_style = {}
+        for s, style in enumerate(world.STYLES):
+            labels = torch.arange(len(classes)).repeat_interleave(n_per_class)
+            attrs = world.sample_attributes(
+                len(labels), seed + 97 * s, classes=classes, class_idx=labels, style=torch.full_like(labels, s)
+            )
+            images = normalize_images(
+                world.render(attrs, world.WorldConfig(image_size=backbone.image_size)),
+                backbone.image_mean,
+                backbone.image_std,
+            )
+            image = F.normalize(backbone.encode_image(images), dim=-1)
+            per_style[style] = float(((image @ text.t()).argmax(-1) == labels).float().mean())
+        report[group] = {"avg": sum(per_style.values()) / len(per_style), **per_style}
+    return report
+
+
+def pretrain_backbone(
+    out_dir: str | Path,
+    config: PretrainConfig | None = None,
+    *,
+    checkpoint_dir: str | Path | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    command: str = "",
+) -> dict[str, Any]:
+    """Pretrain a mini-CLIP on the world and save it as a transformers checkpoint directory.
+
+    Args:
+        out_dir: where ``config.json``, ``model.safetensors``, the tokenizer files, ``preprocessor_config.json``
+            and ``pretrain_record.json`` go.
+        config: architecture and schedule.
+        checkpoint_dir: resumable checkpoints (default: ``<out_dir>.checkpoints``); rerunning the same call after an
+            interruption resumes.
+        overwrite: replace a model already saved in ``out_dir``.
+        progress: show a progress bar.
+        command: the command line, recorded for reproducibility.
+
+    Returns:
+        The record written to ``pretrain_record.json`` (config, time, zero-shot accuracies).
+    """
+    from . import __version__
+    from .training import FitConfig, fit
+
+    config = config or PretrainConfig()
+    out_dir = Path(out_dir)
+    if (out_dir / "model.safetensors").exists() and not overwrite:
+        raise FileExistsError(
+            f"{str(out_dir)!r} already holds a model; pass overwrite=True (--overwrite) to replace it."
+        )
+    torch.manual_seed(config.seed)
+    corpus = world.captions(
+        world.sample_attributes(20_000, config.seed + 1, classes=world.CLASSES + world.CROSS_CLASSES), config.seed + 1
+    )
+    tokenizer = build_clip_tokenizer([*corpus, " ".join(world.corpus_words())], vocab_size=config.vocab_size)
+    backbone = tiny_clip_backbone(
+        tokenizer,
+        embed_dim=config.embed_dim,
+        width=config.width,
+        layers=config.layers,
+        heads=config.heads,
+        image_size=config.image_size,
+        patch_size=config.patch_size,
+        context_length=config.context_length,
+        seed=config.seed,
+        name="prompt_robust-mini-clip",
+    )
+    clip = backbone.clip.train()
+    model = _Contrastive(clip)
+    fit_config = FitConfig(
+        steps=config.steps,
+        batch_size=config.batch_size,
+        lr=config.lr,
+        optimizer="adamw",
+        weight_decay=config.weight_decay,
+        warmup_steps=config.warmup_steps,
+        seed=config.seed,
+        checkpoint_every=config.checkpoint_every,
+        progress=progress,
+        log_every=50,
+    )
+    started = time.time()
+    result = fit(
+        model,
+        _Stream(config.steps * config.batch_size),
+        fit_config,
+        checkpoint_dir=checkpoint_dir or f"{out_dir}.checkpoints",
+        collate_fn=_RenderBatch(config, backbone.tokenize),
+    )
+    seconds = time.time() - started
+    clip.eval()
+    report = zero_shot_report(backbone)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    clip.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    _io.write_json(
+        out_dir / "preprocessor_config.json",
+        {"image_mean": list(OPENAI_MEAN), "image_std": list(OPENAI_STD), "size": config.image_size},
+    )
+    record = {
+        "command": command,
+        "prompt_robust_version": __version__,
+        "config": config.to_dict(),
+        "final_loss": result.final_loss,
+        "train_seconds_this_run": round(seconds, 1),
+        "resumed_from_step": result.resumed_from,
+        "torch_version": torch.__version__,
+        "zero_shot": report,
+    }
+    _io.write_json(out_dir / RECORD_NAME, record)
+    return record

@@ -1,0 +1,109 @@
+"""The command line end to end, on reduced settings and a tiny backbone saved to disk."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import make_backbone
+
+from prompt_robust import cli
+from prompt_robust.benchmark import TASKS
+
+
+@pytest.fixture
+def backbone_dir(tmp_path):
+    backbone = make_backbone("hf")
+    directory = tmp_path / "tiny_clip"
+    backbone.clip.save_pretrained(directory)
+    backbone.tokenizer.save_pretrained(directory)
+    return directory
+
+
+REDUCED = ["--steps", "2", "--k", "1", "--pool-per-class", "2", "--test-per-class", "2"]
+REDUCED += ["--spurious-per-class", "4", "--retrieval-size", "12"]
+
+
+def test_bench_writes_every_output_and_resumes(backbone_dir, tmp_path, capsys):
+    out = tmp_path / "bench"
+    argv = ["-q", "bench", "--suite", "quick", "--seeds", "2", "--out", str(out), "--backbone", str(backbone_dir)]
+    assert cli.main(argv + REDUCED) == 0
+    printed = capsys.readouterr().out
+    assert "base_to_new" in printed and "sanity checks" in printed
+    results = json.loads((out / "results.json").read_text())
+    assert sorted(results) == sorted(TASKS)
+    assert sorted(results["base_to_new"]) == ["coop", "zeroshot"]
+    assert set(results["base_to_new"]["coop"]) == {"base", "new", "hm"}
+    assert set(results["domain_generalization"]["coop"]) >= {"sketch", "painting", "pixel", "avg"}
+    assert set(results["spurious"]["zeroshot"]) == {"avg", "worst_group", "gap"}
+    assert set(results["retrieval"]["zeroshot"]) == {f"{d}_r{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)}
+    assert set(results["cross_dataset"]["coop"]) == {"acc"}
+    seeds = json.loads((out / "results_seeds.json").read_text())
+    assert sorted(seeds["per_seed"]["coop"]) == ["1", "2"]
+    report = (out / "report.md").read_text()
+    assert "± " in report and "## spurious" in report
+    assert (out / "base_to_new.png").stat().st_size > 0 and (out / "spurious_groups.png").stat().st_size > 0
+    assert sorted(p.name for p in (out / "splits").iterdir())[0].startswith("base_to_new_k1_seed1")
+    # zero-shot is not trained: every seed gives the same numbers
+    assert seeds["per_seed"]["zeroshot"]["1"] == seeds["per_seed"]["zeroshot"]["2"]
+    # a rerun reuses the saved runs (same config) and gives the same results
+    before = {p.name: p.stat().st_mtime_ns for p in (out / "runs").iterdir()}
+    assert cli.main(argv + REDUCED) == 0
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "runs").iterdir()} == before
+    assert json.loads((out / "results.json").read_text()) == results
+
+
+def test_pretrain_backbone_then_use_it(tmp_path, capsys):
+    out = tmp_path / "mini"
+    argv = ["-q", "pretrain-backbone", "--out", str(out), "--steps", "2", "--batch-size", "16", "--width", "16"]
+    argv += ["--embed-dim", "16", "--layers", "1", "--heads", "2", "--patch-size", "8", "--group-size", "4"]
+    argv += ["--warmup-steps", "1", "--checkpoint-every", "1"]
+    assert cli.main(argv) == 0
+    record = json.loads((out / "pretrain_record.json").read_text())
+    assert record["config"]["steps"] == 2 and set(record["zero_shot"]) == {"base", "new", "all", "cross"}
+    assert "zero-shot accuracy" in capsys.readouterr().out
+    from prompt_robust.backbones import load_backbone
+
+    backbone = load_backbone(str(out))
+    assert backbone.image_size == 32 and backbone.embed_dim == 16
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        cli.main(argv)
+
+
+def _waterbirds(root, n=8):
+    from PIL import Image
+
+    (root / "images").mkdir(parents=True)
+    rows = ["img_id,img_filename,y,split,place"]
+    for i in range(n):
+        y, place, split = i % 2, (i // 2) % 2, 0 if i < n // 2 else 2
+        colour = (200, 40, 40) if y else (40, 40, 200)
+        Image.new("RGB", (40, 30), colour).save(root / "images" / f"{i}.png")
+        rows.append(f"{i},images/{i}.png,{y},{split},{place}")
+    (root / "metadata.csv").write_text("\n".join(rows) + "\n")
+
+
+def test_train_and_eval_on_a_user_dataset(backbone_dir, tmp_path, capsys):
+    _waterbirds(tmp_path / "wb")
+    common = ["--dataset", "waterbirds", "--root", str(tmp_path / "wb"), "--backbone", str(backbone_dir)]
+    run = tmp_path / "run"
+    assert (
+        cli.main(["-q", "train", *common, "--learner", "coop", "--out", str(run), "--steps", "3", "--batch-size", "2"])
+        == 0
+    )
+    assert (run / "adapter" / "adapter_model.safetensors").is_file()
+    capsys.readouterr()
+    assert cli.main(["eval", *common, "--adapter", str(run / "adapter")]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["test"]["n"] == 4 and {"accuracy", "worst_group", "gap"} <= set(report["test"])
+    torch.testing.assert_close(
+        torch.tensor(report["test"]["gap"]), torch.tensor(report["test"]["accuracy"] - report["test"]["worst_group"])
+    )
+
+
+def test_bad_cli_input_is_refused(tmp_path):
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "--suite", "everything"])
+    with pytest.raises(ValueError, match="k must be in"):
+        cli.main(["bench", "--k", "99", "--out", str(tmp_path / "x")])
