@@ -66,8 +66,10 @@ class BenchConfig(ConfigMixin):
     k: int = help_field(16, "Shots per class for base-to-new and domain generalisation.")
     steps: int = help_field(200, "Optimizer steps per training.")
     batch_size: int = help_field(32, "Training batch size.")
-    lr: float = help_field(0.002, "Learning rate (SGD with momentum, cosine decay, as CoOp).")
-    optimizer: str = help_field("sgd", "sgd or adamw.")
+    lr: float = help_field(0.002, "Peak learning rate (cosine decay after a short warm-up).")
+    optimizer: str = help_field(
+        "adamw", "adamw or sgd. AdamW: 200 steps are far fewer than CoOp's SGD schedule (~10^4+ iterations)."
+    )
     spurious_per_class: int = help_field(64, "Training images per class of the spurious task.")
     pool_per_class: int = help_field(32, "Rendered training pool per class (k shots are drawn from it).")
     test_per_class: int = help_field(50, "Evaluation images per class (per style, per group).")

@@ -145,7 +145,14 @@ def _pretrain(args: argparse.Namespace) -> int:
     config = dataclass_from_args(PretrainConfig, args)
     out = Path(args.out) if args.out else EMBEDDED_DIR
     command = "prompt-robust " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    record = pretrain_backbone(out, config, overwrite=args.overwrite, progress=not args.quiet, command=command)
+    record = pretrain_backbone(
+        out,
+        config,
+        checkpoint_dir=args.checkpoint_dir,
+        overwrite=args.overwrite,
+        progress=not args.quiet,
+        command=command,
+    )
     print(f"saved the mini-CLIP to {out}")
     print("zero-shot accuracy ('a photo of a {}.'), per class group and style:")
     for group, values in record["zero_shot"].items():
@@ -255,6 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain = commands.add_parser("pretrain-backbone", help="Pretrain the mini-CLIP on the embedded world.")
     pretrain.add_argument("--out", help="Output directory (default: the package's embedded model directory).")
     pretrain.add_argument("--overwrite", action="store_true", help="Replace a model already saved there.")
+    pretrain.add_argument("--checkpoint-dir", help="Resumable checkpoints (default: <out>.checkpoints).")
     add_dataclass_args(pretrain, PretrainConfig)
     pretrain.set_defaults(func=_pretrain)
 

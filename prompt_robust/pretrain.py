@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import random
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -69,6 +70,8 @@ class PretrainConfig(ConfigMixin):
         12, "Images per same-colour/background/style group in a batch (hard negatives; 1: no grouping)."
     )
     grouped_fraction: float = help_field(0.5, "Fraction of each batch made of such groups.")
+    class_text_weight: float = help_field(1.0, "Weight of the image-vs-class-name contrastive term (UniCL).")
+    label_weight: float = help_field(0.0, "Weight of an auxiliary linear class probe on image embeddings.")
     style_weights: list[float] = help_field([0.4, 0.2, 0.2, 0.2], "Sampling weights of photo, sketch, painting, pixel.")
     checkpoint_every: int = help_field(100, "Steps between resumable checkpoints.")
 
@@ -102,6 +105,18 @@ class _Stream(Dataset):
 
     def __getitem__(self, index: int) -> int:
         return index
+
+
+_CLASS_TEMPLATES = (
+    "a photo of a {}.",
+    "a sketch of a {}.",
+    "a painting of a {}.",
+    "pixel art of a {}.",
+    "an image of a {}.",
+    "a picture of a {}.",
+    "a {}.",
+    "there is a {}.",
+)
 
 
 class _RenderBatch:
@@ -154,26 +169,59 @@ class _RenderBatch:
         images = world.render(attrs, world.WorldConfig(image_size=self.config.image_size))
         ids = self.tokenize(world.captions(attrs, seed))
         ids = ids[:, : int((ids != ids[0, -1]).sum(1).max()) + 1]  # drop all-padding columns (causal text tower)
+        # Class-name texts in a random caption form ("a sketch of a {}.", "an image of a {}.", ...).
+        rng = random.Random(seed)
+        template = rng.choice(_CLASS_TEMPLATES)
+        class_ids = self.tokenize([template.format(name) for name in self.classes])
+        class_ids = class_ids[:, : int((class_ids != class_ids[0, -1]).sum(1).max()) + 1]
         return {
             "pixel_values": normalize_images(images, OPENAI_MEAN, OPENAI_STD),
             "input_ids": ids,
             "labels": torch.arange(n),
+            "class_ids": class_ids,
+            "class_targets": attrs.class_idx,
         }
 
 
 class _Contrastive(nn.Module):
-    """CLIPModel -> ``.loss`` (symmetric InfoNCE) and ``.logits`` (image-to-text similarities)."""
+    """CLIPModel -> ``.loss`` and ``.logits`` (image-to-caption similarities).
 
-    def __init__(self, clip: nn.Module) -> None:
+    The loss is CLIP's symmetric InfoNCE over the batch's image-caption pairs plus, with weight
+    ``class_text_weight``, a contrastive term of every image against the caption-style names of all classes
+    (``class_ids`` / ``class_targets``), as in UniCL (Yang et al., https://arxiv.org/abs/2204.03610): the
+    class-name texts are extra text negatives and positives, which makes the towers learn shapes much sooner
+    than in-batch captions alone (where colour, background and style already separate most pairs).
+    """
+
+    def __init__(
+        self, clip: nn.Module, class_text_weight: float = 0.0, label_weight: float = 0.0, num_classes: int = 0
+    ) -> None:
         super().__init__()
         self.clip = clip
+        self.class_text_weight = class_text_weight
+        self.label_weight = label_weight
+        # auxiliary linear probe on the image embedding, discarded after pretraining
+        self.probe = nn.Linear(clip.config.projection_dim, num_classes) if label_weight else None
 
-    def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, labels: torch.Tensor | None = None):
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        class_ids: torch.Tensor | None = None,
+        class_targets: torch.Tensor | None = None,
+    ):
         image = F.normalize(self.clip.get_image_features(pixel_values=pixel_values).pooler_output, dim=-1)
         text = F.normalize(self.clip.get_text_features(input_ids=input_ids).pooler_output, dim=-1)
-        logits = self.clip.logit_scale.exp().clamp(max=100) * image @ text.t()  # (b, b)
+        scale = self.clip.logit_scale.exp().clamp(max=100)
+        logits = scale * image @ text.t()  # (b, b)
         targets = torch.arange(len(logits), device=logits.device)
         loss = (F.cross_entropy(logits, targets) + F.cross_entropy(logits.t(), targets)) / 2
+        if self.class_text_weight and class_ids is not None:
+            names = F.normalize(self.clip.get_text_features(input_ids=class_ids).pooler_output, dim=-1)
+            loss = loss + self.class_text_weight * F.cross_entropy(scale * image @ names.t(), class_targets)
+        if self.probe is not None and class_targets is not None:
+            loss = loss + self.label_weight * F.cross_entropy(self.probe(image * 10.0), class_targets)
         return SimpleNamespace(loss=loss, logits=logits)
 
 
@@ -269,7 +317,7 @@ def pretrain_backbone(
         name="prompt_robust-mini-clip",
     )
     clip = backbone.clip.train()
-    model = _Contrastive(clip)
+    model = _Contrastive(clip, config.class_text_weight, config.label_weight, len(world.CLASSES + world.CROSS_CLASSES))
     fit_config = FitConfig(
         steps=config.steps,
         batch_size=config.batch_size,
@@ -282,12 +330,20 @@ def pretrain_backbone(
         progress=progress,
         log_every=50,
     )
+    checkpoints = Path(checkpoint_dir or f"{out_dir}.checkpoints")
+    saved_config = checkpoints / "pretrain_config.json"
+    if saved_config.is_file() and _io.read_json(saved_config) != config.to_dict():
+        raise ValueError(
+            f"{str(checkpoints)!r} holds checkpoints of a pretraining with other settings; resuming would mix two "
+            "runs. Use the same settings, another --out, or delete that checkpoint directory."
+        )
+    _io.write_json(saved_config, config.to_dict())
     started = time.time()
     result = fit(
         model,
         _Stream(config.steps * config.batch_size),
         fit_config,
-        checkpoint_dir=checkpoint_dir or f"{out_dir}.checkpoints",
+        checkpoint_dir=checkpoints,
         collate_fn=_RenderBatch(config, backbone.tokenize),
     )
     seconds = time.time() - started

@@ -69,6 +69,9 @@ def test_pretrain_backbone_then_use_it(tmp_path, capsys):
     assert backbone.image_size == 32 and backbone.embed_dim == 16
     with pytest.raises(FileExistsError, match="--overwrite"):
         cli.main(argv)
+    # resuming checkpoints of a run with other settings would mix two runs
+    with pytest.raises(ValueError, match="other settings"):
+        cli.main([*argv, "--overwrite", "--lr", "0.01"])
 
 
 def _waterbirds(root, n=8):
