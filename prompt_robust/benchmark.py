@@ -35,7 +35,7 @@ from .backbones.base import ClipBackbone
 from .config import ConfigMixin, RobustConfig, _check, help_field, unknown_name_error
 from .data import world
 from .data.fewshot import save_split
-from .data.tasks import BASE_CLASSES, NEW_CLASSES, TARGET_STYLES, TaskData, WorldTasks
+from .data.tasks import BASE_CLASSES, NEW_CLASSES, TARGET_STYLES, TASKS_VERSION, TaskData, WorldTasks
 from .eval.metrics import accuracy, accuracy_gap, harmonic_mean, per_group_accuracy, worst_group_accuracy
 from .learners import LEARNERS, build_learner
 from .model import RobustPromptModel, wrap
@@ -224,7 +224,7 @@ def run_benchmark(
     """Run every method and seed of ``config``; returns ``{method: {seed: {task: {metric: value}}}}``.
 
     Per-(method, seed) results are saved to ``out_dir/runs/`` as they finish, and a rerun skips those already
-    saved (with the same config), so an interrupted benchmark resumes.
+    saved with the same config, task version and backbone, so an interrupted benchmark resumes.
 
     Args:
         backbone: the CLIP backbone (the embedded mini-CLIP by default in the CLI).
@@ -240,11 +240,12 @@ def run_benchmark(
     for method, seed in tqdm(jobs, desc="benchmark", disable=not progress):
         path = out_dir / "runs" / f"{method}_seed{seed}.json"
         saved = _io.read_json(path) if path.is_file() else None
-        if saved is not None and saved.get("config") == config.to_dict():
+        settings = {"config": config.to_dict(), "tasks_version": TASKS_VERSION, "backbone": backbone.fingerprint()}
+        if saved is not None and all(saved.get(key) == value for key, value in settings.items()):
             results = saved["results"]
         else:
             results = runner.run(method, seed)
-            _io.write_json(path, {"config": config.to_dict(), "method": method, "seed": seed, "results": results})
+            _io.write_json(path, {**settings, "method": method, "seed": seed, "results": results})
         raw.setdefault(method, {})[seed] = results
         if on_result is not None:
             on_result(method, seed, results)
