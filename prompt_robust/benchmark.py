@@ -17,7 +17,6 @@ The few-shot indices of every seed are written to ``splits/`` so a run can be re
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import statistics
@@ -125,11 +124,10 @@ def recall_at_k(similarity: torch.Tensor, ks: Sequence[int] = (1, 5, 10)) -> dic
 
 
 class _Runner:
-    def __init__(self, backbone: ClipBackbone, config: BenchConfig, out_dir: Path, progress: bool) -> None:
+    def __init__(self, backbone: ClipBackbone, config: BenchConfig, out_dir: Path) -> None:
         self.backbone = backbone
         self.config = config
         self.out_dir = out_dir
-        self.progress = progress
         self.tasks = WorldTasks(
             backbone.image_size,
             backbone.image_mean,
@@ -234,7 +232,7 @@ def run_benchmark(
         on_result: called with (method, seed, results) after each run.
     """
     out_dir = Path(out_dir)
-    runner = _Runner(backbone, config, out_dir, progress)
+    runner = _Runner(backbone, config, out_dir)
     raw: dict[str, dict[int, dict]] = {}
     jobs = [(method, seed) for method in config.methods for seed in config.seeds]
     for method, seed in tqdm(jobs, desc="benchmark", disable=not progress):
@@ -266,8 +264,3 @@ def summarize(raw: dict[str, dict[int, dict]]) -> tuple[dict, dict]:
                 means.setdefault(task, {}).setdefault(method, {})[metric] = mean
                 stds.setdefault(task, {}).setdefault(method, {})[metric] = 0.0 if math.isnan(std) else std
     return means, stds
-
-
-def results_json(means: dict) -> str:
-    """``results.json`` content: the task table without the per-group breakdown keys."""
-    return json.dumps({task: v for task, v in means.items() if task in TASKS}, indent=2, sort_keys=True)

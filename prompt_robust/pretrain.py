@@ -21,7 +21,6 @@ import dataclasses
 import logging
 import random
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -85,13 +84,6 @@ class PretrainConfig(ConfigMixin):
         _check(0 <= self.class_background_bias <= 1, "class_background_bias must be in [0, 1].")
         _check(1 <= self.group_size <= len(world.CLASSES), f"group_size must be in 1..{len(world.CLASSES)}.")
         _check(0 <= self.grouped_fraction <= 1, "grouped_fraction must be in [0, 1].")
-
-
-def normalize_images(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """``(n, 3, S, S)`` images in [0, 1] -> CLIP-normalised."""
-    mean_t = torch.tensor(mean, dtype=images.dtype).view(1, 3, 1, 1)
-    std_t = torch.tensor(std, dtype=images.dtype).view(1, 3, 1, 1)
-    return (images - mean_t) / std_t
 
 
 class _Stream(Dataset):
@@ -175,7 +167,7 @@ class _RenderBatch:
         class_ids = self.tokenize([template.format(name) for name in self.classes])
         class_ids = class_ids[:, : int((class_ids != class_ids[0, -1]).sum(1).max()) + 1]
         return {
-            "pixel_values": normalize_images(images, OPENAI_MEAN, OPENAI_STD),
+            "pixel_values": world.normalize_images(images, OPENAI_MEAN, OPENAI_STD),
             "input_ids": ids,
             "labels": torch.arange(n),
             "class_ids": class_ids,
@@ -255,7 +247,7 @@ def zero_shot_report(
             attrs = world.sample_attributes(
                 len(labels), seed + 97 * s, classes=classes, class_idx=labels, style=torch.full_like(labels, s)
             )
-            images = normalize_images(
+            images = world.normalize_images(
                 world.render(attrs, world.WorldConfig(image_size=backbone.image_size)),
                 backbone.image_mean,
                 backbone.image_std,

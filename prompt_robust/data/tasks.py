@@ -120,8 +120,7 @@ class WorldTasks:
         retrieval_size: int = 1000,
     ) -> None:
         self.config = world.WorldConfig(image_size=image_size)
-        self.mean = torch.tensor(mean, dtype=torch.float).view(1, 3, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float).view(1, 3, 1, 1)
+        self.mean, self.std = tuple(mean), tuple(std)
         self.pool_per_class = pool_per_class
         self.test_per_class = test_per_class
         self.retrieval_size = retrieval_size
@@ -129,7 +128,7 @@ class WorldTasks:
 
     # -- rendering -------------------------------------------------------------------------------------------
     def _render(self, attrs: world.Attributes) -> torch.Tensor:
-        return (world.render(attrs, self.config) - self.mean) / self.std
+        return world.normalize_images(world.render(attrs, self.config), self.mean, self.std)
 
     def _classes(
         self, key: str, classes: Sequence[str], per_class: int, style: str, seed: int, background=None

@@ -59,6 +59,7 @@ __all__ = [
     "corpus_words",
     "generate",
     "habitat",
+    "normalize_images",
     "render",
     "sample_attributes",
 ]
@@ -1222,6 +1223,18 @@ def corpus_words() -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------------- convenience
+
+
+def normalize_images(images: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
+    """Rendered ``(n, 3, S, S)`` images in [0, 1] -> a CLIP's input (per-channel ``(x - mean) / std``).
+
+    Example:
+        >>> normalize_images(torch.ones(1, 3, 2, 2), (0.5,) * 3, (0.25,) * 3).unique()
+        tensor([2.])
+    """
+    mean_t = torch.tensor(mean, dtype=images.dtype).view(1, 3, 1, 1)
+    std_t = torch.tensor(std, dtype=images.dtype).view(1, 3, 1, 1)
+    return (images - mean_t) / std_t
 
 
 @dataclass(frozen=True)
