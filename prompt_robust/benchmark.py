@@ -17,7 +17,6 @@ The few-shot indices of every seed are written to ``splits/`` so a run can be re
 
 from __future__ import annotations
 
-import logging
 import math
 import statistics
 from collections.abc import Callable, Sequence
@@ -41,8 +40,6 @@ from .model import RobustPromptModel, wrap
 from .training import FitConfig, fit
 
 __all__ = ["TASKS", "BenchConfig", "parse_method", "run_benchmark", "summarize"]
-
-logger = logging.getLogger(__name__)
 
 TASKS: tuple[str, ...] = ("base_to_new", "domain_generalization", "spurious", "retrieval", "cross_dataset")
 
@@ -235,10 +232,10 @@ def run_benchmark(
     runner = _Runner(backbone, config, out_dir)
     raw: dict[str, dict[int, dict]] = {}
     jobs = [(method, seed) for method in config.methods for seed in config.seeds]
+    settings = {"config": config.to_dict(), "tasks_version": TASKS_VERSION, "backbone": backbone.fingerprint()}
     for method, seed in tqdm(jobs, desc="benchmark", disable=not progress):
         path = out_dir / "runs" / f"{method}_seed{seed}.json"
         saved = _io.read_json(path) if path.is_file() else None
-        settings = {"config": config.to_dict(), "tasks_version": TASKS_VERSION, "backbone": backbone.fingerprint()}
         if saved is not None and all(saved.get(key) == value for key, value in settings.items()):
             results = saved["results"]
         else:

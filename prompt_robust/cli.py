@@ -79,6 +79,18 @@ def dataclass_from_args(cls: type, args: argparse.Namespace, **overrides: Any) -
 # ---------------------------------------------------------------------------------------------------------------
 # commands
 # ---------------------------------------------------------------------------------------------------------------
+def _command_line() -> str:
+    """The command as typed, recorded in reports for reproducibility."""
+    return "prompt-robust " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+
+def _quick_methods() -> list[str]:
+    """Zero-shot, CoOp and CoOp with each available add-on."""
+    from .addons import ADDONS
+
+    return DEMO_METHODS + [f"coop+{name}" for name in sorted(ADDONS)]
+
+
 def _embedded_or_given(spec: str | None):
     from .backbones import load_backbone
 
@@ -106,9 +118,8 @@ def _run_bench(args: argparse.Namespace, config, title: str) -> int:
     out = Path(args.out)
     raw = run_benchmark(backbone, config, out, progress=not args.quiet)
     means, stds = summarize(raw)
-    command = "prompt-robust " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     header = (
-        f"# {title}\n\nCommand: `{command}`  \nBackbone: `{backbone.name}`  \nSeeds: {config.seeds} "
+        f"# {title}\n\nCommand: `{_command_line()}`  \nBackbone: `{backbone.name}`  \nSeeds: {config.seeds} "
         f"(mean ± std, %)  \nWall time: {time.time() - started:.0f} s"
     )
     files = write_outputs(out, raw, means, stds, header=header, settings=config.to_dict())
@@ -118,11 +129,9 @@ def _run_bench(args: argparse.Namespace, config, title: str) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .addons import ADDONS
     from .benchmark import BenchConfig
 
-    methods = DEMO_METHODS + [f"coop+{name}" for name in sorted(ADDONS)]
-    config = BenchConfig(methods=methods, seeds=[1], steps=150, test_per_class=30, retrieval_size=500)
+    config = BenchConfig(methods=_quick_methods(), seeds=[1], steps=150, test_per_class=30, retrieval_size=500)
     return _run_bench(args, config, "prompt_robust demo on the embedded world")
 
 
@@ -134,7 +143,7 @@ def _bench(args: argparse.Namespace) -> int:
         learners = ["coop", "cocoop", "vpt", "maple"]
         methods = ["zeroshot"] + learners + [f"{lr}+{a}" for lr in learners for a in sorted(ADDONS)]
     else:
-        methods = DEMO_METHODS + [f"coop+{name}" for name in sorted(ADDONS)]
+        methods = _quick_methods()
     config = dataclass_from_args(BenchConfig, args, methods=methods, seeds=list(range(1, args.seeds + 1)))
     return _run_bench(args, config, f"prompt_robust benchmark ({args.suite} suite)")
 
@@ -144,14 +153,13 @@ def _pretrain(args: argparse.Namespace) -> int:
 
     config = dataclass_from_args(PretrainConfig, args)
     out = Path(args.out) if args.out else EMBEDDED_DIR
-    command = "prompt-robust " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     record = pretrain_backbone(
         out,
         config,
         checkpoint_dir=args.checkpoint_dir,
         overwrite=args.overwrite,
         progress=not args.quiet,
-        command=command,
+        command=_command_line(),
     )
     print(f"saved the mini-CLIP to {out}")
     print("zero-shot accuracy ('a photo of a {}.'), per class group and style:")

@@ -18,7 +18,6 @@ What the stream looks like, and why:
 from __future__ import annotations
 
 import dataclasses
-import logging
 import random
 import time
 from dataclasses import dataclass
@@ -38,8 +37,6 @@ from .config import ConfigMixin, _check, help_field
 from .data import world
 
 __all__ = ["EMBEDDED_DIR", "PretrainConfig", "pretrain_backbone", "zero_shot_report"]
-
-logger = logging.getLogger(__name__)
 
 #: where the shipped mini-CLIP lives inside the package
 EMBEDDED_DIR = Path(__file__).resolve().parent / "assets" / "mini_clip"
@@ -97,6 +94,12 @@ class _Stream(Dataset):
 
     def __getitem__(self, index: int) -> int:
         return index
+
+
+def _trim_padding(ids: torch.Tensor) -> torch.Tensor:
+    """Drop the columns that are padding in every row (padding is the EOT id, which ends each row). The text
+    tower is causal, so the features at the EOT do not change; the passes get shorter."""
+    return ids[:, : int((ids != ids[0, -1]).sum(1).max()) + 1]
 
 
 _CLASS_TEMPLATES = (
@@ -160,12 +163,12 @@ class _RenderBatch:
         attrs = world.Attributes.cat([self._grouped(n, seed, generator), self._free(n, seed, generator)])
         images = world.render(attrs, world.WorldConfig(image_size=self.config.image_size))
         ids = self.tokenize(world.captions(attrs, seed))
-        ids = ids[:, : int((ids != ids[0, -1]).sum(1).max()) + 1]  # drop all-padding columns (causal text tower)
+        ids = _trim_padding(ids)
         # Class-name texts in a random caption form ("a sketch of a {}.", "an image of a {}.", ...).
         rng = random.Random(seed)
         template = rng.choice(_CLASS_TEMPLATES)
         class_ids = self.tokenize([template.format(name) for name in self.classes])
-        class_ids = class_ids[:, : int((class_ids != class_ids[0, -1]).sum(1).max()) + 1]
+        class_ids = _trim_padding(class_ids)
         return {
             "pixel_values": world.normalize_images(images, OPENAI_MEAN, OPENAI_STD),
             "input_ids": ids,
