@@ -12,6 +12,7 @@ from .backbones import ClipBackbone, HFClipBackbone, load_backbone
 from .config import CounterfactualConfig, DebiasConfig, InvarianceConfig, RefinerConfig, RobustConfig
 from .learners import LEARNERS, PromptLearner, build_learner
 from .model import RobustOutput, RobustPromptModel, wrap
+from .refiner import PromptRefiner  # registers the "refiner" add-on
 
 __all__ = [
     "LEARNERS",
@@ -21,6 +22,7 @@ __all__ = [
     "HFClipBackbone",
     "InvarianceConfig",
     "PromptLearner",
+    "PromptRefiner",
     "RefinerConfig",
     "RobustConfig",
     "RobustOutput",

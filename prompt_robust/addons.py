@@ -8,12 +8,17 @@ in a fixed order, for
 * ``extra_loss(batch, output)``: a term added to the loss, with logs (the counterfactual regularizer);
 * ``adjust_output(output)``: a change to the logits (the invariant projection).
 
+Add-ons that train something of their own after the prompt (the refiner's generator) declare ``stages``;
+``RobustPromptModel.set_stage(name)`` then makes ``stage_parameters(name)`` the trainable tensors, and
+``stage_loss`` may replace the task loss in that stage. ``fit_stages`` runs them all, in order.
+
 Adding a method = one module implementing these + one ``register_addon`` line.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -32,6 +37,8 @@ class RobustAddon(nn.Module):
 
     name: ClassVar[str] = "abstract"
     config_class: ClassVar[type] = object
+    #: training stages this add-on owns (trained after the learner's own "prompt" stage)
+    stages: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, learner: nn.Module, config: Any) -> None:
         super().__init__()
@@ -49,6 +56,33 @@ class RobustAddon(nn.Module):
 
     def adjust_output(self, output: Any) -> Any:
         return output
+
+    def stage_parameters(self, stage: str) -> list[nn.Parameter]:
+        """The add-on's tensors trained in ``stage`` (none by default)."""
+        return []
+
+    def trains_learner(self, stage: str) -> bool:
+        """Whether the learner's own trainable tensors also train in this add-on's ``stage``."""
+        return False
+
+    def stage_loss(
+        self, stage: str, pixel_values: torch.Tensor, labels: torch.Tensor, batch: Mapping[str, Any]
+    ) -> tuple[torch.Tensor, dict[str, float]] | None:
+        """A loss that replaces the task loss in ``stage`` (then no logits are computed), or None."""
+        return None
+
+    def fit_stages(
+        self,
+        model: nn.Module,
+        dataset: Any,
+        *,
+        seed: int = 0,
+        cache_dir: str | Path | None = None,
+        checkpoint_dir: str | Path | None = None,
+        progress: bool = True,
+    ) -> dict[str, float]:
+        """Run this add-on's training stages on ``dataset`` after the prompt was trained; returns logs."""
+        return {}
 
     def detach(self) -> None:
         """Undo anything the add-on attached to the learner (hooks); called by ``unwrap()``."""

@@ -71,6 +71,7 @@ class BenchConfig(ConfigMixin):
     test_per_class: int = help_field(50, "Evaluation images per class (per style, per group).")
     retrieval_size: int = help_field(1000, "Captioned images of the retrieval task.")
     tasks: list[str] = help_field(list(TASKS), "Tasks to run.")
+    refiner: dict[str, Any] = help_field({}, "RefinerConfig fields of the +refiner methods (others: defaults).")
 
     def __post_init__(self) -> None:
         _check(len(self.methods) > 0, "methods must name at least one method.")
@@ -81,6 +82,7 @@ class BenchConfig(ConfigMixin):
             if task not in TASKS:
                 raise unknown_name_error("task", task, TASKS)
         _check(self.k >= 1 and self.k <= self.pool_per_class, f"k must be in 1..pool_per_class; got {self.k!r}.")
+        RobustConfig.nested["refiner"](**self.refiner)  # unknown fields or bad values fail here, not mid-run
         for name in ("steps", "batch_size", "spurious_per_class", "test_per_class", "retrieval_size"):
             _check(getattr(self, name) >= 1, f"{name} must be >= 1; got {getattr(self, name)!r}.")
 
@@ -137,7 +139,8 @@ class _Runner:
     def _model(self, learner_name: str, addons: list[str], classnames: Sequence[str], seed: int) -> RobustPromptModel:
         torch.manual_seed(seed)
         learner = build_learner(learner_name, self.backbone, list(classnames), **LEARNER_SETTINGS[learner_name])
-        robust = RobustConfig(**{name: RobustConfig.nested[name]() for name in addons})
+        settings = {"refiner": self.config.refiner}
+        robust = RobustConfig(**{name: RobustConfig.nested[name](**settings.get(name, {})) for name in addons})
         return wrap(learner, robust)
 
     def _train(self, model: RobustPromptModel, data: TaskData, seed: int) -> None:
@@ -153,6 +156,8 @@ class _Runner:
             progress=False,
         )
         fit(model, data, config)
+        if len(model.stages()) > 1:  # add-ons with their own training (the refiner's generator)
+            model.fit_addons(data, seed=seed, cache_dir=self.out_dir / "cache", progress=False)
 
     def _save_split(self, name: str, seed: int, indices: list[int]) -> None:
         path = self.out_dir / "splits" / f"{name}_k{self.config.k}_seed{seed}.json"

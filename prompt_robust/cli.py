@@ -128,6 +128,12 @@ def _run_bench(args: argparse.Namespace, config, title: str) -> int:
     return 0
 
 
+def _set_fields(cls: type, args: argparse.Namespace) -> dict[str, Any]:
+    """The options of config ``cls`` given on the command line (for configs stored as override dicts)."""
+    prefix = f"{cls.__name__}."
+    return {key[len(prefix) :]: value for key, value in vars(args).items() if key.startswith(prefix)}
+
+
 def _demo(args: argparse.Namespace) -> int:
     from .benchmark import BenchConfig
 
@@ -144,8 +150,47 @@ def _bench(args: argparse.Namespace) -> int:
         methods = ["zeroshot"] + learners + [f"{lr}+{a}" for lr in learners for a in sorted(ADDONS)]
     else:
         methods = _quick_methods()
-    config = dataclass_from_args(BenchConfig, args, methods=methods, seeds=list(range(1, args.seeds + 1)))
+    from .config import RefinerConfig
+
+    refiner = _set_fields(RefinerConfig, args)
+    seeds = list(range(1, args.seeds + 1))
+    if args.suite in ("refiner-sweep", "refiner-cost"):
+        return _bench_refiner(args, refiner, seeds)
+    config = dataclass_from_args(BenchConfig, args, methods=methods, seeds=seeds, refiner=refiner)
     return _run_bench(args, config, f"prompt_robust benchmark ({args.suite} suite)")
+
+
+def _bench_refiner(args: argparse.Namespace, refiner: dict[str, Any], seeds: list[int]) -> int:
+    """The refiner's sampler steps sweep (embedded world) or cost profile (default: open_clip ViT-B-16, random)."""
+    from .benchmark import BenchConfig
+    from .config import RefinerConfig
+    from .refiner import bench
+
+    started = time.time()
+    out = Path(args.out)
+    if args.suite == "refiner-sweep":
+        config = dataclass_from_args(
+            BenchConfig, args, methods=[f"{args.learner}+refiner"], seeds=seeds, refiner=refiner, tasks=["base_to_new"]
+        )
+        result = bench.steps_sweep(
+            _embedded_or_given(args.backbone),
+            out,
+            learner=args.learner,
+            seeds=seeds,
+            bench_config=config,
+            progress=not args.quiet,
+        )
+        print(bench.format_sweep(result))
+        files = "sweep.json, sweep.md, sweep.png"
+    else:
+        from .backbones import load_backbone
+
+        backbone = load_backbone(args.backbone or "open_clip:ViT-B-16")
+        result = bench.cost_profile(backbone, out, refiner=RefinerConfig(**refiner), progress=not args.quiet)
+        print(bench.format_cost(result))
+        files = "cost.json, cost.md"
+    print(f"\nwrote {files} to {out} ({time.time() - started:.0f} s); command: {_command_line()}")
+    return 0
 
 
 def _pretrain(args: argparse.Namespace) -> int:
@@ -199,15 +244,33 @@ def _train(args: argparse.Namespace) -> int:
         indices = sample_few_shot(data.labels, args.k, args.seed)
         save_split(Path(args.out) / "split.json", indices, meta={"k": args.k, "seed": args.seed, "n_total": len(data)})
         data = data.subset(indices)
+    from .config import RefinerConfig, RobustConfig
+
+    adapter_dir = Path(args.out) / "adapter"
+    if not args.overwrite and (adapter_dir / "adapter_config.json").exists():
+        raise SystemExit(f"{adapter_dir} already holds an adapter; pass --overwrite or choose another --out.")
+    configs = {"refiner": lambda: RefinerConfig(**_set_fields(RefinerConfig, args))}
+    robust = RobustConfig(**{name: configs[name]() for name in args.addons or []})
     learner = build_learner(args.learner, backbone, data.classnames)
-    model = wrap(learner)
+    model = wrap(learner, robust)
     config = dataclass_from_args(FitConfig, args, seed=args.seed)
     result = fit(model, data, config, checkpoint_dir=Path(args.out) / "checkpoints")
-    model.save_pretrained(Path(args.out) / "adapter", overwrite=args.overwrite)
+    logs = {}
+    if len(model.stages()) > 1:
+        logs = model.fit_addons(
+            data,
+            seed=args.seed,
+            cache_dir=Path(args.out) / "cache",
+            checkpoint_dir=Path(args.out) / "checkpoints",
+            progress=not args.quiet,
+        )
+    model.save_pretrained(adapter_dir, overwrite=args.overwrite)
     print(
-        f"trained {args.learner} for {result.steps} steps (final loss {result.final_loss:.4f}); adapter in "
-        f"{Path(args.out) / 'adapter'}"
+        f"trained {'+'.join([args.learner, *(args.addons or [])])} for {result.steps} steps (final loss "
+        f"{result.final_loss:.4f}); adapter in {adapter_dir}"
     )
+    for key, value in logs.items():
+        print(f"  {key}: {value:.4g}")
     return 0
 
 
@@ -242,6 +305,7 @@ def _add_data_args(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from .benchmark import BenchConfig
+    from .config import RefinerConfig
     from .learners import LEARNERS
     from .pretrain import PretrainConfig
     from .training import FitConfig
@@ -260,11 +324,20 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=_demo)
 
     bench = commands.add_parser("bench", help="Every learner x add-on x task, mean ± std over seeds.")
-    bench.add_argument("--suite", choices=["quick", "full"], default="quick")
+    bench.add_argument(
+        "--suite",
+        choices=["quick", "full", "refiner-sweep", "refiner-cost"],
+        default="quick",
+        help="quick: zero-shot, CoOp, CoOp+each add-on; full: every learner x add-on; refiner-sweep: sampler "
+        "steps x solver for LEARNER+refiner; refiner-cost: images/s of CoOp, CoOp+refiner, CoCoOp on a real-size "
+        "architecture (default backbone open_clip:ViT-B-16, random weights).",
+    )
+    bench.add_argument("--learner", default="coop", help="Learner of the refiner sweep.")
     bench.add_argument("--seeds", type=int, default=3, help="Number of seeds (1..N).")
     bench.add_argument("--out", default="prompt_robust_bench", help="Output directory.")
     bench.add_argument("--backbone", help="Backbone spec; default: the embedded mini-CLIP.")
-    add_dataclass_args(bench, BenchConfig, skip=("methods", "seeds"))
+    add_dataclass_args(bench, BenchConfig, skip=("methods", "seeds", "refiner"))
+    add_dataclass_args(bench, RefinerConfig)
     bench.set_defaults(func=_bench)
 
     pretrain = commands.add_parser("pretrain-backbone", help="Pretrain the mini-CLIP on the embedded world.")
@@ -278,9 +351,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(train)
     train.add_argument("--learner", default="coop", choices=sorted(LEARNERS))
     train.add_argument("--k", type=int, default=0, help="Shots per class (0: the whole training split).")
+    train.add_argument("--addons", nargs="+", choices=["refiner"], help="Robustness add-ons to train and save.")
     train.add_argument("--out", required=True, help="Run directory (checkpoints, split, adapter).")
     train.add_argument("--overwrite", action="store_true", help="Replace an adapter already saved there.")
     add_dataclass_args(train, FitConfig, skip=("seed",))
+    add_dataclass_args(train, RefinerConfig)
     train.add_argument("--seed", type=int, default=1)
     train.set_defaults(func=_train)
 

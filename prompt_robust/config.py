@@ -83,29 +83,52 @@ def _positive(name: str, value: float, *, allow_zero: bool = False) -> None:
 @dataclass
 class RefinerConfig(ConfigMixin):
     """Prompt-space diffusion refiner ("Prompt Diffusion Robustifies Any-Modality Prompt Learning",
-    https://arxiv.org/abs/2410.20164): per-sample prompts sampled from noise, conditioned on the image."""
+    https://arxiv.org/abs/2410.20164): per-sample prompts sampled from noise, conditioned on the image.
+
+    Sampling: ``num_steps`` fixed-grid steps of ``method``; ``noise_seed`` fixes the starting noise (the same
+    for every image, so a prompt depends on its image only); ``num_samples`` prompts are averaged.
+    Targets: ``inner_steps`` normalised gradient steps per training sample, each of length ``inner_lr`` times
+    the RMS of the learned prompt. Generator training: ``train_steps`` of flow matching, then optionally
+    ``joint_steps`` with the task loss through the sampler (plus ``fm_weight`` x flow matching).
+    """
 
     num_steps: int = help_field(5, "ODE steps of the sampler at test time.")
     method: str = help_field("euler", "Fixed-grid ODE solver: euler, midpoint or rk4.")
-    hidden_dim: int = help_field(256, "Width of the velocity network.")
     num_samples: int = help_field(1, "Prompts sampled per image and averaged (K).")
-    inner_steps: int = help_field(5, "Gradient steps used to overfit one prompt per training sample.")
-    inner_lr: float = help_field(0.1, "Step size of the per-sample overfitting steps.")
     noise_seed: int | None = help_field(0, "Fixed noise seed for deterministic sampling (None: fresh noise).")
+    hidden_dim: int = help_field(256, "Width of the velocity network.")
+    layers: int = help_field(2, "Transformer blocks of the velocity network.")
+    heads: int = help_field(4, "Attention heads of the velocity network.")
+    inner_steps: int = help_field(5, "Gradient steps used to overfit one prompt per training sample.")
+    inner_lr: float = help_field(0.05, "Length of each overfitting step, relative to the prompt's RMS.")
+    target_batch_size: int = help_field(32, "Samples per batch when computing the overfitted targets.")
+    train_steps: int = help_field(1000, "Flow-matching steps of the generator.")
+    train_lr: float = help_field(1e-3, "AdamW learning rate of the generator.")
+    train_batch_size: int = help_field(64, "Batch size of the generator training.")
+    joint_steps: int = help_field(0, "Steps of task-loss training through the sampler after flow matching.")
+    joint_lr: float = help_field(2e-4, "Learning rate of the joint stage.")
+    joint_train_prompt: bool = help_field(False, "Also update the learner's prompt in the joint stage.")
+    fm_weight: float = help_field(1.0, "Weight of the flow-matching term in the joint stage.")
 
     SOLVERS: ClassVar[tuple[str, ...]] = ("euler", "midpoint", "rk4")
 
     def __post_init__(self) -> None:
         _check(
-            int(self.num_steps) == self.num_steps and self.num_steps >= 1,
-            f"num_steps must be an integer >= 1; got {self.num_steps!r}.",
+            isinstance(self.num_steps, int) and not isinstance(self.num_steps, bool) and self.num_steps >= 1,
+            f"num_steps must be an integer >= 1; got {self.num_steps!r}. The paper's sampler uses 5.",
         )
         if self.method not in self.SOLVERS:
             raise unknown_name_error("ODE method", self.method, self.SOLVERS)
-        _check(self.hidden_dim >= 1, f"hidden_dim must be >= 1; got {self.hidden_dim!r}.")
-        _check(self.num_samples >= 1, f"num_samples must be >= 1; got {self.num_samples!r}.")
-        _check(self.inner_steps >= 1, f"inner_steps must be >= 1; got {self.inner_steps!r}.")
-        _positive("inner_lr", self.inner_lr)
+        for name in ("num_samples", "hidden_dim", "layers", "heads", "inner_steps", "target_batch_size"):
+            _check(getattr(self, name) >= 1, f"{name} must be >= 1; got {getattr(self, name)!r}.")
+        _check(self.hidden_dim % self.heads == 0, f"hidden_dim ({self.hidden_dim}) must be a multiple of heads.")
+        for name in ("train_steps", "joint_steps"):
+            _check(getattr(self, name) >= 0, f"{name} must be >= 0; got {getattr(self, name)!r}.")
+        _check(self.train_steps + self.joint_steps >= 1, "train_steps + joint_steps must be >= 1.")
+        _check(self.train_batch_size >= 1, f"train_batch_size must be >= 1; got {self.train_batch_size!r}.")
+        for name in ("inner_lr", "train_lr", "joint_lr"):
+            _positive(name, getattr(self, name))
+        _positive("fm_weight", self.fm_weight, allow_zero=True)
 
 
 @dataclass

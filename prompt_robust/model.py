@@ -30,13 +30,13 @@ class RobustOutput:
 
     Attributes:
         loss: scalar training loss when ``labels`` were given (task loss, reweighted, plus add-on terms).
-        logits: ``(batch, n_classes)``.
+        logits: ``(batch, n_classes)``; None in a stage that trains an add-on's own model (e.g. ``"refiner"``).
         logs: scalar diagnostics of the add-ons (floats), e.g. ``{"counterfactual/loss": 0.3}``.
         learner_output: whatever the learner returned (its features, for reference learners).
     """
 
     loss: torch.Tensor | None
-    logits: torch.Tensor
+    logits: torch.Tensor | None
     logs: dict[str, float] = field(default_factory=dict)
     learner_output: Any = None
 
@@ -44,7 +44,7 @@ class RobustOutput:
         return getattr(self, key)
 
     def keys(self) -> list[str]:
-        return ["loss", "logits"] if self.loss is not None else ["logits"]
+        return [key for key in ("loss", "logits") if getattr(self, key) is not None]
 
 
 def _version_tuple(version: str) -> tuple[int, ...]:
@@ -112,6 +112,10 @@ class RobustPromptModel(nn.Module):
                     f"{', '.join(sorted(ADDONS)) or 'none yet'}. Set RobustConfig.{name}=None."
                 )
             self.addons[name] = ADDONS[name](learner, getattr(config, name))
+        # the learner's tensors trained in the "prompt" stage: those trainable when wrapped
+        self._learner_trainable = [p for p in learner.parameters() if p.requires_grad]
+        self.stage = "prompt"
+        self.set_stage("prompt")
 
     # -- forward -----------------------------------------------------------------------------------------------
     def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None, **batch: Any) -> RobustOutput:
@@ -123,6 +127,11 @@ class RobustPromptModel(nn.Module):
             **batch: extra per-sample fields some add-ons read (e.g. ``groups``); others are ignored.
         """
         addons: list[RobustAddon] = list(self.addons.values())
+        if labels is not None and self.stage != "prompt":
+            for addon in addons:
+                staged = addon.stage_loss(self.stage, pixel_values, labels, batch)
+                if staged is not None:
+                    return RobustOutput(loss=staged[0], logits=None, logs=staged[1])
         override: dict[str, torch.Tensor] = {}
         for addon in addons:
             override.update(addon.prompt_override(pixel_values) or {})
@@ -153,9 +162,73 @@ class RobustPromptModel(nn.Module):
                 logs.update(addon_logs)
         return RobustOutput(loss=loss, logits=logits, logs=logs, learner_output=raw)
 
+    # -- training stages ---------------------------------------------------------------------------------------
+    def stages(self) -> list[str]:
+        """``"prompt"`` (the learner's own training) followed by the add-ons' stages, in training order."""
+        return ["prompt", *(stage for addon in self.addons.values() for stage in addon.stages)]
+
+    def set_stage(self, stage: str) -> None:
+        """Make exactly the tensors trained in ``stage`` require gradients (for :func:`prompt_robust.fit`, a
+        plain loop or a Trainer) and tell the add-ons which stage runs.
+
+        Args:
+            stage: one of :meth:`stages`.
+        """
+        if stage not in self.stages():
+            from .config import unknown_name_error
+
+            raise unknown_name_error("training stage", stage, self.stages())
+        learner_on = stage == "prompt" or any(addon.trains_learner(stage) for addon in self.addons.values())
+        for param in self._learner_trainable:
+            param.requires_grad_(learner_on)
+        for addon in self.addons.values():
+            for param in addon.parameters():
+                param.requires_grad_(False)
+            for param in addon.stage_parameters(stage):
+                param.requires_grad_(True)
+            addon.stage = stage
+        self.stage = stage
+
+    def fit_addons(
+        self,
+        dataset: Any,
+        *,
+        seed: int = 0,
+        cache_dir: str | Path | None = None,
+        checkpoint_dir: str | Path | None = None,
+        progress: bool = True,
+    ) -> dict[str, float]:
+        """Train every add-on's own stages on ``dataset`` (after the learner's prompt was trained), then return to
+        the ``"prompt"`` stage.
+
+        Args:
+            dataset: the training set the prompt was tuned on.
+            seed: seed of the add-on trainings.
+            cache_dir: where add-ons cache what they derive from the data (e.g. the refiner's targets).
+            checkpoint_dir: where each stage keeps resumable checkpoints (a subfolder per stage).
+            progress: show progress bars.
+
+        Returns:
+            Logs of the stages (final losses, target statistics).
+        """
+        logs: dict[str, float] = {}
+        was_training = self.training
+        try:
+            for addon in self.addons.values():
+                logs.update(
+                    addon.fit_stages(
+                        self, dataset, seed=seed, cache_dir=cache_dir, checkpoint_dir=checkpoint_dir, progress=progress
+                    )
+                )
+        finally:
+            self.set_stage("prompt")
+            self.train(was_training)
+        return logs
+
     # -- composition -----------------------------------------------------------------------------------------
     def unwrap(self) -> nn.Module:
         """Detach every add-on and return the learner, unchanged."""
+        self.set_stage("prompt")
         for addon in self.addons.values():
             addon.detach()
         self.addons = nn.ModuleDict()

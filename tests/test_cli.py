@@ -23,6 +23,7 @@ def backbone_dir(tmp_path):
 
 REDUCED = ["--steps", "2", "--k", "1", "--pool-per-class", "2", "--test-per-class", "2"]
 REDUCED += ["--spurious-per-class", "4", "--retrieval-size", "12"]
+REDUCED += ["--train-steps", "3", "--inner-steps", "1", "--hidden-dim", "16", "--layers", "1", "--heads", "2"]
 
 
 def test_bench_writes_every_output_and_resumes(backbone_dir, tmp_path, capsys):
@@ -33,7 +34,7 @@ def test_bench_writes_every_output_and_resumes(backbone_dir, tmp_path, capsys):
     assert "base_to_new" in printed and "sanity checks" in printed
     results = json.loads((out / "results.json").read_text())
     assert sorted(results) == sorted(TASKS)
-    assert sorted(results["base_to_new"]) == ["coop", "zeroshot"]
+    assert sorted(results["base_to_new"]) == ["coop", "coop+refiner", "zeroshot"]
     assert set(results["base_to_new"]["coop"]) == {"base", "new", "hm"}
     assert set(results["domain_generalization"]["coop"]) >= {"sketch", "painting", "pixel", "avg"}
     assert set(results["spurious"]["zeroshot"]) == {"avg", "worst_group", "gap"}
@@ -103,6 +104,26 @@ def test_train_and_eval_on_a_user_dataset(backbone_dir, tmp_path, capsys):
     torch.testing.assert_close(
         torch.tensor(report["test"]["gap"]), torch.tensor(report["test"]["accuracy"] - report["test"]["worst_group"])
     )
+
+
+def test_train_with_the_refiner_saves_a_trained_refiner(backbone_dir, tmp_path, capsys):
+    _waterbirds(tmp_path / "wb")
+    common = ["--dataset", "waterbirds", "--root", str(tmp_path / "wb"), "--backbone", str(backbone_dir)]
+    run = tmp_path / "run"
+    argv = ["-q", "train", *common, "--learner", "vpt", "--out", str(run), "--steps", "2", "--batch-size", "2"]
+    argv += ["--addons", "refiner", "--train-steps", "4", "--inner-steps", "1", "--hidden-dim", "16", "--heads", "2"]
+    assert cli.main(argv) == 0
+    assert "refiner/final_loss" in capsys.readouterr().out
+    assert list((run / "cache").glob("refiner-targets-*/shard-*.safetensors"))
+    from prompt_robust.backbones import load_backbone
+    from prompt_robust.model import RobustPromptModel
+
+    model = RobustPromptModel.from_pretrained(run / "adapter", backbone=load_backbone(str(backbone_dir)))
+    assert model.addons["refiner"].ready and int(model.addons["refiner"].trained_steps) == 4
+    assert model.config.refiner.hidden_dim == 16
+    with pytest.raises(SystemExit, match="already holds an adapter"):
+        cli.main(argv)
+    assert cli.main(["eval", *common, "--adapter", str(run / "adapter")]) == 0
 
 
 def test_bad_cli_input_is_refused(tmp_path):

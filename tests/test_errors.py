@@ -136,11 +136,12 @@ def test_config_validation():
     assert pr.RobustConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
 
 
-def test_unavailable_add_on_is_refused_clearly(hf_backbone):
-    from prompt_robust.addons import ADDONS
+def test_unavailable_add_on_is_refused_clearly(hf_backbone, monkeypatch):
+    from prompt_robust import addons
 
-    if "refiner" in ADDONS:
-        pytest.skip("the refiner add-on is available")
+    # an add-on named in RobustConfig but not registered (as in a build without it)
+    monkeypatch.setattr(addons, "ADDONS", {k: v for k, v in addons.ADDONS.items() if k != "refiner"})
+    monkeypatch.setattr("prompt_robust.model.ADDONS", addons.ADDONS)
     learner = pr.build_learner("coop", hf_backbone, CLASSNAMES, n_ctx=2)
     with pytest.raises(NotImplementedError, match="not available in this version"):
         pr.wrap(learner, pr.RobustConfig(refiner=RefinerConfig()))

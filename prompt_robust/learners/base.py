@@ -237,7 +237,24 @@ class PromptLearner(nn.Module):
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Prompt-free, L2-normalised image features ``(batch, embed_dim)`` (what add-ons condition on)."""
         with torch.no_grad():
+            return self.plain_image_features(pixel_values).detach()
+
+    def plain_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Prompt-free, L2-normalised image features, computed once per batch while the backbone is frozen.
+
+        An add-on conditioning on ``image_features(x)`` and the learner's own ``forward(x)`` then share one image
+        pass: the last batch tensor and its features are kept (the cache is keyed by the tensor object and its
+        in-place version counter). With trainable backbone tensors (e.g. LoRA) nothing is cached.
+        """
+        if any(p.requires_grad for p in self.backbone.parameters()):
             return F.normalize(self.backbone.encode_image(pixel_values), dim=-1)
+        cached = self.__dict__.get("_image_cache")
+        if cached is not None and cached[0] is pixel_values and cached[1] == pixel_values._version:
+            return cached[2]
+        with torch.no_grad():
+            features = F.normalize(self.backbone.encode_image(pixel_values), dim=-1)
+        self.__dict__["_image_cache"] = (pixel_values, pixel_values._version, features)
+        return features
 
     def forward(
         self, pixel_values: torch.Tensor, prompt_override: Mapping[str, torch.Tensor] | None = None

@@ -7,7 +7,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..backbones.base import ClipBackbone
@@ -72,7 +71,7 @@ class CoCoOp(PromptLearner):
         batch = pixel_values.shape[0]
         override = self.check_override(prompt_override, batch)
         # The meta-net reads the normalised image feature, as in the reference implementation.
-        image = F.normalize(self.backbone.encode_image(pixel_values), dim=-1)  # (b, d)
+        image = self.plain_image_features(pixel_values)  # (b, d)
         shift = self.meta_net(image.to(self.ctx.dtype)).unsqueeze(1)  # (b, 1, w)
         base = override.get("text", self.ctx.unsqueeze(0))  # (b | 1, n_ctx, w)
         ctx = (base + shift).unsqueeze(1)  # (b, 1, n_ctx, w)

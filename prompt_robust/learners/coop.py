@@ -7,7 +7,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..backbones.base import ClipBackbone
@@ -73,7 +72,7 @@ class CoOp(PromptLearner):
         self, pixel_values: torch.Tensor, prompt_override: Mapping[str, torch.Tensor] | None = None
     ) -> LearnerOutput:
         override = self.check_override(prompt_override, pixel_values.shape[0])
-        image = F.normalize(self.backbone.encode_image(pixel_values), dim=-1)  # (b, d)
+        image = self.plain_image_features(pixel_values)  # (b, d)
         if "text" in override:
             # (b, n_tokens, w) -> (b, n_cls | 1, n_ctx, w)
             ctx = override["text"].reshape(pixel_values.shape[0], -1, self.n_ctx, self.ctx.shape[-1])

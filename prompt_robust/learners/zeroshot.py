@@ -58,6 +58,6 @@ class ZeroShotCLIP(PromptLearner):
         self, pixel_values: torch.Tensor, prompt_override: Mapping[str, torch.Tensor] | None = None
     ) -> LearnerOutput:
         self.check_override(prompt_override, pixel_values.shape[0])
-        image = F.normalize(self.backbone.encode_image(pixel_values), dim=-1)
+        image = self.plain_image_features(pixel_values)
         text = self.text_features()
         return LearnerOutput(cosine_logits(image, text, self.backbone.logit_scale), image, text)

@@ -1,0 +1,552 @@
+"""The prompt-space diffusion refiner: sampler accuracy, per-sample targets, stages, sampling, saving, caching."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import CLASSNAMES, LEARNER_KWARGS, make_backbone
+from torch import nn
+
+import prompt_robust as pr
+from prompt_robust.refiner import ODESampler, PromptFlowNet, overfit_prompts
+from prompt_robust.refiner import targets as targets_module
+
+N_TRAIN = 12
+SMALL = {"hidden_dim": 32, "layers": 1, "heads": 4, "inner_steps": 2, "train_steps": 30, "train_batch_size": 12}
+
+
+@pytest.fixture(scope="module")
+def bb():
+    """One tiny HF CLIP backbone for the whole module (frozen by every learner; never modified)."""
+    return make_backbone("hf")
+
+
+@pytest.fixture(scope="module")
+def train_data():
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(N_TRAIN, 3, 32, 32, generator=generator)
+    labels = torch.arange(N_TRAIN) % len(CLASSNAMES)
+    return [(images[i], int(labels[i])) for i in range(N_TRAIN)]
+
+
+@pytest.fixture(scope="module")
+def test_images():
+    return torch.randn(5, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+
+
+def build(bb, name="coop", **refiner):
+    """A freshly seeded learner and its refiner-wrapped model."""
+    torch.manual_seed(0)
+    learner = pr.build_learner(name, bb, CLASSNAMES, **LEARNER_KWARGS[name])
+    config = pr.RefinerConfig(**{**SMALL, **refiner})
+    return learner, pr.wrap(learner, pr.RobustConfig(refiner=config))
+
+
+def collate(items):
+    return {key: torch.stack([torch.as_tensor(item[key]) for item in items]) for key in items[0]}
+
+
+@pytest.fixture(scope="module")
+def fitted(bb, train_data):
+    """A CoOp learner with a trained refiner (module-wide; tests only read it or restore what they change)."""
+    learner, model = build(bb, "coop")
+    model.fit_addons(train_data, progress=False)
+    model.eval()
+    return learner, model
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 1-2. the sampler
+
+
+def _errors(method, rate, steps):
+    x0 = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+    exact = x0 * math.exp(rate(None))
+    out = {}
+    for n in steps:
+        result = ODESampler(num_steps=n, method=method).sample(lambda t, x: rate(t) * x, x0)
+        assert result.sample.dtype == torch.float64 and result.sample.shape == x0.shape
+        out[n] = float((result.sample - exact).abs().max())
+    return out
+
+
+@pytest.mark.parametrize(("method", "order"), [("euler", 1), ("midpoint", 2), ("rk4", 4)])
+def test_sampler_observed_order_on_linear_odes(method, order):
+    a, b = -1.3, -0.8
+    autonomous = _errors(method, lambda t: a, (4, 8, 16))  # dx/dt = a x -> x0 exp(a)
+    # dx/dt = (a + b t) x -> x0 exp(a + b / 2); t=None stands for the exponent of the exact solution
+    timed = _errors(method, lambda t: a + b / 2 if t is None else a + b * t, (4, 8, 16))
+    for errors in (autonomous, timed):
+        for n in (4, 8):
+            observed = math.log2(errors[n] / errors[2 * n])
+            assert abs(observed - order) < 0.3, (method, errors, observed)
+        assert errors[16] < errors[8] < errors[4]
+
+
+def test_sampler_steps_match_hand_written_schemes():
+    a, b = -1.3, 0.7
+
+    def velocity(t, x):
+        return (a + b * t) * x
+
+    x0 = torch.tensor([1.0, -0.5], dtype=torch.float64)
+    h = 1 / 5
+    euler, midpoint, rk38 = x0.clone(), x0.clone(), x0.clone()
+    for k in range(5):
+        t = k / 5
+        euler = euler + h * velocity(t, euler)
+        midpoint = midpoint + h * velocity(t + h / 2, midpoint + h / 2 * velocity(t, midpoint))
+        k1 = velocity(t, rk38)  # the 3/8-rule RK4 of torchdiffeq
+        k2 = velocity(t + h / 3, rk38 + h * k1 / 3)
+        k3 = velocity(t + 2 * h / 3, rk38 + h * (k2 - k1 / 3))
+        k4 = velocity(t + h, rk38 + h * (k1 - k2 + k3))
+        rk38 = rk38 + h * (k1 + 3 * k2 + 3 * k3 + k4) / 8
+    for method, expected, evaluations in (("euler", euler, 5), ("midpoint", midpoint, 10), ("rk4", rk38, 20)):
+        times = []
+
+        def recorded(t, x, times=times):
+            times.append(float(t))
+            return velocity(t, x)
+
+        sampler = ODESampler(num_steps=5, method=method)
+        out = sampler.sample(recorded, x0)
+        torch.testing.assert_close(out.sample, expected, rtol=0, atol=1e-12)
+        assert out.evaluations == evaluations == sampler.evaluations_per_sample == len(times)
+        if method == "euler":
+            assert times == pytest.approx([k / 5 for k in range(5)], abs=1e-15)
+
+
+def test_sampler_keeps_dtype_and_shape_of_the_state():
+    x0 = torch.ones(2, 3, 4)
+    out = ODESampler(3, "midpoint").sample(lambda t, x: -x, x0)
+    assert out.sample.dtype == torch.float32 and out.sample.shape == (2, 3, 4)
+    torch.testing.assert_close(out.sample, torch.full_like(x0, (1 - 1 / 3 + 1 / 18) ** 3))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 3. configuration errors
+
+
+def test_bad_configs_raise_clear_value_errors(bb):
+    with pytest.raises(ValueError, match="num_steps"):
+        pr.RefinerConfig(num_steps=0)
+    with pytest.raises(ValueError, match="rk5") as err:
+        pr.RefinerConfig(method="rk5")
+    assert all(name in str(err.value) for name in ("euler", "midpoint", "rk4"))
+    assert "Did you mean 'rk4'?" in str(err.value)  # the closest valid name is suggested
+    with pytest.raises(ValueError, match="num_steps"):
+        ODESampler(0)
+    with pytest.raises(ValueError, match="num_steps"):
+        ODESampler(True)
+    with pytest.raises(ValueError, match="heun") as err:
+        ODESampler(5, "heun")
+    assert all(name in str(err.value) for name in ("euler", "midpoint", "rk4"))
+    with pytest.raises(ValueError, match="hidden_dim"):
+        pr.RefinerConfig(hidden_dim=30, heads=4)
+    with pytest.raises(ValueError, match="heads"):
+        PromptFlowNet({"text": (4, 32)}, cond_dim=8, hidden_dim=30, heads=4)
+    with pytest.raises(ValueError, match="prompt"):
+        PromptFlowNet({}, cond_dim=8)
+    zeroshot = pr.build_learner("zeroshot", bb, CLASSNAMES)
+    with pytest.raises(ValueError, match="prompt"):
+        pr.wrap(zeroshot, pr.RobustConfig(refiner=pr.RefinerConfig()))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 4. per-sample overfitted targets
+
+
+@pytest.mark.parametrize("name", ["coop", "vpt", "cocoop", "maple"])
+def test_overfit_prompts_batched_equals_one_sample_at_a_time(bb, train_data, name):
+    torch.manual_seed(0)
+    learner = pr.build_learner(name, bb, CLASSNAMES, **LEARNER_KWARGS[name])
+    batch = collate([{"pixel_values": x, "labels": y} for x, y in train_data[:4]])
+    x, y = batch["pixel_values"], batch["labels"]
+    prompts, before, after = overfit_prompts(learner, x, y, steps=1, lr=0.05)
+    base = {site: p.detach().clone() for site, p in learner.prompt_tokens().items()}
+    for i in range(4):
+        single, b_i, a_i = overfit_prompts(learner, x[i : i + 1], y[i : i + 1], steps=1, lr=0.05)
+        for site in base:
+            assert prompts[site].shape == (4, *base[site].shape)
+            torch.testing.assert_close(prompts[site][i : i + 1], single[site], rtol=0, atol=1e-5)
+        torch.testing.assert_close(before[i : i + 1], b_i, rtol=0, atol=1e-5)
+        torch.testing.assert_close(after[i : i + 1], a_i, rtol=0, atol=1e-5)
+    # the learner itself is untouched
+    for site, p in learner.prompt_tokens().items():
+        assert torch.equal(p.detach(), base[site])
+    assert all(p.grad is None for p in learner.parameters())
+
+
+def test_overfit_prompts_one_step_is_the_normalised_per_sample_gradient_step(bb, train_data):
+    """Ground truth from a single-sample autograd pass: p_i = p - lr * RMS(p) * g_i / RMS(g_i)."""
+    learner, _ = build(bb, "coop")
+    batch = collate([{"pixel_values": x, "labels": y} for x, y in train_data[:3]])
+    x, y = batch["pixel_values"], batch["labels"]
+    lr = 0.05
+    prompts, before, _ = overfit_prompts(learner, x, y, steps=1, lr=lr)
+    base = learner.prompt_tokens()["text"].detach()
+    for i in range(3):
+        p = base.clone().unsqueeze(0).requires_grad_(True)
+        loss = F.cross_entropy(learner(x[i : i + 1], prompt_override={"text": p}).logits, y[i : i + 1])
+        (grad,) = torch.autograd.grad(loss, p)
+        expected = base - lr * base.pow(2).mean().sqrt() * grad[0] / grad[0].pow(2).mean().sqrt()
+        torch.testing.assert_close(prompts["text"][i], expected, rtol=0, atol=1e-6)
+        torch.testing.assert_close(before[i], loss.detach(), rtol=0, atol=1e-5)
+    # zero steps: the learned prompt and the learner's own per-sample loss
+    same, b0, a0 = overfit_prompts(learner, x, y, steps=0, lr=lr)
+    assert torch.equal(same["text"], base.expand(3, *base.shape))
+    torch.testing.assert_close(b0, F.cross_entropy(learner(x).logits, y, reduction="none"), rtol=0, atol=1e-5)
+    assert torch.equal(a0, b0)
+
+
+@pytest.mark.parametrize("name", ["coop", "vpt"])
+def test_overfitting_lowers_every_samples_loss(bb, train_data, name):
+    torch.manual_seed(0)
+    learner = pr.build_learner(name, bb, CLASSNAMES, **LEARNER_KWARGS[name])
+    batch = collate([{"pixel_values": x, "labels": y} for x, y in train_data])
+    _, before, after = overfit_prompts(learner, batch["pixel_values"], batch["labels"], steps=3, lr=0.01)
+    assert before.shape == after.shape == (N_TRAIN,)
+    assert (after < before).all(), (before, after)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 5-6. identity before training; what trains in which stage
+
+
+@pytest.mark.parametrize("name", ["coop", "vpt", "maple"])
+def test_untrained_refiner_is_the_identity(bb, test_images, name):
+    learner, model = build(bb, name)
+    refiner = model.addons["refiner"]
+    assert refiner.ready is False
+    for mode in (True, False):
+        model.train(mode)
+        assert torch.equal(model(test_images).logits, learner(test_images).logits)
+    with pytest.raises(RuntimeError, match="fit_addons"):
+        refiner.refined_prompts(test_images)
+
+
+def test_refiner_stage_trains_only_the_velocity_network(bb, train_data):
+    learner, model = build(bb, "coop")
+    refiner = model.addons["refiner"]
+    assert model.stages() == ["prompt", "refiner", "refiner_joint"]
+    assert all(not p.requires_grad for p in refiner.net.parameters())  # "prompt" stage
+    assert learner.ctx.requires_grad
+    model.set_stage("refiner")
+    targets = refiner.build_targets(train_data, progress=False)
+    batch = collate([targets[i] for i in range(4)])
+    assert set(batch) == {"pixel_values", "labels", "refiner_cond", "refiner_delta_text"}
+    model.train()
+    out = model(**batch)
+    assert out.logits is None and out.loss.dim() == 0 and "refiner/fm_loss" in out.logs
+    out.loss.backward()
+    for name, param in learner.named_parameters():  # the prompt and the frozen backbone
+        assert param.grad is None and not param.requires_grad, name
+    for name, param in refiner.net.named_parameters():
+        assert param.requires_grad and param.grad is not None, name
+    # the zero-initialised output maps get a non-zero gradient
+    assert refiner.net.outputs["text"].weight.grad.abs().sum() > 0
+    assert int(refiner.trained_steps) == 1  # a training step with a gradient counts
+
+    model.set_stage("prompt")
+    assert all(not p.requires_grad for p in refiner.net.parameters())
+    assert learner.ctx.requires_grad
+
+
+@pytest.mark.parametrize("train_prompt", [True, False])
+def test_joint_stage_trains_the_prompt_only_when_asked(bb, train_data, train_prompt):
+    learner, model = build(bb, "coop", train_steps=5, joint_train_prompt=train_prompt)
+    refiner = model.addons["refiner"]
+    model.fit_addons(train_data, progress=False)
+    assert refiner.ready
+    model.set_stage("refiner_joint")
+    model.train()
+    model.zero_grad(set_to_none=True)  # fit_addons leaves the last step's gradients on the network
+    batch = collate([refiner.build_targets(train_data, progress=False)[i] for i in range(4)])
+    out = model(**batch)
+    assert out.logits.shape == (4, len(CLASSNAMES)) and "refiner/fm_loss" in out.logs
+    out.loss.backward()
+    assert learner.ctx.requires_grad is train_prompt
+    if train_prompt:
+        assert learner.ctx.grad is not None and learner.ctx.grad.abs().sum() > 0
+    else:
+        assert learner.ctx.grad is None
+    assert refiner.net.outputs["text"].weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in learner.backbone.parameters())
+
+    # through fit_addons: the joint stage moves the learned prompt exactly when joint_train_prompt is set
+    learner2, model2 = build(bb, "coop", train_steps=3, joint_steps=3, joint_train_prompt=train_prompt)
+    ctx = learner2.ctx.detach().clone()
+    logs = model2.fit_addons(train_data, progress=False)
+    assert "refiner_joint/final_loss" in logs and math.isfinite(logs["refiner_joint/final_loss"])
+    assert torch.equal(learner2.ctx.detach(), ctx) is not train_prompt
+    assert model2.stage == "prompt"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 7. any modality, including a user's own learner
+
+
+class TextBias(nn.Module):
+    """A user's learner (as in docs/learner_contract.md), with a non-zero initial bias."""
+
+    def __init__(self, backbone, classnames):
+        super().__init__()
+        self.backbone = backbone.requires_grad_(False)
+        with torch.no_grad():
+            ids = backbone.tokenize([f"a photo of a {c}." for c in classnames])
+            self.register_buffer("class_text", F.normalize(backbone.encode_text(ids), dim=-1), persistent=False)
+        self.bias = nn.Parameter(0.1 * torch.randn(2, backbone.embed_dim))  # (n_tokens, dim)
+
+    def prompt_tokens(self):
+        return {"text_bias": self.bias}
+
+    def image_features(self, pixel_values):
+        with torch.no_grad():
+            return F.normalize(self.backbone.encode_image(pixel_values), dim=-1)
+
+    def forward(self, pixel_values, prompt_override=None):
+        bias = self.bias.sum(0) if not prompt_override else prompt_override["text_bias"].sum(1)[:, None]
+        text = F.normalize(self.class_text + bias, dim=-1)  # (n_cls, d) or (b, n_cls, d)
+        image = self.image_features(pixel_values)
+        logits = image @ text.t() if text.dim() == 2 else torch.einsum("bd,bcd->bc", image, text)
+        return self.backbone.logit_scale * logits
+
+
+@pytest.mark.parametrize("name", ["coop", "cocoop", "vpt", "maple", "custom"])
+def test_refiner_works_for_every_modality(bb, train_data, test_images, name):
+    if name == "custom":
+        torch.manual_seed(0)
+        learner = TextBias(bb, CLASSNAMES)
+        model = pr.wrap(learner, pr.RobustConfig(refiner=pr.RefinerConfig(**SMALL)))
+    else:
+        learner, model = build(bb, name)
+    if name == "vpt":
+        assert learner.depth == 2  # deep prompts
+    logs = model.fit_addons(train_data, progress=False)
+    assert math.isfinite(logs["refiner/final_loss"])
+    refiner = model.addons["refiner"]
+    assert refiner.ready and model.stage == "prompt"
+    model.eval()
+    with torch.no_grad():
+        prompts = refiner.refined_prompts(test_images)
+        tokens = learner.prompt_tokens()
+        assert set(prompts) == set(tokens)
+        for site, value in tokens.items():
+            assert prompts[site].shape == (len(test_images), *value.shape)
+            assert torch.isfinite(prompts[site]).all()
+            assert not torch.allclose(prompts[site], value.expand_as(prompts[site]))
+        logits = model(test_images).logits
+        bare = learner(test_images)
+        bare = bare if isinstance(bare, torch.Tensor) else bare.logits
+    assert logits.shape == (len(test_images), len(CLASSNAMES)) and torch.isfinite(logits).all()
+    assert not torch.allclose(logits, bare, rtol=0, atol=1e-6)
+
+
+def test_zero_initialised_prompt_gets_moving_targets_or_a_clear_error(bb, train_data):
+    torch.manual_seed(0)
+    learner = TextBias(bb, CLASSNAMES)
+    with torch.no_grad():
+        learner.bias.zero_()
+    model = pr.wrap(learner, pr.RobustConfig(refiner=pr.RefinerConfig(**SMALL)))
+    try:
+        targets = model.addons["refiner"].build_targets(train_data, progress=False)
+    except (ValueError, FloatingPointError):
+        return  # refusing with an explanation is a correct answer too
+    assert (targets.loss_after < targets.loss_before).all()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 8. deterministic sampling and averaging
+
+
+def test_seeded_prompts_depend_on_the_image_only(fitted, test_images):
+    _, model = fitted
+    refiner = model.addons["refiner"]
+    assert refiner.config.noise_seed is not None
+    with torch.no_grad():
+        batch = refiner.refined_prompts(test_images)["text"]
+        again = refiner.refined_prompts(test_images)["text"]
+        assert torch.equal(batch, again)
+        for i in (0, 3):
+            alone = refiner.refined_prompts(test_images[i : i + 1])["text"]
+            torch.testing.assert_close(alone, batch[i : i + 1], rtol=0, atol=1e-5)
+        # images are refined differently
+        assert not torch.allclose(batch[0], batch[1])
+        logits = model(test_images).logits
+        torch.testing.assert_close(model(test_images[2:3]).logits, logits[2:3], rtol=0, atol=1e-5)
+
+
+def test_unseeded_prompts_are_fresh_each_call(fitted, test_images, monkeypatch):
+    _, model = fitted
+    refiner = model.addons["refiner"]
+    monkeypatch.setattr(refiner.config, "noise_seed", None)
+    with torch.no_grad():
+        first = refiner.refined_prompts(test_images)["text"]
+        second = refiner.refined_prompts(test_images)["text"]
+    assert torch.isfinite(first).all() and not torch.allclose(first, second)
+
+
+def test_num_samples_averages_the_offsets_of_each_noise(fitted, test_images, monkeypatch):
+    learner, model = fitted
+    refiner = model.addons["refiner"]
+    with torch.no_grad():
+        cond = learner.image_features(test_images)
+        k3 = refiner.sample_offsets(cond, num_samples=3)["text"]
+        k1 = refiner.sample_offsets(cond, num_samples=1)["text"]
+        assert torch.isfinite(k3).all() and not torch.allclose(k3, k1)
+        assert torch.equal(refiner.sample_offsets(cond, num_samples=3)["text"], k3)
+        # the K noises of a seeded refiner, then one offset per noise
+        seed = refiner.config.noise_seed
+        rows = torch.randn(3, refiner.state_size, generator=torch.Generator().manual_seed(seed))
+        singles = []
+        for row in rows:
+            monkeypatch.setattr(refiner, "_noise", lambda batch, samples, device, dtype, row=row: row.expand(batch, -1))
+            singles.append(refiner.sample_offsets(cond, num_samples=1)["text"])
+        monkeypatch.undo()
+    torch.testing.assert_close(k3, torch.stack(singles).mean(0), rtol=0, atol=1e-5)
+    torch.testing.assert_close(k1, singles[0], rtol=0, atol=1e-5)  # K=1 draws the first seeded noise
+    # config.num_samples is the default of refined_prompts
+    monkeypatch.setattr(refiner.config, "num_samples", 3)
+    with torch.no_grad():
+        prompts = refiner.refined_prompts(test_images)["text"]
+    expected = learner.prompt_tokens()["text"].detach() + refiner.scale("text") * k3
+    torch.testing.assert_close(prompts, expected, rtol=0, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 9. adapter round trip
+
+
+def test_save_and_load_keep_the_refined_prompts(fitted, bb, test_images, tmp_path):
+    _, model = fitted
+    refiner = model.addons["refiner"]
+    model.save_pretrained(tmp_path / "adapter")
+    loaded = pr.RobustPromptModel.from_pretrained(tmp_path / "adapter", backbone=bb)
+    loaded.eval()
+    loaded_refiner = loaded.addons["refiner"]
+    assert loaded_refiner.ready and int(loaded_refiner.trained_steps) == int(refiner.trained_steps)
+    assert loaded.config.refiner == model.config.refiner
+    torch.testing.assert_close(loaded_refiner.scale("text"), refiner.scale("text"), rtol=0, atol=0)
+    with torch.no_grad():
+        expected = refiner.refined_prompts(test_images)["text"]
+        torch.testing.assert_close(loaded_refiner.refined_prompts(test_images)["text"], expected, rtol=0, atol=1e-6)
+        torch.testing.assert_close(loaded(test_images).logits, model(test_images).logits, rtol=0, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 10. target cache
+
+
+def _folders(root):
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("refiner-targets-"))
+
+
+def _assert_same_targets(a, b, atol=0.0):
+    torch.testing.assert_close(a.cond, b.cond, rtol=0, atol=atol)
+    torch.testing.assert_close(a.loss_before, b.loss_before, rtol=0, atol=atol)
+    torch.testing.assert_close(a.loss_after, b.loss_after, rtol=0, atol=atol)
+    assert set(a.deltas) == set(b.deltas)
+    for site in a.deltas:
+        torch.testing.assert_close(a.deltas[site], b.deltas[site], rtol=0, atol=atol)
+
+
+def test_target_cache_loads_resumes_and_never_overwrites(bb, train_data, tmp_path, monkeypatch):
+    _, model = build(bb, "coop", target_batch_size=5)
+    refiner = model.addons["refiner"]
+    first = refiner.build_targets(train_data, cache_dir=tmp_path, progress=False)
+    (folder,) = _folders(tmp_path)
+    shards = sorted(folder.glob("shard-*.safetensors"))
+    assert [p.name for p in shards] == [f"shard-{i:05d}.safetensors" for i in range(3)]  # 5 + 5 + 2 samples
+    assert first.cache_path == folder and len(first) == N_TRAIN
+    assert first.cond.shape == (N_TRAIN, bb.embed_dim) and first.deltas["text"].shape == (N_TRAIN, 4, bb.text_width)
+    snapshot = {p.name: p.read_bytes() for p in shards}
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the cached targets were recomputed")
+
+    monkeypatch.setattr(targets_module, "overfit_prompts", refuse)
+    _assert_same_targets(refiner.build_targets(train_data, cache_dir=tmp_path, progress=False), first)
+
+    # other settings: a new folder, the first untouched
+    monkeypatch.undo()
+    monkeypatch.setattr(refiner.config, "inner_lr", 0.1)
+    other = refiner.build_targets(train_data, cache_dir=tmp_path, progress=False)
+    assert len(_folders(tmp_path)) == 2 and other.cache_path != folder
+    assert not torch.allclose(other.deltas["text"], first.deltas["text"])
+    assert {p.name: p.read_bytes() for p in sorted(folder.glob("shard-*.safetensors"))} == snapshot
+    monkeypatch.undo()
+
+    # a missing shard (an interrupted pass) is the only one recomputed
+    (folder / "shard-00001.safetensors").unlink()
+    calls = []
+    original = targets_module.overfit_prompts
+
+    def counting(learner, pixel_values, labels, **kwargs):
+        calls.append(pixel_values.shape[0])
+        return original(learner, pixel_values, labels, **kwargs)
+
+    monkeypatch.setattr(targets_module, "overfit_prompts", counting)
+    resumed = refiner.build_targets(train_data, cache_dir=tmp_path, progress=False)
+    assert calls == [5]
+    assert (folder / "shard-00001.safetensors").is_file()
+    _assert_same_targets(resumed, first, atol=1e-6)
+
+
+def test_target_cache_tracks_the_learned_prompt_in_the_refiner_stage(bb, train_data, tmp_path):
+    learner, model = build(bb, "coop")
+    refiner = model.addons["refiner"]
+    model.set_stage("refiner")
+    first = refiner.build_targets(train_data, cache_dir=tmp_path, progress=False)
+    with torch.no_grad():
+        learner.ctx.add_(torch.randn(learner.ctx.shape, generator=torch.Generator().manual_seed(5)))
+    second = refiner.build_targets(train_data, cache_dir=tmp_path, progress=False)
+    fresh = refiner.build_targets(train_data, progress=False)  # no cache: the ground truth
+    assert len(_folders(tmp_path)) == 2
+    _assert_same_targets(second, fresh, atol=1e-6)
+    assert not torch.allclose(second.deltas["text"], first.deltas["text"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 11. the generator learns
+
+
+def test_refiner_training_lowers_the_flow_matching_loss(bb, train_data):
+    _, model = build(bb, "coop", train_steps=150)
+    refiner = model.addons["refiner"]
+    targets = refiner.build_targets(train_data, progress=False)
+    x1 = torch.cat([targets.deltas[s] / refiner.scale(s) for s in targets.deltas], dim=1)
+    torch.testing.assert_close(x1.pow(2).mean(), torch.tensor(1.0), rtol=1e-4, atol=0)  # unit-RMS offsets
+
+    def expected_loss():
+        torch.manual_seed(123)
+        with torch.no_grad():
+            return sum(float(refiner.flow_matching_loss(targets.cond, targets.deltas)) for _ in range(20)) / 20
+
+    before = expected_loss()
+    # the untrained network predicts zero velocity: E|x1 - x0|^2 = E|x1|^2 + E|x0|^2 = 2 per coordinate
+    assert before == pytest.approx(2.0, abs=0.05)
+    logs = model.fit_addons(train_data, progress=False)
+    after = expected_loss()
+    assert after < 0.8 * before, (before, after)
+    assert logs["refiner/final_loss"] < 0.85 * before
+    assert logs["refiner/targets_loss_after"] < logs["refiner/targets_loss_before"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 12. stage errors
+
+
+def test_stage_errors_name_the_way_out(bb, train_data):
+    _, model = build(bb, "coop")
+    with pytest.raises(ValueError, match="refinr") as err:
+        model.set_stage("refinr")
+    assert all(stage in str(err.value) for stage in ("prompt", "refiner", "refiner_joint"))
+    assert model.stage == "prompt"
+    model.set_stage("refiner")
+    batch = collate([{"pixel_values": x, "labels": y} for x, y in train_data[:2]])
+    with pytest.raises(ValueError, match="build_targets") as err:
+        model(**batch)
+    assert "fit_addons" in str(err.value)
