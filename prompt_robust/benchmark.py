@@ -224,7 +224,8 @@ def run_benchmark(
     """Run every method and seed of ``config``; returns ``{method: {seed: {task: {metric: value}}}}``.
 
     Per-(method, seed) results are saved to ``out_dir/runs/`` as they finish, and a rerun skips those already
-    saved with the same config, task version and backbone, so an interrupted benchmark resumes.
+    saved with the same settings (the config minus ``methods``/``seeds``), task version and backbone, so an
+    interrupted benchmark resumes and runs done for another method list are reused.
 
     Args:
         backbone: the CLIP backbone (the embedded mini-CLIP by default in the CLI).
@@ -237,7 +238,9 @@ def run_benchmark(
     runner = _Runner(backbone, config, out_dir)
     raw: dict[str, dict[int, dict]] = {}
     jobs = [(method, seed) for method in config.methods for seed in config.seeds]
-    settings = {"config": config.to_dict(), "tasks_version": TASKS_VERSION, "backbone": backbone.fingerprint()}
+    # what one run's results depend on (not the list of methods and seeds it was part of)
+    run_config = {k: v for k, v in config.to_dict().items() if k not in ("methods", "seeds")}
+    settings = {"config": run_config, "tasks_version": TASKS_VERSION, "backbone": backbone.fingerprint()}
     for method, seed in tqdm(jobs, desc="benchmark", disable=not progress):
         path = out_dir / "runs" / f"{method}_seed{seed}.json"
         saved = _io.read_json(path) if path.is_file() else None

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import CLASSNAMES, LEARNER_KWARGS, make_backbone
-from torch import nn
+from test_custom_learner import MyTextBias
 
 import prompt_robust as pr
 from prompt_robust.refiner import ODESampler, PromptFlowNet, overfit_prompts
@@ -289,37 +289,19 @@ def test_joint_stage_trains_the_prompt_only_when_asked(bb, train_data, train_pro
 # 7. any modality, including a user's own learner
 
 
-class TextBias(nn.Module):
-    """A user's learner (as in docs/learner_contract.md), with a non-zero initial bias."""
-
-    def __init__(self, backbone, classnames):
-        super().__init__()
-        self.backbone = backbone.requires_grad_(False)
-        with torch.no_grad():
-            ids = backbone.tokenize([f"a photo of a {c}." for c in classnames])
-            self.register_buffer("class_text", F.normalize(backbone.encode_text(ids), dim=-1), persistent=False)
-        self.bias = nn.Parameter(0.1 * torch.randn(2, backbone.embed_dim))  # (n_tokens, dim)
-
-    def prompt_tokens(self):
-        return {"text_bias": self.bias}
-
-    def image_features(self, pixel_values):
-        with torch.no_grad():
-            return F.normalize(self.backbone.encode_image(pixel_values), dim=-1)
-
-    def forward(self, pixel_values, prompt_override=None):
-        bias = self.bias.sum(0) if not prompt_override else prompt_override["text_bias"].sum(1)[:, None]
-        text = F.normalize(self.class_text + bias, dim=-1)  # (n_cls, d) or (b, n_cls, d)
-        image = self.image_features(pixel_values)
-        logits = image @ text.t() if text.dim() == 2 else torch.einsum("bd,bcd->bc", image, text)
-        return self.backbone.logit_scale * logits
+def text_bias_learner(backbone, classnames):
+    """The user's learner of docs/learner_contract.md, with a non-zero initial bias."""
+    learner = MyTextBias(backbone, classnames)
+    with torch.no_grad():
+        learner.bias.copy_(0.1 * torch.randn(learner.bias.shape))
+    return learner
 
 
 @pytest.mark.parametrize("name", ["coop", "cocoop", "vpt", "maple", "custom"])
 def test_refiner_works_for_every_modality(bb, train_data, test_images, name):
     if name == "custom":
         torch.manual_seed(0)
-        learner = TextBias(bb, CLASSNAMES)
+        learner = text_bias_learner(bb, CLASSNAMES)
         model = pr.wrap(learner, pr.RobustConfig(refiner=pr.RefinerConfig(**SMALL)))
     else:
         learner, model = build(bb, name)
@@ -347,9 +329,8 @@ def test_refiner_works_for_every_modality(bb, train_data, test_images, name):
 
 def test_zero_initialised_prompt_gets_moving_targets_or_a_clear_error(bb, train_data):
     torch.manual_seed(0)
-    learner = TextBias(bb, CLASSNAMES)
-    with torch.no_grad():
-        learner.bias.zero_()
+    learner = MyTextBias(bb, CLASSNAMES)  # the docs' learner starts at bias 0
+    assert not learner.bias.any()
     model = pr.wrap(learner, pr.RobustConfig(refiner=pr.RefinerConfig(**SMALL)))
     try:
         targets = model.addons["refiner"].build_targets(train_data, progress=False)
