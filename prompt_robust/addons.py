@@ -10,7 +10,8 @@ in a fixed order, for
 
 Add-ons that train something of their own after the prompt (the refiner's generator) declare ``stages``;
 ``RobustPromptModel.set_stage(name)`` then makes ``stage_parameters(name)`` the trainable tensors, and
-``stage_loss`` may replace the task loss in that stage. ``fit_stages`` runs them all, in order.
+``stage_loss`` may replace the task loss in that stage. ``fit_stages`` runs them all, in order, after the
+prompt was trained; ``prepare`` fits what an add-on needs before the prompt is trained.
 
 Adding a method = one module implementing these + one ``register_addon`` line.
 """
@@ -70,6 +71,19 @@ class RobustAddon(nn.Module):
     ) -> tuple[torch.Tensor, dict[str, float]] | None:
         """A loss that replaces the task loss in ``stage`` (then no logits are computed), or None."""
         return None
+
+    def prepare(
+        self,
+        model: nn.Module,
+        dataset: Any,
+        *,
+        seed: int = 0,
+        cache_dir: str | Path | None = None,
+        progress: bool = True,
+    ) -> dict[str, float]:
+        """Fit what the add-on needs *before* the prompt is trained (e.g. a generative model of the training
+        features that the regularizer samples from during prompt tuning); returns logs."""
+        return {}
 
     def fit_stages(
         self,

@@ -146,6 +146,7 @@ class _Runner:
     def _train(self, model: RobustPromptModel, data: TaskData, seed: int) -> None:
         if not any(p.requires_grad for p in model.parameters()):
             return  # zero-shot CLIP: nothing to train
+        model.prepare_addons(data, seed=seed, cache_dir=self.out_dir / "cache", progress=False)
         config = FitConfig(
             steps=self.config.steps,
             batch_size=self.config.batch_size,

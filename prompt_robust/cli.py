@@ -254,6 +254,7 @@ def _train(args: argparse.Namespace) -> int:
     learner = build_learner(args.learner, backbone, data.classnames)
     model = wrap(learner, robust)
     config = dataclass_from_args(FitConfig, args, seed=args.seed)
+    model.prepare_addons(data, seed=args.seed, cache_dir=Path(args.out) / "cache", progress=not args.quiet)
     result = fit(model, data, config, checkpoint_dir=Path(args.out) / "checkpoints")
     logs = {}
     if len(model.stages()) > 1:

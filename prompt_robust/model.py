@@ -189,6 +189,27 @@ class RobustPromptModel(nn.Module):
             addon.stage = stage
         self.stage = stage
 
+    def prepare_addons(
+        self, dataset: Any, *, seed: int = 0, cache_dir: str | Path | None = None, progress: bool = True
+    ) -> dict[str, float]:
+        """Fit what the add-ons need before the prompt is trained (call before training the ``"prompt"`` stage).
+
+        Args:
+            dataset: the training set the prompt will be tuned on.
+            seed: seed of the add-on fits.
+            cache_dir: where add-ons cache what they derive from the data.
+            progress: show progress bars.
+        """
+        logs: dict[str, float] = {}
+        was_training = self.training
+        try:
+            for addon in self.addons.values():
+                logs.update(addon.prepare(self, dataset, seed=seed, cache_dir=cache_dir, progress=progress))
+        finally:
+            self.set_stage(self.stage)
+            self.train(was_training)
+        return logs
+
     def fit_addons(
         self,
         dataset: Any,
