@@ -96,7 +96,7 @@ class RefinerConfig(ConfigMixin):
     method: str = help_field("euler", "Fixed-grid ODE solver: euler, midpoint or rk4.")
     num_samples: int = help_field(1, "Prompts sampled per image and averaged (K).")
     noise_seed: int | None = help_field(0, "Fixed noise seed for deterministic sampling (None: fresh noise).")
-    hidden_dim: int = help_field(256, "Width of the velocity network.")
+    hidden_dim: int = help_field(128, "Width of the velocity network.")
     layers: int = help_field(2, "Transformer blocks of the velocity network.")
     heads: int = help_field(4, "Attention heads of the velocity network.")
     inner_steps: int = help_field(5, "Gradient steps used to overfit one prompt per training sample.")

@@ -46,7 +46,7 @@ class PromptFlowNet(nn.Module):
         self,
         sites: Mapping[str, tuple[int, int]],
         cond_dim: int,
-        hidden_dim: int = 256,
+        hidden_dim: int = 128,
         layers: int = 2,
         heads: int = 4,
     ) -> None:
