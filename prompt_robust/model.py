@@ -40,8 +40,15 @@ class RobustOutput:
     logs: dict[str, float] = field(default_factory=dict)
     learner_output: Any = None
 
-    def __getitem__(self, key: str) -> Any:  # dict-style access, as transformers' Trainer uses
-        return getattr(self, key)
+    def __getitem__(self, key: str | int | slice) -> Any:
+        """``out["logits"]``, or tuple-style ``out[0]`` / ``out[1:]`` over the non-None ``(loss, logits)`` as
+        transformers' ``ModelOutput`` does (the Trainer indexes outputs both ways)."""
+        if isinstance(key, str):
+            return getattr(self, key)
+        return self.to_tuple()[key]
+
+    def to_tuple(self) -> tuple[torch.Tensor, ...]:
+        return tuple(getattr(self, k) for k in self.keys())
 
     def keys(self) -> list[str]:
         return [key for key in ("loss", "logits") if getattr(self, key) is not None]

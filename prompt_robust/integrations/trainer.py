@@ -1,0 +1,160 @@
+"""Hugging Face ``Trainer`` integration: a thin callback plus the metric function for robust evaluation.
+
+Nothing in the core imports this module (or ``transformers.Trainer``). The wrapped model's ``forward`` already
+returns the loss (task loss, add-on reweighting and regularizers), so the Trainer needs no custom
+``compute_loss``; the callback only schedules the add-ons' own stages, and saves adapter files.
+
+Typical use::
+
+    args = TrainingArguments(output_dir="out", remove_unused_columns=False, label_names=["labels", "groups"], ...)
+    trainer = Trainer(
+        model=wrapped,
+        args=args,
+        train_dataset=train,
+        eval_dataset=test,
+        compute_metrics=robust_metrics,
+        callbacks=[RobustCallback(train, addon_start_step=100)],
+    )
+    trainer.train()
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from transformers import TrainerCallback
+
+from ..model import RobustPromptModel
+
+__all__ = ["ADAPTER_SUBDIR", "RobustCallback", "robust_metrics"]
+
+logger = logging.getLogger(__name__)
+
+#: where the callback writes adapter files inside each Trainer checkpoint folder
+ADAPTER_SUBDIR = "robust_adapter"
+
+
+def _unwrap(model: Any) -> RobustPromptModel:
+    """The RobustPromptModel inside a DDP / Accelerate wrapper."""
+    while not isinstance(model, RobustPromptModel) and hasattr(model, "module"):
+        model = model.module
+    if not isinstance(model, RobustPromptModel):
+        raise TypeError(
+            f"RobustCallback needs a model built by prompt_robust.wrap(); the Trainer holds a {type(model).__name__}."
+        )
+    return model
+
+
+class RobustCallback(TrainerCallback):
+    """Schedules the add-ons' stages inside a ``transformers.Trainer`` run and saves adapter files.
+
+    * at the start of training (not on resume): ``model.prepare_addons(train_dataset)`` — what add-ons need before
+      the prompt is tuned;
+    * after ``addon_start_step`` prompt steps (the warm-up): ``model.fit_addons(train_dataset)`` — e.g. the
+      refiner's targets and generator; the Trainer then continues tuning the prompt with the add-ons active;
+    * on every save: the adapter files (``adapter_config.json`` + ``adapter_model.safetensors``) in
+      ``<checkpoint>/robust_adapter``; at the end of training in ``<output_dir>/robust_adapter``.
+
+    The Trainer must keep extra dataset keys (``remove_unused_columns=False``, checked at start-up) so that
+    group labels reach the model and the metrics.
+
+    Args:
+        train_dataset: the training set the add-ons fit on (the Trainer's own).
+        addon_start_step: optimizer step after which ``fit_addons`` runs; None: at the end of training.
+        cache_dir: where add-ons cache derived data (default ``<output_dir>/addon_cache``).
+        save_adapter: write adapter files on save and at the end.
+
+    Example:
+        >>> callback = RobustCallback(train_data, addon_start_step=100)  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        train_dataset: Any,
+        *,
+        addon_start_step: int | None = None,
+        cache_dir: str | Path | None = None,
+        save_adapter: bool = True,
+    ) -> None:
+        if addon_start_step is not None and addon_start_step < 0:
+            raise ValueError(f"addon_start_step must be >= 0 or None; got {addon_start_step!r}.")
+        self.train_dataset = train_dataset
+        self.addon_start_step = addon_start_step
+        self.cache_dir = cache_dir
+        self.save_adapter = save_adapter
+        self.logs: dict[str, float] = {}
+
+    def _cache(self, args: Any) -> Path:
+        return Path(self.cache_dir) if self.cache_dir is not None else Path(args.output_dir) / "addon_cache"
+
+    def on_init_end(self, args, state, control, **kwargs):
+        if args.remove_unused_columns:
+            raise ValueError(
+                "RobustCallback: set TrainingArguments(remove_unused_columns=False). The Trainer would otherwise drop "
+                "dataset keys the model's forward does not name, such as the 'groups' the add-ons and robust "
+                "metrics read."
+            )
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        robust = _unwrap(model)
+        if state.global_step == 0:
+            self.logs.update(robust.prepare_addons(self.train_dataset, seed=args.seed, cache_dir=self._cache(args)))
+        if self.addon_start_step == 0 and state.global_step == 0:
+            self._fit_addons(robust, args)
+
+    def _fit_addons(self, robust: RobustPromptModel, args: Any) -> None:
+        if len(robust.stages()) == 1:
+            return
+        logger.info("RobustCallback: training the add-ons' stages %s", robust.stages()[1:])
+        was_training = robust.training
+        self.logs.update(
+            robust.fit_addons(self.train_dataset, seed=args.seed, cache_dir=self._cache(args), progress=False)
+        )
+        robust.train(was_training)
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if self.addon_start_step and state.global_step == self.addon_start_step:
+            self._fit_addons(_unwrap(model), args)
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        robust = _unwrap(model)
+        if self.addon_start_step is None or self.addon_start_step > state.global_step:
+            self._fit_addons(robust, args)
+        if self.save_adapter and state.is_world_process_zero:
+            robust.save_pretrained(Path(args.output_dir) / ADAPTER_SUBDIR, overwrite=True)
+
+    def on_save(self, args, state, control, model=None, **kwargs):
+        if self.save_adapter and state.is_world_process_zero:
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}" / ADAPTER_SUBDIR
+            _unwrap(model).save_pretrained(folder, overwrite=True)
+
+
+def robust_metrics(eval_prediction: Any) -> dict[str, float]:
+    """``compute_metrics`` for the Trainer: accuracy, and with group labels worst-group accuracy and the gap.
+
+    Pass ``label_names=["labels", "groups"]`` in ``TrainingArguments`` so the Trainer collects the groups; the
+    label ids then arrive as ``(labels, groups)``.
+    """
+    from ..eval.metrics import accuracy_gap, per_group_accuracy, worst_group_accuracy
+
+    logits = eval_prediction.predictions
+    logits = logits[0] if isinstance(logits, (tuple, list)) else logits
+    label_ids = eval_prediction.label_ids
+    groups = None
+    if isinstance(label_ids, (tuple, list)):
+        label_ids, groups = label_ids[0], (label_ids[1] if len(label_ids) > 1 else None)
+    predictions = np.asarray(logits).argmax(-1)
+    labels = np.asarray(label_ids)
+    metrics = {"accuracy": float((predictions == labels).mean())}
+    if groups is not None:
+        import torch
+
+        per_group = per_group_accuracy(torch.as_tensor(predictions), torch.as_tensor(labels), torch.as_tensor(groups))
+        metrics["worst_group_accuracy"] = worst_group_accuracy(per_group)
+        metrics["gap"] = accuracy_gap(metrics["accuracy"], metrics["worst_group_accuracy"])
+        for group, value in sorted(per_group.items()):
+            metrics[f"group_{group}_accuracy"] = value
+    return metrics
