@@ -10,6 +10,9 @@ __version__ = "0.1.0"
 
 from .backbones import ClipBackbone, HFClipBackbone, load_backbone
 from .config import CounterfactualConfig, DebiasConfig, InvarianceConfig, RefinerConfig, RobustConfig
+from .counterfactual import CounterfactualRegularizer  # registers the "counterfactual" add-on
+from .debias import DebiasReweighting  # registers the "debias" add-on
+from .invariance import InvariantProjection  # registers the "invariance" add-on
 from .learners import LEARNERS, PromptLearner, build_learner
 from .model import RobustOutput, RobustPromptModel, wrap
 from .refiner import PromptRefiner  # registers the "refiner" add-on
@@ -18,9 +21,12 @@ __all__ = [
     "LEARNERS",
     "ClipBackbone",
     "CounterfactualConfig",
+    "CounterfactualRegularizer",
     "DebiasConfig",
+    "DebiasReweighting",
     "HFClipBackbone",
     "InvarianceConfig",
+    "InvariantProjection",
     "PromptLearner",
     "PromptRefiner",
     "RefinerConfig",

@@ -17,6 +17,7 @@ The few-shot indices of every seed are written to ``splits/`` so a run can be re
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import statistics
 from collections.abc import Callable, Sequence
@@ -33,7 +34,15 @@ from .backbones.base import ClipBackbone
 from .config import ConfigMixin, RobustConfig, _check, help_field, unknown_name_error
 from .data import world
 from .data.fewshot import save_split
-from .data.tasks import BASE_CLASSES, NEW_CLASSES, TARGET_STYLES, TASKS_VERSION, TaskData, WorldTasks
+from .data.tasks import (
+    BASE_CLASSES,
+    NEW_CLASSES,
+    SPURIOUS_BACKGROUNDS,
+    TARGET_STYLES,
+    TASKS_VERSION,
+    TaskData,
+    WorldTasks,
+)
 from .eval.metrics import accuracy, accuracy_gap, harmonic_mean, per_group_accuracy, worst_group_accuracy
 from .learners import LEARNERS, build_learner
 from .model import RobustPromptModel, wrap
@@ -72,6 +81,11 @@ class BenchConfig(ConfigMixin):
     retrieval_size: int = help_field(1000, "Captioned images of the retrieval task.")
     tasks: list[str] = help_field(list(TASKS), "Tasks to run.")
     refiner: dict[str, Any] = help_field({}, "RefinerConfig fields of the +refiner methods (others: defaults).")
+    counterfactual: dict[str, Any] = help_field({}, "CounterfactualConfig fields of the +counterfactual methods.")
+    invariance: dict[str, Any] = help_field({}, "InvarianceConfig fields of the +invariance methods.")
+    debias: dict[str, Any] = help_field(
+        {}, "DebiasConfig fields of the +debias methods (attribute_values default to each task's backgrounds)."
+    )
 
     def __post_init__(self) -> None:
         _check(len(self.methods) > 0, "methods must name at least one method.")
@@ -82,20 +96,30 @@ class BenchConfig(ConfigMixin):
             if task not in TASKS:
                 raise unknown_name_error("task", task, TASKS)
         _check(self.k >= 1 and self.k <= self.pool_per_class, f"k must be in 1..pool_per_class; got {self.k!r}.")
-        RobustConfig.nested["refiner"](**self.refiner)  # unknown fields or bad values fail here, not mid-run
+        for name in ("refiner", "counterfactual", "invariance"):  # unknown fields or bad values fail here
+            RobustConfig.nested[name](**getattr(self, name))
+        RobustConfig.nested["debias"](**{"attribute_values": list(world.BACKGROUNDS), **self.debias})
         for name in ("steps", "batch_size", "spurious_per_class", "test_per_class", "retrieval_size"):
             _check(getattr(self, name) >= 1, f"{name} must be >= 1; got {getattr(self, name)!r}.")
 
 
 def parse_method(method: str) -> tuple[str, list[str]]:
-    """``"maple+debias"`` -> ``("maple", ["debias"])``, with names checked."""
+    """``"maple+debias"`` -> ``("maple", ["debias"])``, with names checked. An add-on may name a variant of its
+    config's ``mode`` after a colon: ``"coop+debias:oracle"``."""
     learner, *addons = [part.strip() for part in method.split("+")]
     if learner not in LEARNERS:
         raise unknown_name_error("learner", learner, list(LEARNERS))
     for addon in addons:
-        if addon not in RobustConfig.nested:
-            raise unknown_name_error("add-on", addon, list(RobustConfig.nested))
+        name, _, mode = addon.partition(":")
+        if name not in RobustConfig.nested:
+            raise unknown_name_error("add-on", name, list(RobustConfig.nested))
+        if mode and "mode" not in {f.name for f in dataclasses.fields(RobustConfig.nested[name])}:
+            raise ValueError(f"add-on {name!r} has no modes; write {learner}+{name} without ':{mode}'.")
     return learner, addons
+
+
+def _addon_config(name: str, mode: str, settings: dict[str, Any]) -> Any:
+    return RobustConfig.nested[name](**{**settings, **({"mode": mode} if mode else {})})
 
 
 @torch.no_grad()
@@ -136,12 +160,29 @@ class _Runner:
             retrieval_size=config.retrieval_size,
         )
 
-    def _model(self, learner_name: str, addons: list[str], classnames: Sequence[str], seed: int) -> RobustPromptModel:
+    def _model(
+        self,
+        learner_name: str,
+        addons: list[str],
+        classnames: Sequence[str],
+        seed: int,
+        attribute_values: Sequence[str] = world.BACKGROUNDS,
+    ) -> RobustPromptModel:
+        """The wrapped learner; ``attribute_values``: the words the debias add-on names the task's spurious
+        attribute with (the backgrounds: all of the world's, or the spurious task's two)."""
         torch.manual_seed(seed)
         learner = build_learner(learner_name, self.backbone, list(classnames), **LEARNER_SETTINGS[learner_name])
-        settings = {"refiner": self.config.refiner}
-        robust = RobustConfig(**{name: RobustConfig.nested[name](**settings.get(name, {})) for name in addons})
-        return wrap(learner, robust)
+        settings = {
+            "refiner": self.config.refiner,
+            "counterfactual": self.config.counterfactual,
+            "invariance": self.config.invariance,
+            "debias": {"attribute_values": list(attribute_values), **self.config.debias},
+        }
+        configs = {}
+        for addon in addons:
+            name, _, mode = addon.partition(":")
+            configs[name] = _addon_config(name, mode, settings[name])
+        return wrap(learner, RobustConfig(**configs))
 
     def _train(self, model: RobustPromptModel, data: TaskData, seed: int) -> None:
         if not any(p.requires_grad for p in model.parameters()):
@@ -194,7 +235,7 @@ class _Runner:
                 results["cross_dataset"] = {"acc": _accuracy(model, self.tasks.cross_dataset_test())}
         if "spurious" in tasks:
             train = self.tasks.spurious_train(self.config.spurious_per_class, seed)
-            model = self._model(learner_name, addons, train.classnames, seed)
+            model = self._model(learner_name, addons, train.classnames, seed, SPURIOUS_BACKGROUNDS)
             self._train(model, train, seed)
             test = self.tasks.spurious_test()
             predictions = _outputs(model, test)[0]
@@ -212,6 +253,17 @@ class _Runner:
         similarity = image @ text.t()  # (n_images, n_captions)
         i2t, t2i = recall_at_k(similarity), recall_at_k(similarity.t())
         return {**{f"i2t_r{k}": v for k, v in i2t.items()}, **{f"t2i_r{k}": v for k, v in t2i.items()}}
+
+
+def _run_settings(config: dict[str, Any], method: str) -> dict[str, Any]:
+    """What one run's results depend on: the config without the method and seed lists it was part of, and without
+    the settings of add-ons the method does not use (or that are left at their defaults)."""
+    used = {addon.partition(":")[0] for addon in parse_method(method)[1]}
+    return {
+        key: value
+        for key, value in config.items()
+        if key not in ("methods", "seeds") and not (key in RobustConfig.nested and (key not in used or not value))
+    }
 
 
 def run_benchmark(
@@ -239,12 +291,16 @@ def run_benchmark(
     runner = _Runner(backbone, config, out_dir)
     raw: dict[str, dict[int, dict]] = {}
     jobs = [(method, seed) for method in config.methods for seed in config.seeds]
-    # what one run's results depend on (not the list of methods and seeds it was part of)
-    run_config = {k: v for k, v in config.to_dict().items() if k not in ("methods", "seeds")}
-    settings = {"config": run_config, "tasks_version": TASKS_VERSION, "backbone": backbone.fingerprint()}
     for method, seed in tqdm(jobs, desc="benchmark", disable=not progress):
         path = out_dir / "runs" / f"{method}_seed{seed}.json"
+        settings = {
+            "config": _run_settings(config.to_dict(), method),
+            "tasks_version": TASKS_VERSION,
+            "backbone": backbone.fingerprint(),
+        }
         saved = _io.read_json(path) if path.is_file() else None
+        if saved is not None:
+            saved = {**saved, "config": _run_settings(saved.get("config", {}), method)}
         if saved is not None and all(saved.get(key) == value for key, value in settings.items()):
             results = saved["results"]
         else:

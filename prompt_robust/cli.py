@@ -134,6 +134,24 @@ def _set_fields(cls: type, args: argparse.Namespace) -> dict[str, Any]:
     return {key[len(prefix) :]: value for key, value in vars(args).items() if key.startswith(prefix)}
 
 
+#: add-ons whose bench settings are given as JSON (their field names overlap the refiner's options)
+_JSON_ADDONS = ("counterfactual", "invariance", "debias")
+
+
+def _json_option(text: str | None, option: str) -> dict[str, Any]:
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise SystemExit(
+            f"{option} must be a JSON object such as '{{\"weight\": 0.5}}'; got {text!r} ({error})."
+        ) from None
+    if not isinstance(value, dict):
+        raise SystemExit(f"{option} must be a JSON object of config fields; got {text!r}.")
+    return value
+
+
 def _demo(args: argparse.Namespace) -> int:
     from .benchmark import BenchConfig
 
@@ -156,7 +174,9 @@ def _bench(args: argparse.Namespace) -> int:
     seeds = list(range(1, args.seeds + 1))
     if args.suite in ("refiner-sweep", "refiner-cost"):
         return _bench_refiner(args, refiner, seeds)
-    config = dataclass_from_args(BenchConfig, args, methods=methods, seeds=seeds, refiner=refiner)
+    others = {name: _json_option(getattr(args, f"{name}_config"), f"--{name}-config") for name in _JSON_ADDONS}
+    # --methods, when given, wins over the suite's list
+    config = dataclass_from_args(BenchConfig, args, methods=methods, seeds=seeds, refiner=refiner, **others)
     return _run_bench(args, config, f"prompt_robust benchmark ({args.suite} suite)")
 
 
@@ -334,10 +354,14 @@ def build_parser() -> argparse.ArgumentParser:
         "architecture (default backbone open_clip:ViT-B-16, random weights).",
     )
     bench.add_argument("--learner", default="coop", help="Learner of the refiner sweep.")
+    for name in _JSON_ADDONS:
+        bench.add_argument(
+            f"--{name}-config", help=f"Settings of the +{name} methods as a JSON object of config fields."
+        )
     bench.add_argument("--seeds", type=int, default=3, help="Number of seeds (1..N).")
     bench.add_argument("--out", default="prompt_robust_bench", help="Output directory.")
     bench.add_argument("--backbone", help="Backbone spec; default: the embedded mini-CLIP.")
-    add_dataclass_args(bench, BenchConfig, skip=("methods", "seeds", "refiner"))
+    add_dataclass_args(bench, BenchConfig, skip=("seeds", "refiner"))
     add_dataclass_args(bench, RefinerConfig)
     bench.set_defaults(func=_bench)
 

@@ -96,14 +96,17 @@ class RefinerConfig(ConfigMixin):
     method: str = help_field("euler", "Fixed-grid ODE solver: euler, midpoint or rk4.")
     num_samples: int = help_field(1, "Prompts sampled per image and averaged (K).")
     noise_seed: int | None = help_field(0, "Fixed noise seed for deterministic sampling (None: fresh noise).")
+    noise_scale: float = help_field(
+        1.0, "Std of the starting noise when sampling (0: one deterministic prompt per image, from the origin)."
+    )
     hidden_dim: int = help_field(128, "Width of the velocity network.")
     layers: int = help_field(2, "Transformer blocks of the velocity network.")
     heads: int = help_field(4, "Attention heads of the velocity network.")
     inner_steps: int = help_field(5, "Gradient steps used to overfit one prompt per training sample.")
     inner_lr: float = help_field(0.05, "Length of each overfitting step, relative to the prompt's RMS.")
     target_batch_size: int = help_field(32, "Samples per batch when computing the overfitted targets.")
-    train_steps: int = help_field(1000, "Flow-matching steps of the generator.")
-    train_lr: float = help_field(1e-3, "AdamW learning rate of the generator.")
+    train_steps: int = help_field(2000, "Flow-matching steps of the generator.")
+    train_lr: float = help_field(3e-3, "AdamW learning rate of the generator.")
     train_batch_size: int = help_field(64, "Batch size of the generator training.")
     joint_steps: int = help_field(0, "Steps of task-loss training through the sampler after flow matching.")
     joint_lr: float = help_field(2e-4, "Learning rate of the joint stage.")
@@ -129,40 +132,171 @@ class RefinerConfig(ConfigMixin):
         for name in ("inner_lr", "train_lr", "joint_lr"):
             _positive(name, getattr(self, name))
         _positive("fm_weight", self.fm_weight, allow_zero=True)
+        _positive("noise_scale", self.noise_scale, allow_zero=True)
 
 
 @dataclass
 class CounterfactualConfig(ConfigMixin):
-    """Counterfactual contrastive regularizer (DiCap, https://arxiv.org/abs/2507.19882)."""
+    """Counterfactual contrastive regularizer (DiCap, "Causality-aligned Prompt Learning via Diffusion-based
+    Counterfactual Generation", https://arxiv.org/abs/2507.19882).
+
+    Before prompt tuning (``model.prepare_addons(train_data)``) a class-conditional flow-matching model of the
+    frozen image features is trained (``hidden_dim``, ``depth``, ``train_*``, ``cond_dropout``). During prompt
+    tuning every factual feature ``z`` of class ``y`` gets ``num_counterfactuals`` counterfactuals ``z'`` towards
+    ``target`` classes: ``z`` is inverted to ``t_0 = 1 - noise_level`` along the class-``y`` ODE, then integrated
+    back to ``t = 1`` with ``v_∅ + guidance_scale (v_y' - v_∅) - negative_guidance (v_y - v_∅)`` blended with
+    the straight path back to ``z`` (``proximity_weight``), ``num_steps`` steps of ``method`` each way. The
+    loss adds ``weight x`` InfoNCE of the prompt's true-class text feature against ``z`` (positive) and the
+    ``z'`` (negatives) at ``temperature``. See ``docs/counterfactual.md``.
+
+    Example:
+        >>> CounterfactualConfig(num_counterfactuals=2, target="random").num_counterfactuals
+        2
+    """
 
     weight: float = help_field(1.0, "Weight of the contrastive term added to the task loss.")
-    temperature: float = help_field(0.07, "InfoNCE temperature.")
-    num_counterfactuals: int = help_field(1, "Counterfactuals generated per factual feature.")
-    noise_level: float = help_field(0.5, "How far (diffusion time in (0, 1]) a factual feature is noised.")
-    guidance_scale: float = help_field(2.0, "Strength of the class guidance towards the target class.")
-    proximity_weight: float = help_field(1.0, "Strength of the pull back to the factual feature (minimality).")
-    num_steps: int = help_field(5, "ODE steps of counterfactual generation.")
+    temperature: float = help_field(0.07, "InfoNCE temperature (> 0).")
+    num_counterfactuals: int = help_field(1, "Counterfactuals generated per factual feature (K hard negatives).")
+    noise_level: float = help_field(
+        0.5, "How far back (diffusion time, in (0, 1]) a factual feature is inverted: larger allows bigger changes."
+    )
+    guidance_scale: float = help_field(3.0, "Weight w of the guidance towards the target class (>= 0).")
+    negative_guidance: float = help_field(1.0, "Weight w_neg of the guidance away from the factual class (>= 0).")
+    proximity_weight: float = help_field(
+        0.1, "Share λ in [0, 1) of the straight path back to the factual feature (minimal change; 0: off)."
+    )
+    num_steps: int = help_field(5, "Fixed ODE steps of the inversion and of the guided generation, each.")
+    method: str = help_field("midpoint", "Fixed-grid ODE solver of counterfactual generation: euler or midpoint.")
+    target: str = help_field(
+        "confusable", "Target class of a counterfactual: confusable (highest other logit) or random (uniform)."
+    )
+    hidden_dim: int = help_field(256, "Width of the feature-flow velocity network.")
+    depth: int = help_field(2, "Residual MLP blocks of the feature-flow velocity network.")
+    train_steps: int = help_field(1000, "Flow-matching steps of the feature flow in prepare_addons().")
+    train_lr: float = help_field(2e-3, "Peak AdamW learning rate of the feature flow (cosine decay to 10%).")
+    train_batch_size: int = help_field(256, "Features per feature-flow training step.")
+    cond_dropout: float = help_field(
+        0.2, "Probability a training feature's class is replaced by the null label (trains the marginal field)."
+    )
+    feature_batch_size: int = help_field(64, "Images per batch when computing the training features.")
+
+    METHODS: ClassVar[tuple[str, ...]] = ("euler", "midpoint")
+    TARGETS: ClassVar[tuple[str, ...]] = ("confusable", "random")
 
     def __post_init__(self) -> None:
+        def is_int(value: Any) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool)
+
+        def is_number(value: Any) -> bool:
+            return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
+
+        for name in ("weight", "temperature", "noise_level", "guidance_scale", "negative_guidance"):
+            value = getattr(self, name)
+            _check(is_number(value) and abs(value) != float("inf"), f"{name} must be a finite number; got {value!r}.")
+        for name in ("proximity_weight", "train_lr", "cond_dropout"):
+            value = getattr(self, name)
+            _check(is_number(value), f"{name} must be a number; got {value!r}.")
         _positive("weight", self.weight, allow_zero=True)
-        _positive("temperature", self.temperature)
-        _check(self.num_counterfactuals >= 1, f"num_counterfactuals must be >= 1; got {self.num_counterfactuals!r}.")
-        _check(0 < self.noise_level <= 1, f"noise_level must be in (0, 1]; got {self.noise_level!r}.")
+        _check(
+            self.temperature > 0,
+            f"temperature must be > 0; got {self.temperature!r}. CLIP-style contrastive losses use about 0.07.",
+        )
+        _check(
+            0 < self.noise_level <= 1,
+            f"noise_level must be in (0, 1] (the factual feature is inverted to t_0 = 1 - noise_level; 1: all the "
+            f"way to noise); got {self.noise_level!r}.",
+        )
         _positive("guidance_scale", self.guidance_scale, allow_zero=True)
-        _positive("proximity_weight", self.proximity_weight, allow_zero=True)
-        _check(self.num_steps >= 1, f"num_steps must be >= 1; got {self.num_steps!r}.")
+        _positive("negative_guidance", self.negative_guidance, allow_zero=True)
+        _check(
+            0 <= self.proximity_weight < 1,
+            f"proximity_weight must be in [0, 1) (0: no pull back to the factual feature; 1 would return it "
+            f"unchanged); got {self.proximity_weight!r}.",
+        )
+        for name in ("num_counterfactuals", "num_steps", "hidden_dim", "train_steps", "train_batch_size"):
+            value = getattr(self, name)
+            _check(is_int(value) and value >= 1, f"{name} must be an integer >= 1; got {value!r}.")
+        _check(is_int(self.depth) and self.depth >= 0, f"depth must be an integer >= 0; got {self.depth!r}.")
+        _check(
+            is_int(self.feature_batch_size) and self.feature_batch_size >= 1,
+            f"feature_batch_size must be an integer >= 1; got {self.feature_batch_size!r}.",
+        )
+        if self.method not in self.METHODS:
+            raise unknown_name_error("counterfactual ODE method", self.method, self.METHODS)
+        if self.target not in self.TARGETS:
+            raise unknown_name_error("counterfactual target", self.target, self.TARGETS)
+        _positive("train_lr", self.train_lr)
+        _check(
+            0 <= self.cond_dropout < 1,
+            f"cond_dropout must be in [0, 1) (the share of training features that train the marginal field; "
+            f"0 leaves the null label untrained, so guidance needs > 0); got {self.cond_dropout!r}.",
+        )
+        _check(
+            self.cond_dropout > 0 or (self.guidance_scale == 1 and self.negative_guidance == 0),
+            "cond_dropout=0 never trains the marginal (null-label) field that guidance uses; set cond_dropout > 0 "
+            "(e.g. 0.2), or guidance_scale=1 and negative_guidance=0 (plain target-class sampling).",
+        )
 
 
 @dataclass
 class InvarianceConfig(ConfigMixin):
-    """Invariant causal mechanism projection (CLIP-ICM, https://arxiv.org/abs/2405.15289)."""
+    """Invariant causal mechanism projection (CLIP-ICM, https://arxiv.org/abs/2405.15289).
 
-    lam: float | None = help_field(None, "Weight of the intervention term; None: chosen on held-out data.")
-    dim: int | None = help_field(None, "Kept dimension; None: chosen on held-out data.")
+    Before prompt training, every training image is paired with single-factor interventions of itself
+    (``interventions``); with image features ``Z`` and differences ``Δ = f(x) - f(do(x))`` the projection keeps
+    the top-``dim`` eigenvectors of ``M = ZᵀZ/n - λ·ΔᵀΔ/m`` (the directions with much feature variance that the
+    interventions do not move). ``λ = lam · tr(ZᵀZ/n) / tr(ΔᵀΔ/m)``: ``lam`` is scale-free. ``lam`` or ``dim``
+    left at None are chosen on a held-out part of the *training* images (``val_fraction``) by the accuracy on
+    their intervened copies over ``lam_grid`` x ``dim_fractions`` (ties: larger dim, then smaller lam); see
+    ``docs/invariance.md``.
+
+    Example:
+        >>> InvarianceConfig(lam=1.0, dim=256, interventions=["grayscale", "invert"]).dim
+        256
+    """
+
+    lam: float | None = help_field(
+        None,
+        "Weight of the intervention term in units of tr(ZᵀZ/n)/tr(ΔᵀΔ/m) (1: both terms equal in total "
+        "variance); None: chosen on held-out training data.",
+    )
+    dim: int | None = help_field(None, "Kept dimension k of the projection; None: chosen on held-out training data.")
     interventions: list[str] = help_field(
         ["color_jitter", "grayscale", "gaussian_blur", "invert", "posterize", "solarize", "equalize"],
         "Image interventions used to build pairs.",
     )
+    pairs_per_image: int = help_field(
+        1, "Draws per training image of every random intervention (color_jitter, gaussian_blur); others: one."
+    )
+    text_interventions: bool = help_field(
+        False, "Also use text pairs (text_base_template vs each of text_templates, for every class)."
+    )
+    text_base_template: str = help_field("a photo of a {}.", "Base template of the text pairs and of selection.")
+    text_templates: list[str] = help_field(
+        [
+            "an image of a {}.",
+            "a picture of a {}.",
+            "a sketch of a {}.",
+            "a painting of a {}.",
+            "a drawing of a {}.",
+            "a blurry photo of a {}.",
+            "a black and white photo of a {}.",
+            "a dark photo of a {}.",
+            "a bright photo of a {}.",
+        ],
+        "Templates swapped for the base one to build text pairs (style swaps and attribute words).",
+    )
+    text_weight: float = help_field(0.5, "Share of the text pairs in the intervention term, in [0, 1].")
+    lam_grid: list[float] = help_field([0.0, 0.5, 1.0, 2.0, 5.0, 10.0], "Values of lam tried when lam is None.")
+    dim_fractions: list[float] = help_field(
+        [0.125, 0.25, 0.5, 0.75, 1.0], "Fractions of the feature size tried as dim when dim is None."
+    )
+    val_fraction: float = help_field(0.25, "Share of each class's training images held out to choose lam/dim.")
+    selection: str = help_field(
+        "zero_shot", "Predictor scored when choosing lam/dim: zero_shot (base template) or linear_probe."
+    )
+    probe_reg: float = help_field(1e-3, "L2 strength of the linear probe (selection='linear_probe').")
+    feature_batch_size: int = help_field(64, "Images per batch when computing interventional features.")
 
     INTERVENTIONS: ClassVar[tuple[str, ...]] = (
         "color_jitter",
@@ -173,36 +307,190 @@ class InvarianceConfig(ConfigMixin):
         "solarize",
         "equalize",
     )
+    SELECTIONS: ClassVar[tuple[str, ...]] = ("zero_shot", "linear_probe")
 
     def __post_init__(self) -> None:
+        def is_int(value: Any) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool)
+
+        def is_number(value: Any) -> bool:
+            return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
+
         if self.lam is not None:
+            _check(is_number(self.lam), f"lam must be a number >= 0 or None; got {self.lam!r}.")
             _positive("lam", self.lam, allow_zero=True)
         if self.dim is not None:
-            _check(self.dim >= 1, f"dim must be >= 1; got {self.dim!r}.")
-        _check(len(self.interventions) > 0, "interventions must name at least one intervention.")
+            _check(
+                is_int(self.dim) and self.dim >= 1,
+                f"dim must be an integer >= 1 or None (chosen on held-out data); got {self.dim!r}.",
+            )
+        _check(
+            isinstance(self.interventions, (list, tuple)) and len(self.interventions) > 0,
+            f"interventions must name at least one of {', '.join(self.INTERVENTIONS)}; got {self.interventions!r}.",
+        )
         for name in self.interventions:
             if name not in self.INTERVENTIONS:
                 raise unknown_name_error("intervention", name, self.INTERVENTIONS)
+        repeated = sorted({n for n in self.interventions if list(self.interventions).count(n) > 1})
+        _check(not repeated, f"interventions must be distinct; repeated: {repeated}. Use pairs_per_image for more.")
+        _check(
+            is_int(self.pairs_per_image) and self.pairs_per_image >= 1,
+            f"pairs_per_image must be an integer >= 1; got {self.pairs_per_image!r}.",
+        )
+        for template in [self.text_base_template, *self.text_templates]:
+            _check(
+                isinstance(template, str) and template.count("{}") == 1,
+                f"text template {template!r} must contain exactly one '{{}}' placeholder for the class name.",
+            )
+        _check(
+            not self.text_interventions or len(self.text_templates) > 0,
+            "text_interventions=True needs at least one entry in text_templates (or set text_interventions=False).",
+        )
+        _check(
+            self.text_base_template not in self.text_templates,
+            f"text_templates must not repeat the base template {self.text_base_template!r} (a pair would be empty).",
+        )
+        _check(
+            is_number(self.text_weight) and 0 <= self.text_weight <= 1,
+            f"text_weight must be in [0, 1]; got {self.text_weight!r}.",
+        )
+        _check(
+            len(self.lam_grid) > 0 and all(is_number(v) and 0 <= v < float("inf") for v in self.lam_grid),
+            f"lam_grid must hold at least one finite value >= 0; got {self.lam_grid!r}.",
+        )
+        _check(
+            len(self.dim_fractions) > 0 and all(is_number(v) and 0 < v <= 1 for v in self.dim_fractions),
+            f"dim_fractions must hold at least one value in (0, 1], e.g. [0.25, 0.5, 1.0]; got {self.dim_fractions!r}.",
+        )
+        _check(
+            is_number(self.val_fraction) and 0 < self.val_fraction < 1,
+            f"val_fraction must be in (0, 1); got {self.val_fraction!r}.",
+        )
+        if self.selection not in self.SELECTIONS:
+            raise unknown_name_error("selection predictor", self.selection, self.SELECTIONS)
+        _check(is_number(self.probe_reg), f"probe_reg must be a number >= 0; got {self.probe_reg!r}.")
+        _positive("probe_reg", self.probe_reg, allow_zero=True)
+        _check(
+            is_int(self.feature_batch_size) and self.feature_batch_size >= 1,
+            f"feature_batch_size must be an integer >= 1; got {self.feature_batch_size!r}.",
+        )
 
 
 @dataclass
 class DebiasConfig(ConfigMixin):
-    """Annotation-free debiasing with group reweighting (https://arxiv.org/abs/2503.08368)."""
+    """Group reweighting against spurious correlations: annotation-free DPT ("Debiased Prompt Tuning in
+    Vision-Language Model without Annotations", https://arxiv.org/abs/2503.08368) and the baselines it is judged
+    against. Implemented by :class:`prompt_robust.debias.DebiasReweighting` (see ``docs/debias.md``).
 
-    attribute_values: list[str] = help_field([], "Words naming the spurious attribute's values, >= 2.")
-    eta: float = help_field(1.0, "Sharpness of the difficulty term exp[eta (1 - p_y|g)].")
-    ema: float = help_field(0.9, "EMA factor of the group weights, in [0, 1).")
+    ``mode`` says where the groups come from and how they are weighted:
+
+    * ``"pseudo"`` (default, needs no annotation): groups are (class, pseudo-attribute); zero-shot CLIP assigns
+      every image one of ``attribute_values`` with the prompts ``templates``; group weights
+      ``w_g ∝ (1/N_g)·exp[eta·(1 − p̄_{y|g})]``, the mean true-class probability ``p̄`` EMA-smoothed with ``ema``;
+    * ``"oracle"``: the true groups in the batch key ``groups_key``, ``w_g ∝ 1/N_g``;
+    * ``"groupdro"``: the true groups, online group DRO (Sagawa et al., https://arxiv.org/abs/1911.08731) with
+      step size ``groupdro_step``;
+    * ``"jtt"``: Just Train Twice (Liu et al., https://arxiv.org/abs/2107.09044): the error set of an earlier ERM
+      run is upweighted by ``jtt_upweight``.
+
+    Example:
+        >>> DebiasConfig(attribute_values=["land background", "water background"]).mode
+        'pseudo'
+        >>> DebiasConfig(mode="oracle").attribute_values
+        []
+    """
+
+    attribute_values: list[str] = help_field(
+        [],
+        "Words naming the spurious attribute's values, e.g. ['land background', 'water background'] (>= 2, "
+        "distinct; required by mode 'pseudo', ignored by the others).",
+    )
+    eta: float = help_field(1.0, "Sharpness of the difficulty term exp[eta (1 - p_y|g)] (mode 'pseudo'; 0: 1/N_g).")
+    ema: float = help_field(0.9, "EMA factor of the groups' mean true-class probability, in [0, 1) (mode 'pseudo').")
+    mode: str = help_field("pseudo", "Where groups come from: pseudo (annotation-free), oracle, groupdro or jtt.")
+    templates: list[str] = help_field(
+        ["a photo with a {}.", "a photo of something on a {}.", "an image showing a {}."],
+        "Zero-shot prompts naming an attribute value ('{}'); text features are averaged over them (mode 'pseudo').",
+    )
+    groups_key: str = help_field("groups", "Batch key holding the true group ids (modes 'oracle' and 'groupdro').")
+    groupdro_step: float = help_field(0.01, "Step size of group DRO's exponentiated-gradient group weights.")
+    jtt_upweight: float = help_field(20.0, "JTT's lambda_up: loss weight of the ERM run's misclassified examples.")
+    batch_size: int = help_field(64, "Images per forward pass when prepare() pseudo-labels the training set.")
+    log_every: int = help_field(50, "Log the group weights every this many training batches (0: never).")
+
+    MODES: ClassVar[tuple[str, ...]] = ("pseudo", "oracle", "groupdro", "jtt")
 
     def __post_init__(self) -> None:
-        values = [str(v).strip() for v in self.attribute_values]
+        if self.mode not in self.MODES:
+            raise unknown_name_error("debias mode", self.mode, self.MODES)
+        example = "e.g. ['land background', 'water background']"
+        values = self.attribute_values
         _check(
-            len(values) >= 2 and all(values),
-            "attribute_values must name at least two non-empty values of the spurious attribute, e.g. "
-            f"['land background', 'water background']; got {self.attribute_values!r}.",
+            isinstance(values, (list, tuple)) and all(isinstance(v, str) for v in values),
+            f"attribute_values must be a list of strings, {example}; got {values!r}.",
         )
-        _check(len(set(values)) == len(values), f"attribute_values must be distinct; got {self.attribute_values!r}.")
+        if self.mode == "pseudo" or values:
+            names = [v.strip() for v in values]
+            unused = "" if self.mode == "pseudo" else f" (mode {self.mode!r} ignores them; pass [] instead)"
+            if not names:
+                raise ValueError(
+                    "attribute_values must name at least two values of the spurious attribute for mode 'pseudo' "
+                    f"(zero-shot CLIP pseudo-labels every training image with one of them), {example}; got []. "
+                    "With group labels use mode='oracle', 'groupdro' or 'jtt' instead."
+                )
+            blank = [i for i, name in enumerate(names) if not name]
+            _check(
+                not blank,
+                f"attribute_values must name at least two non-empty values of the spurious attribute, {example}; "
+                f"got {list(values)!r} (entry {blank[0] if blank else 0} is blank){unused}.",
+            )
+            _check(
+                len(names) >= 2,
+                f"attribute_values must name at least two values of the spurious attribute (one value cannot "
+                f"split a class into groups), {example}; got {list(values)!r}{unused}.",
+            )
+            lowered = [name.lower() for name in names]
+            repeated = sorted({name for name in lowered if lowered.count(name) > 1})
+            _check(
+                not repeated,
+                f"attribute_values must be distinct (CLIP lowercases text); repeated: {repeated}; got "
+                f"{list(values)!r}{unused}.",
+            )
+        _check(
+            isinstance(self.templates, (list, tuple)) and len(self.templates) > 0,
+            f"templates must be a non-empty list of prompts with a '{{}}' placeholder; got {self.templates!r}.",
+        )
+        for template in self.templates:
+            ok = isinstance(template, str) and template.count("{}") == 1
+            if ok:
+                try:
+                    template.format("x")
+                except (IndexError, KeyError, ValueError):
+                    ok = False
+            _check(
+                ok,
+                f"template {template!r} must contain exactly one '{{}}' placeholder for the attribute value (and "
+                "no other braces), e.g. 'a photo with a {}.'.",
+            )
+        _check(
+            isinstance(self.groups_key, str) and bool(self.groups_key),
+            f"groups_key must be a non-empty string; got {self.groups_key!r}.",
+        )
         _positive("eta", self.eta, allow_zero=True)
         _check(0 <= self.ema < 1, f"ema must be in [0, 1); got {self.ema!r}.")
+        _positive("groupdro_step", self.groupdro_step)
+        _check(
+            self.jtt_upweight >= 1,
+            f"jtt_upweight must be >= 1 (the error set is upweighted; 1 is plain ERM); got {self.jtt_upweight!r}.",
+        )
+        _check(
+            isinstance(self.batch_size, int) and not isinstance(self.batch_size, bool) and self.batch_size >= 1,
+            f"batch_size must be an integer >= 1; got {self.batch_size!r}.",
+        )
+        _check(
+            isinstance(self.log_every, int) and not isinstance(self.log_every, bool) and self.log_every >= 0,
+            f"log_every must be an integer >= 0 (0: never); got {self.log_every!r}.",
+        )
 
 
 @dataclass

@@ -24,6 +24,7 @@ def backbone_dir(tmp_path):
 REDUCED = ["--steps", "2", "--k", "1", "--pool-per-class", "2", "--test-per-class", "2"]
 REDUCED += ["--spurious-per-class", "4", "--retrieval-size", "12"]
 REDUCED += ["--train-steps", "3", "--inner-steps", "1", "--hidden-dim", "16", "--layers", "1", "--heads", "2"]
+REDUCED += ["--invariance-config", '{"lam": 1.0, "dim": 8}', "--counterfactual-config", '{"train_steps": 3}']
 
 
 def test_bench_writes_every_output_and_resumes(backbone_dir, tmp_path, capsys):
@@ -34,7 +35,8 @@ def test_bench_writes_every_output_and_resumes(backbone_dir, tmp_path, capsys):
     assert "base_to_new" in printed and "sanity checks" in printed
     results = json.loads((out / "results.json").read_text())
     assert sorted(results) == sorted(TASKS)
-    assert sorted(results["base_to_new"]) == ["coop", "coop+refiner", "zeroshot"]
+    quick = ["coop", "coop+counterfactual", "coop+debias", "coop+invariance", "coop+refiner", "zeroshot"]
+    assert sorted(results["base_to_new"]) == quick
     assert set(results["base_to_new"]["coop"]) == {"base", "new", "hm"}
     assert set(results["domain_generalization"]["coop"]) >= {"sketch", "painting", "pixel", "avg"}
     assert set(results["spurious"]["zeroshot"]) == {"avg", "worst_group", "gap"}

@@ -130,13 +130,14 @@ class PromptRefiner(RobustAddon):
     def _noise(self, batch: int, samples: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         """``(samples * batch, D)`` starting noise: fixed per sample index when seeded, so a prompt depends on its
         image only (not on the batch it came in); fresh otherwise (always fresh in training)."""
+        scale = self.config.noise_scale
         if self.training or self.config.noise_seed is None:
-            return torch.randn(samples * batch, self.state_size, device=device, dtype=dtype)
+            return scale * torch.randn(samples * batch, self.state_size, device=device, dtype=dtype)
         key = (int(self.config.noise_seed), samples, str(device), dtype)
         if key not in self._noise_cache:
             generator = torch.Generator().manual_seed(int(self.config.noise_seed))
             self._noise_cache[key] = torch.randn(samples, self.state_size, generator=generator).to(device, dtype)
-        fixed = self._noise_cache[key]  # (K, D)
+        fixed = scale * self._noise_cache[key]  # (K, D)
         return fixed.unsqueeze(1).expand(samples, batch, -1).reshape(samples * batch, -1)
 
     def sample_offsets(self, cond: torch.Tensor, num_samples: int | None = None) -> dict[str, torch.Tensor]:

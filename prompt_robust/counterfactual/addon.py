@@ -1,0 +1,260 @@
+"""The counterfactual contrastive regularizer add-on (DiCap, "Causality-aligned Prompt Learning via
+Diffusion-based Counterfactual Generation", https://arxiv.org/abs/2507.19882).
+
+1. ``model.prepare_addons(train_data)`` (before prompt tuning): the frozen, prompt-free image features of the
+   training set train a class-conditional :class:`FeatureFlow` (cached on disk, saved with the adapter);
+2. during prompt tuning, each batch's factual features ``z`` get ``K`` minimal counterfactuals ``z'`` towards
+   other classes (:class:`CounterfactualGenerator`, no gradient), and the loss gains
+
+   ``weight · mean_i -log exp(t_y·z/τ) / (exp(t_y·z/τ) + Σ_k exp(t_y·z'_k/τ))``
+
+   with ``t_y`` the prompt-conditioned text feature of the true class: the prompt is pulled to the factual
+   feature and pushed from the feature that differs from it only in the class-causal factor.
+
+See ``docs/counterfactual.md`` for the choices made where the paper is silent.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from ..addons import RobustAddon, register_addon
+from ..config import CounterfactualConfig
+from ..refiner.addon import _cond_dim
+from ..refiner.targets import _collate
+from .feature_flow import FeatureFlow, fit_feature_flow
+from .generator import CounterfactualGenerator, choose_targets
+
+__all__ = ["CounterfactualRegularizer"]
+
+logger = logging.getLogger(__name__)
+
+
+def _num_classes(learner: nn.Module) -> int:
+    classnames = getattr(learner, "classnames", None)
+    if classnames is None or isinstance(classnames, str):
+        raise ValueError(
+            f"the counterfactual add-on needs to know the classes of {type(learner).__name__} (its feature flow has "
+            "one embedding per class): set a list attribute `classnames` on the learner, one name per logit column."
+        )
+    n = len(classnames)
+    if n < 2:
+        raise ValueError(
+            f"the counterfactual add-on needs at least 2 classes (a counterfactual flips the class); "
+            f"{type(learner).__name__} has {n}."
+        )
+    return n
+
+
+@register_addon
+class CounterfactualRegularizer(RobustAddon):
+    """Counterfactual contrastive regularizer for any learner whose output carries class text features.
+
+    The feature flow (network, feature standardisation, trained flag) is module state: it is saved with the
+    adapter under ``addons.counterfactual.flow.*`` and never trained by the prompt optimiser (its parameters do
+    not require gradients and it owns no stage). The regularizer acts in the ``"prompt"`` stage only.
+
+    Args:
+        learner: the wrapped learner; the flow's size comes from its backbone's ``embed_dim`` (or a
+            ``feature_dim`` attribute) and ``len(learner.classnames)``.
+        config: :class:`prompt_robust.CounterfactualConfig`.
+
+    Paper: https://arxiv.org/abs/2507.19882
+
+    Example:
+        >>> import prompt_robust as pr, prompt_robust.counterfactual
+        >>> from prompt_robust.backbones.tiny import tiny_clip_backbone
+        >>> learner = pr.build_learner("coop", tiny_clip_backbone(layers=1), ["cat", "dog"], n_ctx=4)
+        >>> model = pr.wrap(learner, pr.RobustConfig(counterfactual=pr.CounterfactualConfig(train_steps=5)))
+        >>> images = [(torch.randn(3, 32, 32), i % 2) for i in range(8)]
+        >>> logs = model.prepare_addons(images, progress=False)  # fits the feature flow
+        >>> out = model(torch.randn(2, 3, 32, 32), labels=torch.tensor([0, 1]))
+        >>> sorted(k for k in out.logs if k.startswith("counterfactual/"))
+        ['counterfactual/cosine', 'counterfactual/loss', 'counterfactual/validity']
+    """
+
+    name = "counterfactual"
+    config_class = CounterfactualConfig
+
+    def __init__(self, learner: nn.Module, config: CounterfactualConfig) -> None:
+        super().__init__(learner, config)
+        feature_dim = _cond_dim(learner)
+        num_classes = _num_classes(learner)
+        device = next((p.device for p in learner.parameters()), torch.device("cpu"))
+        self.flow = FeatureFlow(feature_dim, num_classes, config.hidden_dim, config.depth).to(device)
+        self.flow.requires_grad_(False)
+        self.generator = CounterfactualGenerator.from_config(self.flow, config)
+        self.stage = "prompt"
+        self._warned_no_grad = False
+
+    @property
+    def ready(self) -> bool:
+        """True once the feature flow is trained (by :meth:`prepare` or loaded with an adapter)."""
+        return self.flow.ready
+
+    # -- counterfactuals ---------------------------------------------------------------------------------------
+    def counterfactuals(
+        self,
+        features: torch.Tensor,
+        labels: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        *,
+        scores: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Unit-norm counterfactual features of ``features`` (no gradient).
+
+        Args:
+            features: ``(b, d)`` factual features (``learner.image_features``).
+            labels: ``(b,)`` their classes.
+            targets: ``(b, K)`` target classes; None: ``config.num_counterfactuals`` chosen by ``config.target``.
+            scores: ``(b, n_classes)`` class scores for ``target="confusable"`` (e.g. the logits).
+
+        Returns:
+            ``(counterfactuals (b, K, d), targets (b, K))``.
+        """
+        self._check_ready()
+        if targets is None:
+            targets = choose_targets(
+                labels, self.flow.num_classes, self.config.num_counterfactuals, mode=self.config.target, scores=scores
+            )
+        if targets.dim() == 1:
+            targets = targets.unsqueeze(1)
+        batch, k = targets.shape
+        flat_z = features.detach().unsqueeze(1).expand(batch, k, -1).reshape(batch * k, -1)  # (b K, d)
+        flat_y = labels.unsqueeze(1).expand(batch, k).reshape(-1)  # (b K,)
+        out = self.generator.generate(flat_z, flat_y, targets.reshape(-1))
+        counterfactuals = F.normalize(out.counterfactuals.float(), dim=-1)  # back on the unit sphere
+        return counterfactuals.reshape(batch, k, -1), targets
+
+    def _check_ready(self) -> None:
+        if not self.ready:
+            raise RuntimeError(
+                "the counterfactual add-on's feature flow is untrained. Call model.prepare_addons(train_data) before "
+                "training the prompt (it fits a generative model of the training image features), or load an "
+                "adapter saved after that."
+            )
+
+    # -- the add-on hook ---------------------------------------------------------------------------------------
+    def extra_loss(self, batch: Mapping[str, Any], output: Any) -> tuple[torch.Tensor | None, dict[str, float]]:
+        if self.stage != "prompt" or self.config.weight == 0:
+            return None, {}
+        text = getattr(output, "text_features", None)
+        if text is None:
+            raise ValueError(
+                f"the counterfactual add-on needs the class text features of the learner's output, and "
+                f"{type(self.learner).__name__} returned a {type(output).__name__} without `text_features`. Return a "
+                "prompt_robust.learners.base.LearnerOutput(logits, image_features, text_features) from forward(), "
+                "with text_features the L2-normalised, prompt-conditioned class features, (n_classes, d) or "
+                "(batch, n_classes, d), so the regularizer's gradient reaches the prompt."
+            )
+        self._check_ready()
+        labels = batch["labels"]
+        num_classes = self.flow.num_classes
+        if text.dim() not in (2, 3) or text.shape[-2] != num_classes:
+            raise ValueError(
+                f"text_features must be (n_classes={num_classes}, d) or (batch, {num_classes}, d) for the "
+                f"{num_classes} classes the feature flow was prepared on; got {tuple(text.shape)}. The regularizer "
+                "only trains on the classes it was prepared for (after set_classnames, prepare it again)."
+            )
+        if self.training and torch.is_grad_enabled() and not text.requires_grad and not self._warned_no_grad:
+            self._warned_no_grad = True
+            warnings.warn(
+                f"the counterfactual loss does not reach any trainable tensor: {type(self.learner).__name__}'s "
+                "text_features carry no gradient (e.g. a visual-prompt learner such as VPT, whose text features "
+                "are fixed). The regularizer only shapes prompts through the class text features.",
+                stacklevel=2,
+            )
+        z = self.learner.image_features(batch["pixel_values"]).detach().float()  # (b, d)
+        logits = output.logits if hasattr(output, "logits") else None
+        with torch.no_grad():
+            counterfactuals, targets = self.counterfactuals(z, labels, scores=logits)  # (b, K, d), (b, K)
+        rows = torch.arange(labels.shape[0], device=labels.device)
+        true_text = (text[labels] if text.dim() == 2 else text[rows, labels]).float()  # (b, d)
+        tau = self.config.temperature
+        positive = (true_text * z).sum(-1, keepdim=True) / tau  # (b, 1)
+        negatives = torch.einsum("bd,bkd->bk", true_text, counterfactuals) / tau  # (b, K)
+        scores = torch.cat([positive, negatives], dim=1)  # (b, 1 + K)
+        loss = (torch.logsumexp(scores, dim=1) - scores[:, 0]).mean()
+        with torch.no_grad():
+            detached = text.detach().float()
+            if detached.dim() == 2:
+                predicted = torch.einsum("bkd,cd->bkc", counterfactuals, detached).argmax(-1)  # (b, K)
+            else:
+                predicted = torch.einsum("bkd,bcd->bkc", counterfactuals, detached).argmax(-1)  # (b, K)
+            logs = {
+                "counterfactual/loss": float(loss.detach()),
+                # the share of counterfactuals the current prompt's classifier assigns to their target class
+                "counterfactual/validity": float((predicted == targets).float().mean()),
+                "counterfactual/cosine": float((counterfactuals * z.unsqueeze(1)).sum(-1).mean()),
+            }
+        return self.config.weight * loss, logs
+
+    # -- fitting -----------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def dataset_features(self, dataset: Any, *, progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompt-free features ``(n, d)`` and labels ``(n,)`` of every item of ``dataset`` (items
+        ``{"pixel_values", "labels"}`` or ``(pixel_values, label)`` pairs)."""
+        if len(dataset) == 0:
+            raise ValueError("the dataset is empty: the counterfactual feature flow needs training images.")
+        size = self.config.feature_batch_size
+        batches = [list(range(s, min(s + size, len(dataset)))) for s in range(0, len(dataset), size)]
+        loader = DataLoader(dataset, batch_sampler=batches, collate_fn=_collate)
+        device = self.flow.feature_mean.device
+        features, labels = [], []
+        was_training = self.learner.training
+        self.learner.eval()
+        try:
+            for batch in tqdm(loader, desc="counterfactual features", disable=not progress):
+                z = self.learner.image_features(batch["pixel_values"].to(device))  # (b, d)
+                features.append(z.detach().float().cpu())
+                labels.append(batch["labels"])
+        finally:
+            self.learner.train(was_training)
+        return torch.cat(features), torch.cat(labels)
+
+    def prepare(
+        self,
+        model: nn.Module,
+        dataset: Any,
+        *,
+        seed: int = 0,
+        cache_dir: str | Path | None = None,
+        progress: bool = True,
+    ) -> dict[str, float]:
+        """Train the feature flow on the training set's frozen image features (cached in ``cache_dir``)."""
+        config = self.config
+        features, labels = self.dataset_features(dataset, progress=progress)
+        result = fit_feature_flow(
+            self.flow,
+            features,
+            labels,
+            steps=config.train_steps,
+            lr=config.train_lr,
+            batch_size=config.train_batch_size,
+            cond_dropout=config.cond_dropout,
+            seed=seed,
+            cache_dir=cache_dir,
+            progress=progress,
+        )
+        self.flow.requires_grad_(False)
+        logger.info(
+            "counterfactual feature flow: %d features, final loss %.4f%s",
+            len(features),
+            result.final_loss,
+            " (cached)" if result.cached else "",
+        )
+        return {
+            "counterfactual/flow_loss": result.final_loss,
+            "counterfactual/flow_cached": float(result.cached),
+            "counterfactual/num_features": float(len(features)),
+        }

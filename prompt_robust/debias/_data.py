@@ -1,0 +1,133 @@
+"""Dataset plumbing of the debiasing add-on: an index key on training items, batched passes, label columns."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+from torch.utils.data._utils.collate import default_collate
+from tqdm.auto import tqdm
+
+__all__ = ["INDEX_KEY", "IndexedDataset", "with_index"]
+
+#: the item key :func:`with_index` adds: the example's position in the training set
+INDEX_KEY = "index"
+
+
+def _item_as_dict(item: Any) -> dict[str, Any]:
+    if isinstance(item, Mapping):
+        return dict(item)
+    if isinstance(item, (tuple, list)) and len(item) == 2:
+        return {"pixel_values": item[0], "labels": item[1]}
+    raise TypeError(
+        "dataset items must be dicts with 'pixel_values' and 'labels' (plus optional keys) or (pixel_values, label) "
+        f"pairs; got {type(item).__name__}."
+    )
+
+
+class IndexedDataset(Dataset):
+    """A dataset whose items also carry their position, ``item["index"] = i``.
+
+    Per-example add-on state (JTT's error set, the pseudo-labels computed in ``prepare``) is looked up by this key
+    during training; :func:`prompt_robust.training.fit` passes it to the model with the other item keys.
+    Attributes of the wrapped dataset (``labels``, ``groups``, ``classnames``, ...) stay readable.
+
+    Args:
+        dataset: a map-style dataset of dict items or ``(pixel_values, label)`` pairs.
+        key: the item key the position is stored under.
+
+    Example:
+        >>> data = IndexedDataset([(torch.zeros(3), 0), (torch.ones(3), 1)])
+        >>> data[1]["index"], data[1]["labels"]
+        (1, 1)
+    """
+
+    def __init__(self, dataset: Dataset, key: str = INDEX_KEY) -> None:
+        self.dataset = dataset
+        self.key = key
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        item = _item_as_dict(self.dataset[index])
+        if self.key in item:
+            raise ValueError(
+                f"the dataset's items already have a {self.key!r} key; wrap the original dataset once, or rename "
+                "that key."
+            )
+        item[self.key] = int(index) % len(self)
+        return item
+
+    def __getattr__(self, name: str) -> Any:
+        # only called for names not found normally: delegate (labels, groups, classnames, ...) to the dataset
+        if name.startswith("__") or "dataset" not in self.__dict__:
+            raise AttributeError(name)
+        return getattr(self.__dict__["dataset"], name)
+
+
+def with_index(dataset: Dataset) -> IndexedDataset:
+    """Wrap ``dataset`` so every item carries ``"index"``: its position (needed by mode ``"jtt"``; lets mode
+    ``"pseudo"`` look up the pseudo-labels computed in ``prepare`` instead of recomputing them per batch).
+
+    Args:
+        dataset: the training set, items as for :func:`prompt_robust.training.fit`.
+
+    Example:
+        >>> with_index([(torch.zeros(3), 0)])[0]["index"]
+        0
+    """
+    return dataset if isinstance(dataset, IndexedDataset) else IndexedDataset(dataset)
+
+
+def _pick(item: Any, keys: Sequence[str]) -> dict[str, Any]:
+    """Only ``keys`` of an item: nothing else (e.g. a true attribute) is ever read."""
+    if isinstance(item, Mapping):
+        missing = [key for key in keys if key not in item]
+        if missing:
+            raise ValueError(f"dataset items have no {missing} key(s); got keys {sorted(item)}.")
+        return {key: item[key] for key in keys}
+    return {key: value for key, value in _item_as_dict(item).items() if key in keys}
+
+
+def _collate_keys(keys: Sequence[str]):
+    def collate(items: list[Any]) -> dict[str, Any]:
+        picked = [_pick(item, keys) for item in items]
+        return {key: default_collate([p[key] for p in picked]) for key in keys}
+
+    return collate
+
+
+def iterate_batches(
+    dataset: Dataset, batch_size: int, keys: Sequence[str], *, desc: str, progress: bool
+) -> Iterator[tuple[int, dict[str, Any]]]:
+    """``(start, {key: batch})`` over ``dataset`` in order, reading only ``keys`` of each item."""
+    if len(dataset) == 0:
+        raise ValueError(f"{desc}: the dataset is empty.")
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=_collate_keys(keys))
+    start = 0
+    for batch in tqdm(loader, desc=desc, disable=not progress):
+        yield start, batch
+        start += len(batch[keys[0]])
+
+
+def column(dataset: Dataset, key: str) -> torch.Tensor:
+    """Integer ids ``(n,)`` of one item key (``labels``, ``groups``): from the dataset's attribute of that name
+    when it has one of the right length (no image is loaded), else read item by item."""
+    values = getattr(dataset, key, None)
+    if values is not None and not callable(values):
+        try:
+            out = torch.as_tensor(values if isinstance(values, torch.Tensor) else list(values)).long().flatten()
+        except (TypeError, ValueError):
+            out = None
+        if out is not None and out.numel() == len(dataset):
+            return out
+    ids = []
+    for index in range(len(dataset)):
+        item = _item_as_dict(dataset[index])
+        if key not in item:
+            raise KeyError(key)
+        ids.append(int(item[key]))
+    return torch.tensor(ids, dtype=torch.long)

@@ -1,0 +1,115 @@
+"""The rule that picks CLIP-ICM's ``λ`` and ``k`` when the user gives none, from training-domain data only.
+
+The paper (https://arxiv.org/abs/2405.15289) treats ``λ`` and ``k`` as hyper-parameters. Tuning them on the
+test domains would leak the distribution shift the method is meant to survive, so here they are chosen on the
+*training* images alone:
+
+1. split the training images, per class, into a fit part and a held-out validation part (``val_fraction``);
+2. for every relative ``λ`` in the grid (units of ``tr(ZᵀZ/n) / tr(ΔᵀΔ/m)`` on the fit part) and every ``k`` in
+   ``dim_fractions · d``, fit the projection on the fit part;
+3. score it by the accuracy on the **intervened** copies of the validation images (zero-shot against the base
+   template's class text features, or a linear probe trained on the fit part): robustness to the
+   interventions, measured on images the fit has not seen;
+4. keep the best; ties go to the larger ``k``, then to the smaller ``λ`` (the smallest change to CLIP).
+
+``k = d`` is a rotation of CLIP's space (zero-shot predictions unchanged), so the rule falls back to plain CLIP
+when no projection helps on the validation images.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import torch
+
+from .features import InterventionalFeatures, split_fit_val
+from .icm import Selection, dims_from_fractions, select_lam_dim
+from .predict import LinearProbe, accuracy, zero_shot_logits
+
+__all__ = ["PREDICTORS", "choose_lam_dim"]
+
+logger = logging.getLogger(__name__)
+
+PREDICTORS = ("zero_shot", "linear_probe")
+
+
+def choose_lam_dim(
+    features: InterventionalFeatures,
+    *,
+    lam: float | None = None,
+    dim: int | None = None,
+    lam_grid: Sequence[float] = (0.0, 0.5, 1.0, 2.0, 5.0, 10.0),
+    dim_fractions: Sequence[float] = (0.125, 0.25, 0.5, 0.75, 1.0),
+    val_fraction: float = 0.25,
+    predictor: str = "zero_shot",
+    text_features: torch.Tensor | None = None,
+    probe_reg: float = 1e-3,
+    text_deltas: torch.Tensor | None = None,
+    text_weight: float = 0.5,
+    seed: int = 0,
+) -> Selection:
+    """Choose the relative ``λ`` and ``k`` by the held-out rule of this module.
+
+    Args:
+        features: interventional features of the training images.
+        lam / dim: a fixed value (only the other one is searched); both None: search both.
+        lam_grid: relative ``λ`` candidates.
+        dim_fractions: ``k`` candidates as fractions of the feature size.
+        val_fraction: share of every class held out.
+        predictor: ``"zero_shot"`` (needs ``text_features``) or ``"linear_probe"``.
+        text_features: ``(n_cls, d)`` class text features for zero-shot scoring.
+        probe_reg: L2 strength of the linear probe.
+        text_deltas: ``(m_t, d)`` text-pair differences, added to the intervention term with ``text_weight``.
+        text_weight: share of the text pairs in the intervention term.
+        seed: seed of the split.
+
+    Returns:
+        The :class:`~prompt_robust.invariance.icm.Selection` (relative ``λ``).
+
+    Example:
+        >>> sel = choose_lam_dim(feats, text_features=class_text)  # doctest: +SKIP
+        >>> sel.lam, sel.dim  # doctest: +SKIP
+        (2.0, 256)
+    """
+    if predictor not in PREDICTORS:
+        from ..config import unknown_name_error
+
+        raise unknown_name_error("selection predictor", predictor, PREDICTORS)
+    d = features.dim
+    lams = [float(lam)] if lam is not None else list(lam_grid)
+    dims = [int(dim)] if dim is not None else dims_from_fractions(d, dim_fractions)
+    fit_index, val_index = split_fit_val(features.labels, val_fraction, seed)
+    fit, val = features.subset(fit_index), features.subset(val_index)
+    val_z, val_y = val.intervened_flat()  # (n_val * m, d), (n_val * m,)
+    deltas: list[torch.Tensor] = [fit.deltas()]
+    weights = [1.0]
+    if text_deltas is not None and text_weight > 0:
+        deltas, weights = [*deltas, text_deltas], [1.0 - text_weight, text_weight]
+
+    if predictor == "zero_shot":
+        if text_features is None:
+            raise ValueError("zero-shot selection needs the class text features (text_features=(n_cls, d)).")
+        text = text_features.detach().to("cpu", torch.float32)
+
+        def score(projection: torch.Tensor) -> float:
+            return accuracy(zero_shot_logits(val_z, text, projection), val_y)
+
+    else:
+        n_cls = int(features.labels.max()) + 1
+
+        def score(projection: torch.Tensor) -> float:
+            probe = LinearProbe(probe_reg).fit(fit.clean @ projection, fit.labels, num_classes=n_cls)
+            return probe.score(val_z @ projection, val_y)
+
+    selection = select_lam_dim(fit.clean, deltas, score, lam_grid=lams, dim_grid=dims, weights=weights)
+    logger.info(
+        "CLIP-ICM: chose lam=%g, dim=%d on %d held-out images x %d interventions (%s accuracy %.3f)",
+        selection.lam,
+        selection.dim,
+        len(val),
+        len(features.names),
+        predictor,
+        selection.score,
+    )
+    return selection
