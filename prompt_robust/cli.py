@@ -155,7 +155,16 @@ def _json_option(text: str | None, option: str) -> dict[str, Any]:
 def _demo(args: argparse.Namespace) -> int:
     from .benchmark import BenchConfig
 
-    config = BenchConfig(methods=_quick_methods(), seeds=[1], steps=150, test_per_class=30, retrieval_size=500)
+    # shortened add-on trainings keep the demo within 5 minutes on 2 cores; `bench` uses the defaults
+    config = BenchConfig(
+        methods=_quick_methods(),
+        seeds=[1],
+        steps=150,
+        test_per_class=30,
+        retrieval_size=500,
+        refiner={"train_steps": 500},
+        counterfactual={"train_steps": 300},
+    )
     return _run_bench(args, config, "prompt_robust demo on the embedded world")
 
 
