@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from conftest import CLASSNAMES, make_backbone
@@ -89,3 +91,37 @@ def test_peft_lora_backbone_trains_lora_and_prompts_together(images):
             assert param.grad is None, name
     # the base weights stayed frozen
     assert not any(p.requires_grad for n, p in lora.named_parameters() if "lora_" not in n)
+
+
+def test_peft_lora_recipe_round_trip(images, tmp_path):
+    """The documented recipe: LoRA saved and loaded by PEFT itself, prompts and add-ons by prompt_robust."""
+    import peft
+
+    base = make_backbone("hf")
+    lora = peft.get_peft_model(base.clip, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    backbone = HFClipBackbone(lora, base.tokenizer, name="tiny+lora")
+    model = pr.wrap(pr.build_learner("coop", backbone, CLASSNAMES, n_ctx=2))
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    for _ in range(3):
+        optimizer.zero_grad()
+        model(images, labels=torch.tensor([0, 1, 2])).loss.backward()
+        optimizer.step()
+    assert any(p.abs().sum() > 0 for n, p in lora.named_parameters() if "lora_B" in n)  # LoRA moved
+    model.eval()
+    with torch.no_grad():
+        expected = model(images).logits
+    lora.save_pretrained(tmp_path / "lora")  # PEFT's own adapter files
+    model.save_pretrained(tmp_path / "prompts")  # the learner's prompt (+ add-ons), never backbone tensors
+    assert (tmp_path / "lora" / "adapter_config.json").is_file()
+    saved = set(json.loads((tmp_path / "prompts" / "adapter_config.json").read_text()))
+    assert "robust_config" in saved
+
+    fresh = make_backbone("hf")  # same seed: the same base weights, as a user's base checkpoint
+    reloaded_lora = peft.PeftModel.from_pretrained(fresh.clip, tmp_path / "lora")
+    backbone2 = HFClipBackbone(reloaded_lora, fresh.tokenizer, name="tiny+lora")
+    model2 = pr.RobustPromptModel.from_pretrained(tmp_path / "prompts", backbone=backbone2).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model2(images).logits, expected)
+    # the prompts alone on the base model (without the LoRA) are refused: another backbone
+    with pytest.raises(ValueError, match=r"peft: adapter has 'default=LORA\(q_proj,v_proj;r=4\)'.*PeftModel"):
+        pr.RobustPromptModel.from_pretrained(tmp_path / "prompts", backbone=make_backbone("hf"))

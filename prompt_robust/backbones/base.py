@@ -50,6 +50,8 @@ class BackboneIdentity:
     num_text_layers: int
     num_vision_layers: int
     fingerprint: str
+    #: PEFT adapters wrapped around the CLIP weights ("" for none), e.g. "default=LORA(q_proj,v_proj;r=4)"
+    peft: str = ""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -62,6 +64,8 @@ class BackboneIdentity:
                 continue
             if key in other and other[key] != value:
                 diffs.append(f"{key}: adapter has {other[key]!r}, backbone has {value!r}")
+                if key == "peft" and other[key]:
+                    diffs[-1] += " (load the PEFT adapter first: peft.PeftModel.from_pretrained(clip, lora_dir))"
         return diffs
 
 
@@ -198,8 +202,17 @@ class ClipBackbone(nn.Module, ABC):
     def identity(self) -> BackboneIdentity:
         """Architecture and weight fingerprint, saved beside every adapter."""
         return BackboneIdentity(
-            type=self.backbone_type, name=str(self.name), fingerprint=self.fingerprint(), **self.dims
+            type=self.backbone_type,
+            name=str(self.name),
+            fingerprint=self.fingerprint(),
+            peft=self.peft_description(),
+            **self.dims,
         )
+
+    def peft_description(self) -> str:
+        """The PEFT adapters trained with the prompts ("" for none): prompts trained through a LoRA are only
+        valid with that LoRA loaded, so adapters record it and loading checks it."""
+        return ""
 
     def fingerprint(self) -> str:
         """A short hash of the token embedding table and of the first vision block's weights."""

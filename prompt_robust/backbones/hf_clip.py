@@ -152,6 +152,18 @@ class HFClipBackbone(ClipBackbone):
         """Whether the CLIP model is wrapped by PEFT (its adapter weights are then trained with the prompts)."""
         return hasattr(self.model, "get_base_model")
 
+    def peft_description(self) -> str:
+        if not self.is_peft:
+            return ""
+        parts = []
+        for name, config in sorted(getattr(self.model, "peft_config", {}).items()):
+            kind = getattr(getattr(config, "peft_type", None), "value", str(getattr(config, "peft_type", "?")))
+            targets = getattr(config, "target_modules", None) or []
+            targets = ",".join(sorted(targets)) if not isinstance(targets, str) else targets
+            rank = getattr(config, "r", None)
+            parts.append(f"{name}={kind}({targets}" + (f";r={rank}" if rank is not None else "") + ")")
+        return " ".join(parts) or "peft"
+
     def freeze(self) -> None:
         # A PEFT model already froze its base weights and left its adapters (LoRA, modules_to_save) trainable:
         # keep that choice, so LoRA and prompts train together.
