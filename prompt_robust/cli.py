@@ -185,6 +185,21 @@ def _bench(args: argparse.Namespace) -> int:
     if args.suite in ("refiner-sweep", "refiner-cost"):
         return _bench_refiner(args, refiner, seeds)
     others = {name: _json_option(getattr(args, f"{name}_config"), f"--{name}-config") for name in _JSON_ADDONS}
+    if args.suite == "icm":
+        from .config import InvarianceConfig
+        from .invariance.bench import format_icm, icm_dg_benchmark
+
+        started = time.time()
+        result = icm_dg_benchmark(
+            _embedded_or_given(args.backbone),
+            args.out,
+            seeds=seeds,
+            config=InvarianceConfig(**others["invariance"]),
+            progress=not args.quiet,
+        )
+        print(format_icm(result))
+        print(f"\nwrote icm.json, icm.md to {args.out} ({time.time() - started:.0f} s); command: {_command_line()}")
+        return 0
     # --methods, when given, wins over the suite's list
     config = dataclass_from_args(BenchConfig, args, methods=methods, seeds=seeds, refiner=refiner, **others)
     return _run_bench(args, config, f"prompt_robust benchmark ({args.suite} suite)")
@@ -357,11 +372,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser("bench", help="Every learner x add-on x task, mean ± std over seeds.")
     bench.add_argument(
         "--suite",
-        choices=["quick", "full", "refiner-sweep", "refiner-cost"],
+        choices=["quick", "full", "refiner-sweep", "refiner-cost", "icm"],
         default="quick",
         help="quick: zero-shot, CoOp, CoOp+each add-on; full: every learner x add-on; refiner-sweep: sampler "
         "steps x solver for LEARNER+refiner; refiner-cost: images/s of CoOp, CoOp+refiner, CoCoOp on a real-size "
-        "architecture (default backbone open_clip:ViT-B-16, random weights).",
+        "architecture (default backbone open_clip:ViT-B-16, random weights); icm: zero-shot / ICM zero-shot / linear "
+        "probe / ICM linear probe on the DG task.",
     )
     bench.add_argument("--learner", default="coop", help="Learner of the refiner sweep.")
     for name in _JSON_ADDONS:

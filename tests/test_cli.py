@@ -133,3 +133,16 @@ def test_bad_cli_input_is_refused(tmp_path):
         cli.main(["bench", "--suite", "everything"])
     with pytest.raises(ValueError, match="k must be in"):
         cli.main(["bench", "--k", "99", "--out", str(tmp_path / "x")])
+
+
+def test_icm_suite_compares_the_four_predictors(backbone_dir, tmp_path, capsys):
+    out = tmp_path / "icm"
+    argv = ["-q", "bench", "--suite", "icm", "--seeds", "2", "--out", str(out), "--backbone", str(backbone_dir)]
+    assert cli.main([*argv, "--invariance-config", '{"lam": 1.0, "dim": 8}']) == 0
+    result = json.loads((out / "icm.json").read_text())
+    assert set(result["mean"]) == {"zero_shot", "icm_zero_shot", "linear_probe", "icm_linear_probe"}
+    assert set(result["mean"]["zero_shot"]) == {"sketch", "painting", "pixel", "avg"}
+    assert {run["dim"] for run in result["per_seed"].values()} == {8}
+    # zero-shot CLIP does not depend on the seed; the probes see other shots
+    assert result["std"]["zero_shot"]["avg"] == 0.0
+    assert "icm_linear_probe" in capsys.readouterr().out
