@@ -294,8 +294,9 @@ def _train(args: argparse.Namespace) -> int:
     adapter_dir = Path(args.out) / "adapter"
     if not args.overwrite and (adapter_dir / "adapter_config.json").exists():
         raise SystemExit(f"{adapter_dir} already holds an adapter; pass --overwrite or choose another --out.")
-    configs = {"refiner": lambda: RefinerConfig(**_set_fields(RefinerConfig, args))}
-    robust = RobustConfig(**{name: configs[name]() for name in args.addons or []})
+    settings = {name: _json_option(getattr(args, f"{name}_config"), f"--{name}-config") for name in _JSON_ADDONS}
+    settings["refiner"] = _set_fields(RefinerConfig, args)
+    robust = RobustConfig(**{name: RobustConfig.nested[name](**settings[name]) for name in args.addons or []})
     learner = build_learner(args.learner, backbone, data.classnames)
     model = wrap(learner, robust)
     config = dataclass_from_args(FitConfig, args, seed=args.seed)
@@ -402,7 +403,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(train)
     train.add_argument("--learner", default="coop", choices=sorted(LEARNERS))
     train.add_argument("--k", type=int, default=0, help="Shots per class (0: the whole training split).")
-    train.add_argument("--addons", nargs="+", choices=["refiner"], help="Robustness add-ons to train and save.")
+    train.add_argument(
+        "--addons",
+        nargs="+",
+        choices=["counterfactual", "debias", "invariance", "refiner"],
+        help="Robustness add-ons to train and save (refiner options below; the others take --<addon>-config JSON, "
+        'e.g. --debias-config \'{"attribute_values": ["land background", "water background"]}\').',
+    )
+    for name in _JSON_ADDONS:
+        train.add_argument(f"--{name}-config", help=f"Settings of the {name} add-on as a JSON object.")
     train.add_argument("--out", required=True, help="Run directory (checkpoints, split, adapter).")
     train.add_argument("--overwrite", action="store_true", help="Replace an adapter already saved there.")
     add_dataclass_args(train, FitConfig, skip=("seed",))

@@ -128,6 +128,22 @@ def test_train_with_the_refiner_saves_a_trained_refiner(backbone_dir, tmp_path, 
     assert cli.main(["eval", *common, "--adapter", str(run / "adapter")]) == 0
 
 
+def test_train_with_debias_on_a_waterbirds_layout(backbone_dir, tmp_path, capsys):
+    _waterbirds(tmp_path / "wb")
+    common = ["--dataset", "waterbirds", "--root", str(tmp_path / "wb"), "--backbone", str(backbone_dir)]
+    run = tmp_path / "run"
+    config = '{"attribute_values": ["land", "water"]}'
+    argv = ["-q", "train", *common, "--learner", "coop", "--out", str(run), "--steps", "2", "--batch-size", "2"]
+    assert cli.main([*argv, "--addons", "debias", "--debias-config", config]) == 0
+    saved = json.loads((run / "adapter" / "adapter_config.json").read_text())
+    assert saved["robust_config"]["debias"]["attribute_values"] == ["land", "water"]
+    # the oracle mode reads the loader's true groups (Waterbirds y x place)
+    oracle = ["-q", "train", *common, "--learner", "coop", "--out", str(tmp_path / "oracle"), "--steps", "2"]
+    assert cli.main([*oracle, "--batch-size", "2", "--addons", "debias", "--debias-config", '{"mode": "oracle"}']) == 0
+    with pytest.raises(SystemExit, match="JSON object"):
+        cli.main([*argv, "--overwrite", "--addons", "debias", "--debias-config", "{broken"])
+
+
 def test_bad_cli_input_is_refused(tmp_path):
     with pytest.raises(SystemExit):
         cli.main(["bench", "--suite", "everything"])
