@@ -185,6 +185,23 @@ def _bench(args: argparse.Namespace) -> int:
     if args.suite in ("refiner-sweep", "refiner-cost"):
         return _bench_refiner(args, refiner, seeds)
     others = {name: _json_option(getattr(args, f"{name}_config"), f"--{name}-config") for name in _JSON_ADDONS}
+    if args.suite == "counterfactual-quality":
+        from .config import CounterfactualConfig
+        from .counterfactual.bench import counterfactual_quality_benchmark, format_quality
+
+        started = time.time()
+        result = counterfactual_quality_benchmark(
+            _embedded_or_given(args.backbone),
+            args.out,
+            seeds=seeds,
+            config=CounterfactualConfig(**others["counterfactual"]),
+            progress=not args.quiet,
+        )
+        print(format_quality(result))
+        print(
+            f"\nwrote quality.json, quality.md to {args.out} ({time.time() - started:.0f} s); command: {_command_line()}"
+        )
+        return 0
     if args.suite == "icm":
         from .config import InvarianceConfig
         from .invariance.bench import format_icm, icm_dg_benchmark
@@ -373,12 +390,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser("bench", help="Every learner x add-on x task, mean ± std over seeds.")
     bench.add_argument(
         "--suite",
-        choices=["quick", "full", "refiner-sweep", "refiner-cost", "icm"],
+        choices=["quick", "full", "refiner-sweep", "refiner-cost", "icm", "counterfactual-quality"],
         default="quick",
         help="quick: zero-shot, CoOp, CoOp+each add-on; full: every learner x add-on; refiner-sweep: sampler "
         "steps x solver for LEARNER+refiner; refiner-cost: images/s of CoOp, CoOp+refiner, CoCoOp on a real-size "
         "architecture (default backbone open_clip:ViT-B-16, random weights); icm: zero-shot / ICM zero-shot / linear "
-        "probe / ICM linear probe on the DG task.",
+        "probe / ICM linear probe on the DG task; counterfactual-quality: validity and proximity of counterfactuals.",
     )
     bench.add_argument("--learner", default="coop", help="Learner of the refiner sweep.")
     for name in _JSON_ADDONS:

@@ -162,3 +162,14 @@ def test_icm_suite_compares_the_four_predictors(backbone_dir, tmp_path, capsys):
     # zero-shot CLIP does not depend on the seed; the probes see other shots
     assert result["std"]["zero_shot"]["avg"] == 0.0
     assert "icm_linear_probe" in capsys.readouterr().out
+
+
+def test_counterfactual_quality_suite(backbone_dir, tmp_path, capsys):
+    out = tmp_path / "cfq"
+    argv = ["-q", "bench", "--suite", "counterfactual-quality", "--seeds", "1", "--out", str(out)]
+    argv += ["--backbone", str(backbone_dir), "--counterfactual-config", '{"train_steps": 5}']
+    assert cli.main(argv) == 0
+    result = json.loads((out / "quality.json").read_text())
+    run = result["per_seed"]["1"]
+    assert 0.0 <= run["validity"] <= 1.0 and run["proximity"] >= 0.0
+    assert "median proximity ratio" in capsys.readouterr().out
