@@ -25,7 +25,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-__all__ = ["ADDONS", "RobustAddon", "register_addon"]
+__all__ = ["ADDONS", "RobustAddon", "learner_feature_dim", "register_addon"]
 
 
 class RobustAddon(nn.Module):
@@ -100,6 +100,21 @@ class RobustAddon(nn.Module):
 
     def detach(self) -> None:
         """Undo anything the add-on attached to the learner (hooks); called by ``unwrap()``."""
+
+
+def learner_feature_dim(learner: nn.Module) -> int:
+    """Size of ``learner.image_features()``: the learner's ``feature_dim`` attribute, else its backbone's
+    ``embed_dim`` (known at construction, so add-on tensors have fixed shapes for saving and loading)."""
+    from .backbones.base import ClipBackbone
+
+    backbone = next((m for m in learner.modules() if isinstance(m, ClipBackbone)), None)
+    dim = getattr(learner, "feature_dim", None) or (backbone.embed_dim if backbone is not None else None)
+    if not dim:
+        raise ValueError(
+            f"cannot tell the size of {type(learner).__name__}.image_features(): the learner holds no prompt_robust "
+            "ClipBackbone. Set an int attribute `feature_dim` on the learner."
+        )
+    return int(dim)
 
 
 #: add-on name (the ``RobustConfig`` field) -> implementation

@@ -28,9 +28,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from ..addons import RobustAddon, register_addon
+from ..addons import RobustAddon, learner_feature_dim, register_addon
 from ..config import CounterfactualConfig
-from ..refiner.addon import _cond_dim
 from ..refiner.targets import _collate
 from .feature_flow import FeatureFlow, fit_feature_flow
 from .generator import CounterfactualGenerator, choose_targets
@@ -88,7 +87,7 @@ class CounterfactualRegularizer(RobustAddon):
 
     def __init__(self, learner: nn.Module, config: CounterfactualConfig) -> None:
         super().__init__(learner, config)
-        feature_dim = _cond_dim(learner)
+        feature_dim = learner_feature_dim(learner)
         num_classes = _num_classes(learner)
         device = next((p.device for p in learner.parameters()), torch.device("cpu"))
         self.flow = FeatureFlow(feature_dim, num_classes, config.hidden_dim, config.depth).to(device)

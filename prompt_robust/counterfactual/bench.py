@@ -15,16 +15,10 @@ from tqdm.auto import tqdm
 from .. import _io
 from ..backbones.base import ClipBackbone
 from ..config import CounterfactualConfig
+from ..learners.base import image_features_in_batches
 from .metrics import counterfactual_quality, fit_linear_probe
 
 __all__ = ["counterfactual_quality_benchmark", "format_quality"]
-
-
-@torch.no_grad()
-def _features(learner, pixel_values: torch.Tensor, batch_size: int = 250) -> torch.Tensor:
-    return torch.cat(
-        [learner.image_features(pixel_values[i : i + batch_size]) for i in range(0, len(pixel_values), batch_size)]
-    )
 
 
 def counterfactual_quality_benchmark(
@@ -58,10 +52,12 @@ def counterfactual_quality_benchmark(
         addon = model.addons["counterfactual"]
         pool = tasks.dg_train(tasks.pool_per_class, seed)[0]  # the whole pool, in pool order
         held = sorted(set(range(len(pool))) - set(indices))
-        probe = fit_linear_probe(_features(learner, pool.pixel_values[held]), pool.labels[held], len(world.CLASSES))
+        probe = fit_linear_probe(
+            image_features_in_batches(learner, pool.pixel_values[held]), pool.labels[held], len(world.CLASSES)
+        )
         test = tasks.dg_source_test()
-        z, y = _features(learner, test.pixel_values), test.labels
-        train_z = _features(learner, train.pixel_values)
+        z, y = image_features_in_batches(learner, test.pixel_values), test.labels
+        train_z = image_features_in_batches(learner, train.pixel_values)
         counterfactuals, targets = addon.counterfactuals(z, y, scores=probe(z))
         quality = counterfactual_quality(
             z, counterfactuals, targets, probe=probe, reference_features=train_z, reference_labels=train.labels

@@ -8,12 +8,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
 from tqdm.auto import tqdm
 
 from .. import _io
 from ..backbones.base import ClipBackbone
 from ..config import InvarianceConfig
+from ..learners.base import image_features_in_batches
 from .features import interventional_features
 from .icm import ICMProjection
 from .predict import compare_predictors
@@ -22,13 +22,6 @@ from .selection import choose_lam_dim
 __all__ = ["format_icm", "icm_dg_benchmark"]
 
 METHODS = ("zero_shot", "icm_zero_shot", "linear_probe", "icm_linear_probe")
-
-
-@torch.no_grad()
-def _features(learner, data, batch_size: int = 250) -> torch.Tensor:
-    return torch.cat(
-        [learner.image_features(data.pixel_values[i : i + batch_size]) for i in range(0, len(data), batch_size)]
-    )
 
 
 def icm_dg_benchmark(
@@ -55,7 +48,10 @@ def icm_dg_benchmark(
     tasks = WorldTasks(backbone.image_size, backbone.image_mean, backbone.image_std, test_per_class=test_per_class)
     learner = build_learner("zeroshot", backbone, list(world.CLASSES))
     text = learner.fixed_text_features([f"a photo of a {c}." for c in world.CLASSES])  # (24, d)
-    tests = {style: (_features(learner, data), data.labels) for style, data in tasks.dg_test().items()}
+    tests = {
+        style: (image_features_in_batches(learner, data.pixel_values), data.labels)
+        for style, data in tasks.dg_test().items()
+    }
     per_seed: dict[int, dict[str, Any]] = {}
     for seed in tqdm(list(seeds), desc="icm", disable=not progress):
         train, indices = tasks.dg_train(k, seed)

@@ -349,6 +349,14 @@ class PromptLearner(nn.Module):
         return f"classes={len(self.classnames)}, config={self.config}"
 
 
+@torch.no_grad()
+def image_features_in_batches(learner: nn.Module, pixel_values: torch.Tensor, batch_size: int = 250) -> torch.Tensor:
+    """``learner.image_features`` of many images, ``batch_size`` at a time: ``(n, embed_dim)``."""
+    return torch.cat(
+        [learner.image_features(pixel_values[i : i + batch_size]) for i in range(0, len(pixel_values), batch_size)]
+    )
+
+
 def init_context(
     backbone: ClipBackbone, n_ctx: int, ctx_init: str | None, width: int, std: float = 0.02
 ) -> tuple[torch.Tensor, int]:

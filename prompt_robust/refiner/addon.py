@@ -24,8 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..addons import RobustAddon, register_addon
-from ..backbones.base import ClipBackbone
+from ..addons import RobustAddon, learner_feature_dim, register_addon
 from ..config import RefinerConfig
 from .network import PromptFlowNet
 from .sampler import ODESampler
@@ -34,17 +33,6 @@ from .targets import COND_KEY, DELTA_PREFIX, RefinerTargets, build_targets
 __all__ = ["PromptRefiner"]
 
 logger = logging.getLogger(__name__)
-
-
-def _cond_dim(learner: nn.Module) -> int:
-    backbone = next((m for m in learner.modules() if isinstance(m, ClipBackbone)), None)
-    dim = getattr(learner, "feature_dim", None) or (backbone.embed_dim if backbone is not None else None)
-    if not dim:
-        raise ValueError(
-            f"cannot tell the size of {type(learner).__name__}.image_features(): the learner holds no prompt_robust "
-            "ClipBackbone. Set an int attribute `feature_dim` on the learner."
-        )
-    return int(dim)
 
 
 @register_addon
@@ -83,9 +71,9 @@ class PromptRefiner(RobustAddon):
                 raise ValueError(f"prompt_tokens()[{site!r}] must be (n_tokens, dim); got {tuple(value.shape)}.")
         self.sites = {site: (int(v.shape[0]), int(v.shape[1])) for site, v in tokens.items()}
         device = next(iter(tokens.values())).device
-        self.net = PromptFlowNet(self.sites, _cond_dim(learner), config.hidden_dim, config.layers, config.heads).to(
-            device
-        )
+        self.net = PromptFlowNet(
+            self.sites, learner_feature_dim(learner), config.hidden_dim, config.layers, config.heads
+        ).to(device)
         self.sampler = ODESampler(config.num_steps, config.method)
         # how many generator steps were taken (0: untrained, the refiner is off); saved with the adapter
         self.register_buffer("trained_steps", torch.zeros((), dtype=torch.long, device=device))
