@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from transformers import TrainerCallback
 
 from ..model import RobustPromptModel
@@ -46,6 +47,23 @@ def _unwrap(model: Any) -> RobustPromptModel:
             f"RobustCallback needs a model built by prompt_robust.wrap(); the Trainer holds a {type(model).__name__}."
         )
     return model
+
+
+def _sync_addons(robust: RobustPromptModel) -> None:
+    """Under distributed training, give every rank rank 0's add-on state (and prompt, if an add-on stage moved it).
+
+    Every rank fits the add-ons on the full training set with the same seed, which gives the same result on
+    identical hardware; the broadcast makes that a guarantee (different kernels or BLAS builds per rank would
+    otherwise let the ranks drift apart unnoticed, since DDP only synchronises the gradients of the prompt).
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    with torch.no_grad():
+        for tensor in [*robust.addons.parameters(), *robust.addons.buffers(), *robust._learner_trainable]:
+            if tensor.is_floating_point() or tensor.dtype in (torch.long, torch.int):
+                dist.broadcast(tensor.data, src=0)
 
 
 class RobustCallback(TrainerCallback):
@@ -102,6 +120,7 @@ class RobustCallback(TrainerCallback):
         robust = _unwrap(model)
         if state.global_step == 0:
             self.logs.update(robust.prepare_addons(self.train_dataset, seed=args.seed, cache_dir=self._cache(args)))
+            _sync_addons(robust)
         if self.addon_start_step == 0 and state.global_step == 0:
             self._fit_addons(robust, args)
 
@@ -113,6 +132,7 @@ class RobustCallback(TrainerCallback):
         self.logs.update(
             robust.fit_addons(self.train_dataset, seed=args.seed, cache_dir=self._cache(args), progress=False)
         )
+        _sync_addons(robust)
         robust.train(was_training)
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
