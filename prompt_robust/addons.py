@@ -72,6 +72,20 @@ class RobustAddon(nn.Module):
         """A loss that replaces the task loss in ``stage`` (then no logits are computed), or None."""
         return None
 
+    def training_state(self) -> dict[str, torch.Tensor]:
+        """Running state that changes during prompt training but is not part of the adapter (e.g. group
+        statistics). Training checkpoints (``fit``'s and the Trainer callback's) save it, so that a resumed run
+        continues exactly. Most add-ons have none."""
+        return {}
+
+    def load_training_state(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Restore :meth:`training_state` (called after :meth:`prepare` when a run resumes)."""
+        if state:
+            raise ValueError(
+                f"the {self.name!r} add-on keeps no training state, but the checkpoint holds {sorted(state)}; it was "
+                "written by a model with other add-ons."
+            )
+
     def prepare(
         self,
         model: nn.Module,

@@ -266,6 +266,19 @@ def _run_settings(config: dict[str, Any], method: str) -> dict[str, Any]:
     }
 
 
+def _addon_settings(config: BenchConfig, method: str) -> dict[str, Any]:
+    """The full configs (defaults filled in) of the add-ons ``method`` uses, so a run saved before a default
+    changed is not reused."""
+    resolved = {}
+    for addon in parse_method(method)[1]:
+        name, _, mode = addon.partition(":")
+        settings = dict(getattr(config, name))
+        if name == "debias":
+            settings = {"attribute_values": list(world.BACKGROUNDS), **settings}
+        resolved[addon] = _addon_config(name, mode, settings).to_dict()
+    return resolved
+
+
 def run_benchmark(
     backbone: ClipBackbone,
     config: BenchConfig,
@@ -277,7 +290,8 @@ def run_benchmark(
     """Run every method and seed of ``config``; returns ``{method: {seed: {task: {metric: value}}}}``.
 
     Per-(method, seed) results are saved to ``out_dir/runs/`` as they finish, and a rerun skips those already
-    saved with the same settings (the config minus ``methods``/``seeds``), task version and backbone, so an
+    saved with the same settings (the config minus ``methods``/``seeds``, and the add-ons' full configs with their
+    defaults), task version and backbone, so an
     interrupted benchmark resumes and runs done for another method list are reused.
 
     Args:
@@ -298,6 +312,8 @@ def run_benchmark(
             "tasks_version": TASKS_VERSION,
             "backbone": backbone.fingerprint(),
         }
+        if parse_method(method)[1]:
+            settings["addon_configs"] = _addon_settings(config, method)
         saved = _io.read_json(path) if path.is_file() else None
         if saved is not None:
             saved = {**saved, "config": _run_settings(saved.get("config", {}), method)}

@@ -65,7 +65,7 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, skip: tuple[s
             type=kind,
             nargs="+" if is_list else None,
             default=argparse.SUPPRESS,
-            help=f"{f.metadata.get('help', '')} (default: {default})",
+            help=f"{f.metadata.get('help', '')} (default: {default})".replace("%", "%%"),  # argparse formats %
         )
 
 
@@ -202,20 +202,26 @@ def _bench(args: argparse.Namespace) -> int:
             f"\nwrote quality.json, quality.md to {args.out} ({time.time() - started:.0f} s); command: {_command_line()}"
         )
         return 0
-    if args.suite == "icm":
+    if args.suite in ("icm", "icm-grid"):
         from .config import InvarianceConfig
-        from .invariance.bench import format_icm, icm_dg_benchmark
+        from .invariance import bench as icm_bench
 
         started = time.time()
-        result = icm_dg_benchmark(
+        run, show, name = {
+            "icm": (icm_bench.icm_dg_benchmark, icm_bench.format_icm, "icm"),
+            "icm-grid": (icm_bench.icm_grid_diagnostic, icm_bench.format_icm_grid, "icm_grid"),
+        }[args.suite]
+        result = run(
             _embedded_or_given(args.backbone),
             args.out,
             seeds=seeds,
             config=InvarianceConfig(**others["invariance"]),
             progress=not args.quiet,
         )
-        print(format_icm(result))
-        print(f"\nwrote icm.json, icm.md to {args.out} ({time.time() - started:.0f} s); command: {_command_line()}")
+        print(show(result))
+        print(
+            f"\nwrote {name}.json, {name}.md to {args.out} ({time.time() - started:.0f} s); command: {_command_line()}"
+        )
         return 0
     # --methods, when given, wins over the suite's list
     config = dataclass_from_args(BenchConfig, args, methods=methods, seeds=seeds, refiner=refiner, **others)
@@ -357,7 +363,12 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _add_data_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--dataset", required=True, choices=["coop", "waterbirds", "celeba", "domainbed"])
+    parser.add_argument(
+        "--dataset",
+        required=True,
+        choices=["coop", "waterbirds", "celeba", "domainbed"],
+        help="Layout of the dataset under --root (see docs/quickstart.md).",
+    )
     parser.add_argument("--root", help="Dataset root (waterbirds, celeba, domainbed).")
     parser.add_argument("--split-file", help="split_zhou_<Dataset>.json (coop layout).")
     parser.add_argument("--image-dir", help="Image root of the split file (coop layout).")
@@ -390,7 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser("bench", help="Every learner x add-on x task, mean ± std over seeds.")
     bench.add_argument(
         "--suite",
-        choices=["quick", "full", "refiner-sweep", "refiner-cost", "icm", "counterfactual-quality"],
+        choices=["quick", "full", "refiner-sweep", "refiner-cost", "icm", "icm-grid", "counterfactual-quality"],
         default="quick",
         help="quick: zero-shot, CoOp, CoOp+each add-on; full: every learner x add-on; refiner-sweep: sampler "
         "steps x solver for LEARNER+refiner; refiner-cost: images/s of CoOp, CoOp+refiner, CoCoOp on a real-size "
@@ -405,7 +416,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--seeds", type=int, default=3, help="Number of seeds (1..N).")
     bench.add_argument("--out", default="prompt_robust_bench", help="Output directory.")
     bench.add_argument("--backbone", help="Backbone spec; default: the embedded mini-CLIP.")
-    add_dataclass_args(bench, BenchConfig, skip=("seeds", "refiner"))
+    # the add-on settings dicts come as --<addon>-config JSON (and the refiner's fields as options), below
+    add_dataclass_args(bench, BenchConfig, skip=("seeds", "refiner", "counterfactual", "invariance", "debias"))
     add_dataclass_args(bench, RefinerConfig)
     bench.set_defaults(func=_bench)
 
@@ -418,7 +430,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser("train", help="Tune a prompt learner on your dataset and save an adapter.")
     _add_data_args(train)
-    train.add_argument("--learner", default="coop", choices=sorted(LEARNERS))
+    train.add_argument("--learner", default="coop", choices=sorted(LEARNERS), help="Prompt learner to train.")
     train.add_argument("--k", type=int, default=0, help="Shots per class (0: the whole training split).")
     train.add_argument(
         "--addons",
@@ -433,7 +445,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--overwrite", action="store_true", help="Replace an adapter already saved there.")
     add_dataclass_args(train, FitConfig, skip=("seed",))
     add_dataclass_args(train, RefinerConfig)
-    train.add_argument("--seed", type=int, default=1)
+    train.add_argument("--seed", type=int, default=1, help="Seed of the few-shot split, initialisation and training.")
     train.set_defaults(func=_train)
 
     evaluate = commands.add_parser("eval", help="Evaluate a saved adapter on your dataset's test split.")

@@ -145,7 +145,10 @@ class CounterfactualConfig(ConfigMixin):
     tuning every factual feature ``z`` of class ``y`` gets ``num_counterfactuals`` counterfactuals ``z'`` towards
     ``target`` classes: ``z`` is inverted to ``t_0 = 1 - noise_level`` along the class-``y`` ODE, then integrated
     back to ``t = 1`` with ``v_∅ + guidance_scale (v_y' - v_∅) - negative_guidance (v_y - v_∅)`` blended with
-    the straight path back to ``z`` (``proximity_weight``), ``num_steps`` steps of ``method`` each way. The
+    the straight path back to ``z`` with share ``λ``, ``num_steps`` steps of ``method`` each way. ``λ`` is found
+    per sample by ``proximity_search`` bisection steps in ``[proximity_weight, proximity_max]``: the largest
+    ``λ`` (smallest change) whose ``z'`` the current prompt's classifier still assigns to ``y'`` by
+    ``validity_margin`` (minimal sufficiency); with ``proximity_search=0`` it is ``proximity_weight``. The
     loss adds ``weight x`` InfoNCE of the prompt's true-class text feature against ``z`` (positive) and the
     ``z'`` (negatives) at ``temperature``. See ``docs/counterfactual.md``.
 
@@ -163,7 +166,19 @@ class CounterfactualConfig(ConfigMixin):
     guidance_scale: float = help_field(3.0, "Weight w of the guidance towards the target class (>= 0).")
     negative_guidance: float = help_field(1.0, "Weight w_neg of the guidance away from the factual class (>= 0).")
     proximity_weight: float = help_field(
-        0.1, "Share λ in [0, 1) of the straight path back to the factual feature (minimal change; 0: off)."
+        0.0,
+        "Share λ in [0, 1) of the straight path back to the factual feature: the fixed λ without the search, the "
+        "lower end of the search interval with it.",
+    )
+    proximity_search: int = help_field(
+        3,
+        "Bisection steps of the per-sample minimal-change search over λ in [proximity_weight, proximity_max] "
+        "(0: fixed λ = proximity_weight).",
+    )
+    proximity_max: float = help_field(0.8, "Upper end of the λ search interval, in (proximity_weight, 1).")
+    validity_margin: float = help_field(
+        0.01,
+        "Cosine margin by which the current classifier must prefer the target class for the search to accept z'.",
     )
     num_steps: int = help_field(5, "Fixed ODE steps of the inversion and of the guided generation, each.")
     method: str = help_field("midpoint", "Fixed-grid ODE solver of counterfactual generation: euler or midpoint.")
@@ -216,6 +231,21 @@ class CounterfactualConfig(ConfigMixin):
         for name in ("num_counterfactuals", "num_steps", "hidden_dim", "train_steps", "train_batch_size"):
             value = getattr(self, name)
             _check(is_int(value) and value >= 1, f"{name} must be an integer >= 1; got {value!r}.")
+        _check(
+            is_int(self.proximity_search) and self.proximity_search >= 0,
+            f"proximity_search must be an integer >= 0 (bisection steps; 0: fixed λ); got {self.proximity_search!r}.",
+        )
+        _check(
+            is_number(self.proximity_max)
+            and self.proximity_max < 1
+            and (self.proximity_search == 0 or self.proximity_weight < self.proximity_max),
+            f"proximity_max must be in (proximity_weight={self.proximity_weight}, 1): the search interval of λ; "
+            f"got {self.proximity_max!r}.",
+        )
+        _check(
+            is_number(self.validity_margin) and self.validity_margin >= 0,
+            f"validity_margin must be a number >= 0 (a cosine margin); got {self.validity_margin!r}.",
+        )
         _check(is_int(self.depth) and self.depth >= 0, f"depth must be an integer >= 0; got {self.depth!r}.")
         _check(
             is_int(self.feature_batch_size) and self.feature_batch_size >= 1,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -128,6 +129,10 @@ class RobustPromptModel(nn.Module):
     def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None, **batch: Any) -> RobustOutput:
         """Logits for ``pixel_values``; the loss too when ``labels`` are given.
 
+        In training mode the loss is the add-ons' training objective (reweighted task loss plus regularizers). In
+        eval mode it is the plain mean cross-entropy, comparable across methods and defined before any add-on
+        has been prepared (e.g. ``Trainer.evaluate()`` before training).
+
         Args:
             pixel_values: ``(batch, 3, H, W)`` normalised images.
             labels: ``(batch,)`` class indices.
@@ -157,12 +162,13 @@ class RobustPromptModel(nn.Module):
             full = {"pixel_values": pixel_values, "labels": labels, **batch}
             per_sample = F.cross_entropy(logits, labels, reduction="none")  # (b,)
             weights = None
-            for addon in addons:
+            objective = addons if self.training else []  # reweighting and regularizers are training objectives
+            for addon in objective:
                 w = addon.sample_weights(full, raw)
                 if w is not None:
                     weights = w if weights is None else weights * w
             loss = per_sample.mean() if weights is None else (weights * per_sample).sum() / weights.sum()
-            for addon in addons:
+            for addon in objective:
                 extra, addon_logs = addon.extra_loss(full, raw)
                 if extra is not None:
                     loss = loss + extra
@@ -265,6 +271,27 @@ class RobustPromptModel(nn.Module):
     @property
     def backbone(self) -> ClipBackbone | None:
         return _find_backbone(self.learner)
+
+    def training_state(self) -> dict[str, torch.Tensor]:
+        """The add-ons' running training state (``{"<addon>.<name>": tensor}``), saved in training checkpoints
+        (not in adapters): e.g. the debias add-on's EMA group statistics."""
+        return {
+            f"{name}.{key}": value.detach().cpu().contiguous()
+            for name, addon in self.addons.items()
+            for key, value in addon.training_state().items()
+        }
+
+    def load_training_state(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Restore :meth:`training_state` into prepared add-ons (after ``prepare_addons`` on a resume)."""
+        unknown = sorted({key.split(".", 1)[0] for key in state} - set(self.addons))
+        if unknown:
+            raise ValueError(
+                f"the training state holds add-on(s) {unknown} that this model does not have (add-ons: "
+                f"{sorted(self.addons)}); resume with the model that wrote the checkpoint."
+            )
+        for name, addon in self.addons.items():
+            prefix = name + "."
+            addon.load_training_state({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """The tensors an adapter holds: the learner's own parameters (never the frozen backbone's) and the

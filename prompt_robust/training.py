@@ -52,6 +52,8 @@ logger = logging.getLogger(__name__)
 TRAINABLE_NAME = "trainable.safetensors"
 OPTIMIZER_NAME = "optimizer.safetensors"
 RNG_NAME = "rng_state.safetensors"
+#: add-ons' running training state (RobustPromptModel.training_state), written only when there is some
+ADDON_STATE_NAME = "addon_training_state.safetensors"
 STATE_NAME = "trainer_state.json"
 _CHECKPOINT_FILES = (TRAINABLE_NAME, OPTIMIZER_NAME, RNG_NAME, STATE_NAME)
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
@@ -333,12 +335,15 @@ def _save_checkpoint(
     optimizer: torch.optim.Optimizer,
     trainer_state: dict[str, Any],
     keep: int,
+    addon_state: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     final = directory / f"checkpoint-{step}"
     tmp = Path(tempfile.mkdtemp(prefix=_TMP_PREFIX, dir=directory))
     try:
         save_file({name: p.detach().cpu().contiguous() for name, p in params.items()}, str(tmp / TRAINABLE_NAME))
+        if addon_state:
+            save_file(addon_state, str(tmp / ADDON_STATE_NAME))
 
         state_dict = optimizer.state_dict()
         opt_tensors: dict[str, torch.Tensor] = {}
@@ -550,6 +555,8 @@ def fit(
     if existing:
         resumed_from, path = existing[-1]
         state = _load_checkpoint(path, params, optimizer, config)
+        if (path / ADDON_STATE_NAME).is_file() and hasattr(model, "load_training_state"):
+            model.load_training_state(load_file(str(path / ADDON_STATE_NAME)))
         step, losses, last_checkpoint = resumed_from, list(state.get("losses", [])), str(path)
         if state.get("n_examples") not in (None, n):
             warnings.warn(
@@ -648,6 +655,7 @@ def fit(
                             optimizer=optimizer,
                             trainer_state=trainer_state(step // steps_per_epoch),
                             keep=config.keep_checkpoints,
+                            addon_state=model.training_state() if hasattr(model, "training_state") else None,
                         )
                     )
                 if step >= total_steps:
@@ -655,6 +663,10 @@ def fit(
     finally:
         bar.close()
         model.train(was_training)
+        # no stale gradients left behind: a later optimiser (another stage, a Trainer with gradient clipping)
+        # must not see this run's last gradients
+        for param in params.values():
+            param.grad = None
 
     return FitResult(
         steps=step,

@@ -10,6 +10,7 @@ from conftest import make_backbone
 
 from prompt_robust import cli
 from prompt_robust.benchmark import TASKS
+from prompt_robust.config import CounterfactualConfig
 
 
 @pytest.fixture
@@ -55,6 +56,15 @@ def test_bench_writes_every_output_and_resumes(backbone_dir, tmp_path, capsys):
     assert cli.main(argv + REDUCED) == 0
     assert {p.name: p.stat().st_mtime_ns for p in (out / "runs").iterdir()} == before
     assert json.loads((out / "results.json").read_text()) == results
+    # runs key on every add-on field, defaults included: a run saved before a default changed is not reused
+    saved = json.loads((out / "runs" / "coop+counterfactual_seed1.json").read_text())
+    assert saved["addon_configs"]["counterfactual"] == CounterfactualConfig(train_steps=3).to_dict()
+    assert "addon_configs" not in json.loads((out / "runs" / "coop_seed1.json").read_text())
+    saved["addon_configs"]["counterfactual"]["proximity_search"] = 0  # as if written under an older default
+    (out / "runs" / "coop+counterfactual_seed1.json").write_text(json.dumps(saved))
+    assert cli.main(argv + REDUCED) == 0
+    after = {p.name: p.stat().st_mtime_ns for p in (out / "runs").iterdir()}
+    assert {name for name in after if after[name] != before[name]} == {"coop+counterfactual_seed1.json"}
 
 
 def test_pretrain_backbone_then_use_it(tmp_path, capsys):
@@ -162,6 +172,16 @@ def test_icm_suite_compares_the_four_predictors(backbone_dir, tmp_path, capsys):
     # zero-shot CLIP does not depend on the seed; the probes see other shots
     assert result["std"]["zero_shot"]["avg"] == 0.0
     assert "icm_linear_probe" in capsys.readouterr().out
+    # the grid diagnostic scores every (λ, k) of the rule's grid; the λ = 0, k = d point is plain CLIP exactly
+    grid_config = '{"lam_grid": [0.0, 1.0], "dim_fractions": [0.5, 1.0]}'
+    argv = ["-q", "bench", "--suite", "icm-grid", "--seeds", "1", "--out", str(out), "--backbone", str(backbone_dir)]
+    assert cli.main([*argv, "--invariance-config", grid_config]) == 0
+    run = json.loads((out / "icm_grid.json").read_text())["per_seed"]["1"]
+    assert [(r["lam"], r["dim"]) for r in run["grid"]] == [(0.0, 16), (0.0, 32), (1.0, 16), (1.0, 32)]
+    identity = run["grid"][1]
+    assert identity["icm_zero_shot"] == pytest.approx(identity["zero_shot"])
+    assert run["zero_shot"] == pytest.approx(result["per_seed"]["1"]["scores"]["zero_shot"]["avg"])
+    assert run["best_icm_zero_shot"]["dim"] == 16 and "best ICM" in capsys.readouterr().out
 
 
 def test_counterfactual_quality_suite(backbone_dir, tmp_path, capsys):

@@ -157,6 +157,41 @@ def test_guided_counterfactual_moves_to_the_target_class_but_stays_close(toy):
     assert (generate(0.5) - z).norm(dim=1).mean() < (cf - z).norm(dim=1).mean()
 
 
+def test_minimal_change_search_keeps_the_largest_accepted_proximity_weight(toy):
+    flow, _, _, _, z = toy
+    source, target = torch.zeros(len(z), dtype=torch.long), torch.ones(len(z), dtype=torch.long)
+
+    def validator(x: torch.Tensor) -> torch.Tensor:  # the Bayes classifier of the mixture (equal priors, stds)
+        return -(x.unsqueeze(1) - MEANS).pow(2).sum(-1)
+
+    settings = dict(noise_level=0.5, guidance_scale=3.0, negative_guidance=1.0)
+    gen = CounterfactualGenerator(flow, proximity_search=3, proximity_max=0.8, validity_margin=0.1, **settings)
+    out = gen.generate(z, source, target, validator=validator)
+    grid = [0.1 * i for i in range(8)]  # what 3 bisection steps on [0, 0.8] can return
+    assert all(min(abs(lam - g) for g in grid) < 1e-6 for lam in out.proximity.tolist())
+    assert torch.equal(out.valid, gen.accepts(validator, out.counterfactuals, target))
+    assert out.valid.float().mean() >= 0.9  # the unconstrained (λ = 0) counterfactuals flip, so the search can too
+    assert out.evaluations == 2 * 5 * (1 + 1 + 3)  # midpoint: inversion + lower end + 3 bisection steps
+    # each accepted λ is exactly the fixed-λ counterfactual of that weight, and one grid step more is rejected
+    for lam in sorted(set(out.proximity[out.valid].tolist())):
+        rows = (out.proximity - lam).abs() < 1e-6
+        fixed = CounterfactualGenerator(flow, proximity_weight=lam, **settings).generate(
+            z[rows], source[rows], target[rows]
+        )
+        torch.testing.assert_close(out.counterfactuals[rows], fixed.counterfactuals, rtol=0, atol=1e-5)
+        if lam + 0.1 < 0.8:
+            stronger = CounterfactualGenerator(flow, proximity_weight=lam + 0.1, **settings)
+            more = stronger.generate(z[rows], source[rows], target[rows]).counterfactuals
+            assert not gen.accepts(validator, more, target[rows]).all()
+    # the search makes the change smaller than the lower end alone, at the validity the validator asks for
+    lower = CounterfactualGenerator(flow, proximity_weight=0.0, **settings).generate(z, source, target)
+    assert (out.counterfactuals - z).norm(dim=1).median() < (lower.counterfactuals - z).norm(dim=1).median()
+    # without a validator there is no search: the fixed lower end
+    plain = gen.generate(z, source, target)
+    torch.testing.assert_close(plain.counterfactuals, lower.counterfactuals)
+    assert plain.valid is None
+
+
 def test_without_guidance_the_proximity_term_keeps_the_feature_in_place(toy):
     flow, *_, z = toy
     source = torch.zeros(len(z), dtype=torch.long)
@@ -245,7 +280,12 @@ def test_regularizer_gradient_reaches_only_the_prompt(bb, train_data, batch, nam
     output = learner(batch["pixel_values"])
     loss, logs = addon.extra_loss(batch, output)
     assert loss.dim() == 0 and math.isfinite(float(loss.detach()))
-    assert set(logs) == {"counterfactual/loss", "counterfactual/validity", "counterfactual/cosine"}
+    assert set(logs) == {
+        "counterfactual/loss",
+        "counterfactual/validity",
+        "counterfactual/cosine",
+        "counterfactual/proximity_weight",
+    }
     loss.backward()
     # every prompt tensor that shapes the class text features gets a gradient
     text_params = [p for n, p in learner.named_parameters() if n.split(".")[0] in text_side]
@@ -262,7 +302,7 @@ def test_loss_is_infonce_with_counterfactual_negatives(prepared, batch):
     output = learner(batch["pixel_values"])
     loss, logs = addon.extra_loss(batch, output)
     z = learner.image_features(batch["pixel_values"])
-    cf, targets = addon.counterfactuals(z, batch["labels"], scores=output.logits)
+    cf, targets = addon.counterfactuals(z, batch["labels"], scores=output.logits, text_features=output.text_features)
     assert cf.shape == (4, 1, z.shape[1]) and (targets != batch["labels"][:, None]).all()
     # confusable targets: the highest other logit
     masked = output.logits.detach().clone()
@@ -342,6 +382,9 @@ def test_combines_with_the_refiner(bb, train_data, batch):
         ),
         ({"method": "rk4"}, r"unknown counterfactual ODE method 'rk4'; valid: euler, midpoint"),
         ({"proximity_weight": 1.0}, r"proximity_weight must be in \[0, 1\)"),
+        ({"proximity_search": -1}, "proximity_search must be an integer >= 0"),
+        ({"proximity_weight": 0.5, "proximity_max": 0.4}, r"proximity_max must be in \(proximity_weight=0.5, 1\)"),
+        ({"validity_margin": -0.1}, "validity_margin must be a number >= 0"),
         ({"guidance_scale": -1.0}, "guidance_scale must be >= 0"),
         ({"negative_guidance": -0.5}, "negative_guidance must be >= 0"),
         ({"num_counterfactuals": 0}, "num_counterfactuals must be an integer >= 1; got 0"),
@@ -453,7 +496,7 @@ def test_save_and_load_give_identical_counterfactuals_and_loss(prepared, bb, bat
     with torch.no_grad():
         learner.ctx.add_(0.1 * torch.randn(learner.ctx.shape, generator=torch.Generator().manual_seed(0)))
     try:
-        model.eval()
+        model.train()  # the regularizer is part of the training loss (eval mode gives the plain task loss)
         addon = model.addons["counterfactual"]
         state = model.trainable_state_dict()
         for key in ("flow.feature_mean", "flow.feature_scale", "flow.trained_steps", "flow.net.class_embedding.weight"):
@@ -464,7 +507,7 @@ def test_save_and_load_give_identical_counterfactuals_and_loss(prepared, bb, bat
             cf, targets = addon.counterfactuals(z, batch["labels"], scores=out.logits)
         model.save_pretrained(tmp_path / "adapter")
         loaded = pr.RobustPromptModel.from_pretrained(tmp_path / "adapter", backbone=bb)
-        loaded.eval()
+        loaded.train()
         loaded_addon = loaded.addons["counterfactual"]
         assert loaded_addon.ready
         assert float(loaded_addon.flow.feature_scale) == float(addon.flow.feature_scale)
@@ -475,6 +518,12 @@ def test_save_and_load_give_identical_counterfactuals_and_loss(prepared, bb, bat
         torch.testing.assert_close(loaded_cf, cf, rtol=0, atol=1e-6)
         torch.testing.assert_close(loaded_out.loss, out.loss, rtol=0, atol=1e-6)
         assert loaded_out.logs["counterfactual/loss"] == pytest.approx(out.logs["counterfactual/loss"], abs=1e-6)
+        loaded.eval()  # eval mode: the plain cross-entropy, no regularizer
+        with torch.no_grad():
+            plain = loaded(**batch)
+        expected = F.cross_entropy(plain.logits, batch["labels"])
+        torch.testing.assert_close(plain.loss, expected)
+        assert "counterfactual/loss" not in plain.logs
     finally:
         with torch.no_grad():  # the module-wide model is shared: restore its prompt
             learner.ctx.sub_(0.1 * torch.randn(learner.ctx.shape, generator=torch.Generator().manual_seed(0)))

@@ -347,6 +347,40 @@ def _train_and_evaluate(config, train, test_set, *, indexed=False):
     return evaluate(model, test_set, groups_key="groups")
 
 
+@pytest.mark.parametrize("config", [pr.DebiasConfig(attribute_values=VALUES), pr.DebiasConfig(mode="groupdro")])
+def test_fit_checkpoints_carry_the_running_group_statistics(train, tmp_path, config):
+    import shutil
+
+    fit_config = FitConfig(steps=6, batch_size=50, lr=0.05, warmup_steps=0, seed=0, checkpoint_every=3, progress=False)
+
+    def prepared():
+        model = wrapped(config)
+        model.prepare_addons(train, progress=False)
+        return model
+
+    straight = prepared()
+    fit(straight, train, fit_config, checkpoint_dir=tmp_path / "straight")
+    assert all(p.grad is None for p in straight.parameters())  # fit leaves no stale gradients behind
+    state = straight.training_state()
+    assert int(state["debias.updates"]) == 6
+    (tmp_path / "resumed").mkdir()
+    shutil.copytree(tmp_path / "straight" / "checkpoint-3", tmp_path / "resumed" / "checkpoint-3")
+    assert (tmp_path / "resumed" / "checkpoint-3" / "addon_training_state.safetensors").is_file()
+    resumed = prepared()
+    result = fit(resumed, train, fit_config, checkpoint_dir=tmp_path / "resumed")
+    assert result.resumed_from == 3
+    for name, value in straight.learner.state_dict().items():
+        assert torch.equal(resumed.learner.state_dict()[name], value), name
+    for key, value in state.items():
+        assert torch.equal(resumed.training_state()[key], value), key
+    # a checkpoint's state that does not fit this training set is refused with the reason
+    bad = {**state, "debias.mean_true_prob": torch.zeros(3, dtype=torch.float64)}
+    with pytest.raises(ValueError, match="another training set"):
+        prepared().load_training_state(bad)
+    with pytest.raises(ValueError, match="add-on"):
+        prepared().load_training_state({"refiner.x": torch.zeros(1)})
+
+
 def test_reweighting_raises_worst_group_accuracy_over_erm(train, test_set):
     erm = _train_and_evaluate(None, train, test_set)
     assert erm["worst_group"] < 0.8 and erm["gap"] > 0.1  # ERM leans on the spurious feature

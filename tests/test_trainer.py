@@ -12,7 +12,12 @@ import prompt_robust as pr
 from prompt_robust.data.tasks import WorldTasks
 
 transformers = pytest.importorskip("transformers")
-from prompt_robust.integrations.trainer import ADAPTER_SUBDIR, RobustCallback, robust_metrics  # noqa: E402
+from prompt_robust.integrations.trainer import (  # noqa: E402
+    ADAPTER_SUBDIR,
+    TRAINING_STATE_FILE,
+    RobustCallback,
+    robust_metrics,
+)
 
 
 @pytest.fixture(scope="module")
@@ -96,6 +101,47 @@ def test_trainer_resumes_from_a_checkpoint(world, tmp_path):
     torch.testing.assert_close(resumed, straight)
     state = json.loads((tmp_path / "a" / "checkpoint-6" / "trainer_state.json").read_text())
     assert state["global_step"] == 6
+
+
+def test_trainer_with_debias_evaluates_before_training_and_resumes_exactly(world, tmp_path):
+    backbone, train = world
+
+    def build():
+        torch.manual_seed(0)
+        learner = pr.build_learner("coop", backbone, train.classnames, n_ctx=2)
+        config = pr.DebiasConfig(attribute_values=["grass", "water"], eta=2.0)
+        return pr.wrap(learner, pr.RobustConfig(debias=config))
+
+    def run(out, resume=None, evaluate_first=False):
+        model = build()
+        trainer = transformers.Trainer(
+            model=model,
+            args=_args(out),
+            train_dataset=train,
+            eval_dataset=train,
+            compute_metrics=robust_metrics,
+            callbacks=[RobustCallback(train)],
+        )
+        if evaluate_first:  # before prepare_addons: the eval loss is the plain cross-entropy
+            metrics = trainer.evaluate()
+            assert metrics["eval_loss"] > 0 and 0 <= metrics["eval_worst_group_accuracy"] <= 1
+        trainer.train(resume_from_checkpoint=resume)
+        return model.learner.ctx.detach().clone(), model.training_state()
+
+    straight, straight_state = run(tmp_path / "a", evaluate_first=True)
+    assert set(straight_state) == {"debias.mean_true_prob", "debias.group_q", "debias.updates"}
+    assert int(straight_state["debias.updates"]) == 6
+    saved = tmp_path / "a" / "checkpoint-3" / TRAINING_STATE_FILE
+    assert saved.is_file()  # the EMA of the group statistics at step 3, beside the Trainer's own files
+    resumed, resumed_state = run(tmp_path / "a", resume=str(tmp_path / "a" / "checkpoint-3"))
+    torch.testing.assert_close(resumed, straight, rtol=0, atol=0)
+    for key, value in straight_state.items():
+        torch.testing.assert_close(resumed_state[key], value, rtol=0, atol=0)
+    # without the saved running state the resumed run restarts the EMA and no longer matches
+    saved.unlink()
+    _, drifted_state = run(tmp_path / "a", resume=str(tmp_path / "a" / "checkpoint-3"))
+    assert int(drifted_state["debias.updates"]) == 3
+    assert not torch.equal(drifted_state["debias.mean_true_prob"], straight_state["debias.mean_true_prob"])
 
 
 def test_trainer_setup_errors_are_clear(world, tmp_path):

@@ -95,6 +95,7 @@ class CounterfactualRegularizer(RobustAddon):
         self.generator = CounterfactualGenerator.from_config(self.flow, config)
         self.stage = "prompt"
         self._warned_no_grad = False
+        self.last_proximity: torch.Tensor | None = None  # (b, K) λ of the latest counterfactuals
 
     @property
     def ready(self) -> bool:
@@ -109,6 +110,7 @@ class CounterfactualRegularizer(RobustAddon):
         targets: torch.Tensor | None = None,
         *,
         scores: torch.Tensor | None = None,
+        text_features: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Unit-norm counterfactual features of ``features`` (no gradient).
 
@@ -117,6 +119,9 @@ class CounterfactualRegularizer(RobustAddon):
             labels: ``(b,)`` their classes.
             targets: ``(b, K)`` target classes; None: ``config.num_counterfactuals`` chosen by ``config.target``.
             scores: ``(b, n_classes)`` class scores for ``target="confusable"`` (e.g. the logits).
+            text_features: the classifier that judges a flip in the minimal-change search: unit-norm class text
+                features ``(n_classes, d)`` or per sample ``(b, n_classes, d)``. None: no search, the fixed
+                ``λ = proximity_weight``.
 
         Returns:
             ``(counterfactuals (b, K, d), targets (b, K))``.
@@ -131,7 +136,21 @@ class CounterfactualRegularizer(RobustAddon):
         batch, k = targets.shape
         flat_z = features.detach().unsqueeze(1).expand(batch, k, -1).reshape(batch * k, -1)  # (b K, d)
         flat_y = labels.unsqueeze(1).expand(batch, k).reshape(-1)  # (b K,)
-        out = self.generator.generate(flat_z, flat_y, targets.reshape(-1))
+        validator = None
+        if text_features is not None:
+            text = text_features.detach().float()
+            if text.dim() == 3:  # per-sample classifiers: row i of the flat batch belongs to sample i // K
+                text = text.repeat_interleave(k, dim=0)  # (b K, C, d)
+
+                def validator(z: torch.Tensor) -> torch.Tensor:
+                    return torch.einsum("nd,ncd->nc", F.normalize(z.float(), dim=-1), text)
+            else:
+
+                def validator(z: torch.Tensor) -> torch.Tensor:
+                    return F.normalize(z.float(), dim=-1) @ text.t()
+
+        out = self.generator.generate(flat_z, flat_y, targets.reshape(-1), validator=validator)
+        self.last_proximity = out.proximity.reshape(batch, k)
         counterfactuals = F.normalize(out.counterfactuals.float(), dim=-1)  # back on the unit sphere
         return counterfactuals.reshape(batch, k, -1), targets
 
@@ -176,7 +195,9 @@ class CounterfactualRegularizer(RobustAddon):
         z = self.learner.image_features(batch["pixel_values"]).detach().float()  # (b, d)
         logits = output.logits if hasattr(output, "logits") else None
         with torch.no_grad():
-            counterfactuals, targets = self.counterfactuals(z, labels, scores=logits)  # (b, K, d), (b, K)
+            counterfactuals, targets = self.counterfactuals(
+                z, labels, scores=logits, text_features=text
+            )  # (b, K, d), (b, K)
         rows = torch.arange(labels.shape[0], device=labels.device)
         true_text = (text[labels] if text.dim() == 2 else text[rows, labels]).float()  # (b, d)
         tau = self.config.temperature
@@ -195,6 +216,7 @@ class CounterfactualRegularizer(RobustAddon):
                 # the share of counterfactuals the current prompt's classifier assigns to their target class
                 "counterfactual/validity": float((predicted == targets).float().mean()),
                 "counterfactual/cosine": float((counterfactuals * z.unsqueeze(1)).sum(-1).mean()),
+                "counterfactual/proximity_weight": float(self.last_proximity.mean()),
             }
         return self.config.weight * loss, logs
 

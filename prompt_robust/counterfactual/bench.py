@@ -32,7 +32,9 @@ def counterfactual_quality_benchmark(
 ) -> dict[str, Any]:
     """Per seed: the feature flow is fitted (as ``prepare_addons`` does) on ``k`` photo shots of the 24 classes
     (the benchmark's DG split); the probe is fitted on the *other* images of the training pool, which the flow
-    never saw; counterfactuals of held-out photos target each one's most confusable class under the probe.
+    never saw; counterfactuals of held-out photos target each one's most confusable class under the probe. The
+    minimal-change search is judged by the zero-shot classifier (the learner being tuned, in training), never by
+    the held-out probe that measures validity.
     """
     from .. import build_learner, wrap
     from ..config import RobustConfig
@@ -58,7 +60,9 @@ def counterfactual_quality_benchmark(
         test = tasks.dg_source_test()
         z, y = image_features_in_batches(learner, test.pixel_values), test.labels
         train_z = image_features_in_batches(learner, train.pixel_values)
-        counterfactuals, targets = addon.counterfactuals(z, y, scores=probe(z))
+        with torch.no_grad():  # the zero-shot classifier judges flips in the minimal-change search
+            text = learner(test.pixel_values[:1]).text_features
+        counterfactuals, targets = addon.counterfactuals(z, y, scores=probe(z), text_features=text)
         quality = counterfactual_quality(
             z, counterfactuals, targets, probe=probe, reference_features=train_z, reference_labels=train.labels
         )
@@ -66,6 +70,7 @@ def counterfactual_quality_benchmark(
             "validity": quality.validity,
             "proximity": quality.proximity,
             "factual_validity": quality.factual_validity,
+            "mean_proximity_weight": float(addon.last_proximity.float().mean()),
         }
     keys = list(next(iter(per_seed.values())))
     mean = {key: statistics.fmean(run[key] for run in per_seed.values()) for key in keys}

@@ -14,7 +14,12 @@ For a factual feature ``z`` of class ``y`` and a target class ``y'``:
    velocity of ``∇log p_t(x) + w ∇log p_t(y'|x) - w_neg ∇log p_t(y|x)``: guidance by the gradients of the
    marginal and class-conditional scores. The last term is the *proximity* pull: the blend makes the
    predicted clean point ``x + (1 - t) v`` the ``λ``-mix of the guided prediction and the factual ``x_1``
-   (minimal change). ``λ = proximity_weight`` in ``[0, 1)``.
+   (minimal change), ``λ`` in ``[0, 1)``.
+3. *minimal-change search* (with a ``validator``, the classifier that judges the flip): ``λ`` is chosen per
+   sample by bisection in ``[proximity_weight, proximity_max]``, keeping the largest ``λ`` whose ``z'`` the
+   validator assigns to ``y'`` with a margin (``validator(z')[y'] - max_{c != y'} validator(z')[c] >
+   validity_margin``). The inversion is shared; every bisection step is one more guided integration. Where no
+   tried ``λ`` is valid, the ``z'`` of the lower end is kept. Without a validator, ``λ = proximity_weight``.
 
 Both integrations use :class:`prompt_robust.refiner.ODESampler` on ``s ∈ [0, 1]`` with time reparametrised
 onto the sub-interval (``t = 1 - s · noise_level`` backwards, ``t = t_0 + s · noise_level`` forwards).
@@ -22,6 +27,7 @@ onto the sub-interval (``t = 1 - s · noise_level`` backwards, ``t = t_0 + s · 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -95,11 +101,15 @@ class CounterfactualOutput:
         counterfactuals: ``(b, d)`` counterfactual features, in the feature space (not re-normalised).
         inverted: ``(b, d)`` the factual features' states at ``t_0`` (flow coordinates).
         evaluations: velocity-network calls (each on a batch of up to ``3 b``).
+        proximity: ``(b,)`` the ``λ`` each counterfactual was generated with.
+        valid: ``(b,)`` whether the validator accepted it (None without a validator).
     """
 
     counterfactuals: torch.Tensor
     inverted: torch.Tensor
     evaluations: int
+    proximity: torch.Tensor | None = None
+    valid: torch.Tensor | None = None
 
 
 class CounterfactualGenerator:
@@ -113,7 +123,11 @@ class CounterfactualGenerator:
         guidance_scale: ``w``, weight of the pull towards the target class (1 with ``negative_guidance=0``: the
             plain target-conditional field).
         negative_guidance: ``w_neg``, weight of the push away from the factual class.
-        proximity_weight: ``λ`` in ``[0, 1)``, share of the straight path back to the factual feature.
+        proximity_weight: ``λ`` in ``[0, 1)``, share of the straight path back to the factual feature (the lower
+            end of the search).
+        proximity_search: bisection steps of the per-sample ``λ`` search (0: fixed ``λ``).
+        proximity_max: upper end of the search interval.
+        validity_margin: margin the validator's target-class score must clear.
         num_steps: fixed ODE steps of each integration.
         method: ``"euler"`` or ``"midpoint"`` (``rk4`` would evaluate the proximity term at ``t = 1``).
 
@@ -136,7 +150,10 @@ class CounterfactualGenerator:
         noise_level: float = 0.5,
         guidance_scale: float = 3.0,
         negative_guidance: float = 1.0,
-        proximity_weight: float = 0.1,
+        proximity_weight: float = 0.0,
+        proximity_search: int = 0,
+        proximity_max: float = 0.8,
+        validity_margin: float = 0.0,
         num_steps: int = 5,
         method: str = "midpoint",
     ) -> None:
@@ -147,6 +164,13 @@ class CounterfactualGenerator:
             0 <= proximity_weight < 1,
             f"proximity_weight must be in [0, 1) (1 would return the factual feature itself); got {proximity_weight!r}.",
         )
+        _check(proximity_search >= 0, f"proximity_search must be >= 0; got {proximity_search!r}.")
+        _check(
+            proximity_search == 0 or proximity_weight < proximity_max < 1,
+            f"the λ search interval [proximity_weight, proximity_max] must lie in [0, 1) and not be empty; got "
+            f"[{proximity_weight!r}, {proximity_max!r}].",
+        )
+        _check(validity_margin >= 0, f"validity_margin must be >= 0; got {validity_margin!r}.")
         if method not in self.METHODS:
             raise unknown_name_error("counterfactual ODE method", method, self.METHODS)
         self.flow = flow
@@ -154,6 +178,9 @@ class CounterfactualGenerator:
         self.guidance_scale = float(guidance_scale)
         self.negative_guidance = float(negative_guidance)
         self.proximity_weight = float(proximity_weight)
+        self.proximity_search = int(proximity_search)
+        self.proximity_max = float(proximity_max)
+        self.validity_margin = float(validity_margin)
         self.sampler = ODESampler(num_steps, method)
 
     @classmethod
@@ -165,6 +192,9 @@ class CounterfactualGenerator:
             guidance_scale=config.guidance_scale,
             negative_guidance=config.negative_guidance,
             proximity_weight=config.proximity_weight,
+            proximity_search=config.proximity_search,
+            proximity_max=config.proximity_max,
+            validity_margin=config.validity_margin,
             num_steps=config.num_steps,
             method=config.method,
         )
@@ -192,6 +222,7 @@ class CounterfactualGenerator:
         source: torch.Tensor,
         target: torch.Tensor,
         anchor: torch.Tensor,
+        proximity: float | torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The guided, proximity-blended velocity ``(b, d)`` at states ``x`` ``(b, d)`` and time ``t``.
 
@@ -201,6 +232,7 @@ class CounterfactualGenerator:
             source: ``(b,)`` factual classes ``y`` (guided away from).
             target: ``(b,)`` target classes ``y'`` (guided towards).
             anchor: ``(b, d)`` factual features in flow coordinates (the proximity pull's goal).
+            proximity: ``λ``, a number or ``(b,)`` per sample (None: ``proximity_weight``).
         """
         w, w_neg = self.guidance_scale, self.negative_guidance
         null = torch.full_like(source, self.flow.null_index)
@@ -215,14 +247,36 @@ class CounterfactualGenerator:
             guided = sum(c * stacked[i] for i, (c, _) in enumerate(terms))  # (b, d)
         else:
             guided = torch.zeros_like(x)
-        lam = self.proximity_weight
-        if lam == 0.0:
+        lam = self.proximity_weight if proximity is None else proximity
+        if isinstance(lam, torch.Tensor):
+            lam = lam.to(x.dtype).unsqueeze(1)  # (b, 1)
+        elif lam == 0.0:
             return guided
         return (1.0 - lam) * guided + lam * (anchor - x) / (1.0 - t)  # t < 1 on the euler / midpoint grids
 
+    def accepts(self, validator: Callable[[torch.Tensor], torch.Tensor], features: torch.Tensor, targets: torch.Tensor):
+        """``(b,)`` True where ``validator`` scores ``targets`` above every other class by ``validity_margin``."""
+        scores = validator(features).float()  # (b, n_classes)
+        rows = torch.arange(scores.shape[0], device=scores.device)
+        target_score = scores[rows, targets]
+        others = scores.clone()
+        others[rows, targets] = -float("inf")
+        return target_score - others.max(dim=1).values > self.validity_margin
+
     @torch.no_grad()
-    def generate(self, features: torch.Tensor, labels: torch.Tensor, targets: torch.Tensor) -> CounterfactualOutput:
+    def generate(
+        self,
+        features: torch.Tensor,
+        labels: torch.Tensor,
+        targets: torch.Tensor,
+        validator: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> CounterfactualOutput:
         """Counterfactuals of ``features`` ``(b, d)`` (classes ``labels`` ``(b,)``) towards ``targets`` ``(b,)``.
+
+        Args:
+            features, labels, targets: see above.
+            validator: maps ``(b, d)`` features to ``(b, n_classes)`` class scores (e.g. cosines with the current
+                prompt's class text features); it enables the per-sample minimal-change search over ``λ``.
 
         Returns:
             :class:`CounterfactualOutput`; ``counterfactuals`` are in the feature space (``decode``-d).
@@ -241,22 +295,38 @@ class CounterfactualGenerator:
                 )
         labels, targets = labels.long(), targets.long()
         x1 = flow.encode(features)  # (b, d) flow coordinates
-        xt0, inversion_calls = self.invert(x1, labels)
+        xt0, evaluations = self.invert(x1, labels)
         span, start = self.noise_level, self.t0
 
-        def forwards(s: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-            return span * self.guided_velocity(x, start + span * s, labels, targets, x1)  # dx/ds
+        def integrate(lam: torch.Tensor) -> torch.Tensor:
+            nonlocal evaluations
 
-        out = self.sampler.sample(forwards, xt0)
-        return CounterfactualOutput(
-            counterfactuals=flow.decode(out.sample).to(features.dtype),
-            inverted=xt0,
-            evaluations=inversion_calls + out.evaluations,
-        )
+            def forwards(s: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+                return span * self.guided_velocity(x, start + span * s, labels, targets, x1, lam)  # dx/ds
+
+            out = self.sampler.sample(forwards, xt0)
+            evaluations += out.evaluations
+            return flow.decode(out.sample).to(features.dtype)
+
+        low = torch.full((batch,), self.proximity_weight, device=features.device)
+        best = integrate(low)
+        if validator is None:
+            return CounterfactualOutput(best, xt0, evaluations, proximity=low)
+        valid = self.accepts(validator, best, targets)
+        high = torch.full_like(low, self.proximity_max)
+        for _ in range(self.proximity_search):  # bisection: the largest accepted λ is the smallest change
+            middle = (low + high) / 2
+            candidate = integrate(middle)
+            accepted = self.accepts(validator, candidate, targets)
+            best = torch.where(accepted.unsqueeze(1), candidate, best)
+            valid = valid | accepted
+            low, high = torch.where(accepted, middle, low), torch.where(accepted, high, middle)
+        return CounterfactualOutput(best, xt0, evaluations, proximity=low, valid=valid)
 
     def __repr__(self) -> str:
         return (
             f"CounterfactualGenerator(noise_level={self.noise_level}, guidance_scale={self.guidance_scale}, "
             f"negative_guidance={self.negative_guidance}, proximity_weight={self.proximity_weight}, "
+            f"proximity_search={self.proximity_search}, proximity_max={self.proximity_max}, "
             f"sampler={self.sampler!r})"
         )

@@ -304,6 +304,35 @@ class DebiasReweighting(RobustAddon):
         )
         return {"debias/jtt_error_fraction": float(mask.double().mean())}
 
+    # -- training state (checkpoints) ---------------------------------------------------------------------------
+    _RUNNING = ("mean_true_prob", "group_q")
+
+    def training_state(self) -> dict[str, torch.Tensor]:
+        """The running group statistics (EMA of ``p̄``, GroupDRO's ``q``) and the update count; everything else is
+        recomputed identically by :meth:`prepare`."""
+        if not self.prepared:
+            return {}
+        state = {name: getattr(self, name) for name in self._RUNNING}
+        return {**state, "updates": torch.tensor(self.updates, dtype=torch.long)}
+
+    def load_training_state(self, state: Mapping[str, torch.Tensor]) -> None:
+        if not state:
+            return
+        self._require_prepared()
+        expected = {*self._RUNNING, "updates"}
+        if set(state) != expected:
+            raise ValueError(f"debias training state must hold {sorted(expected)}; got {sorted(state)}.")
+        for name in self._RUNNING:
+            current = getattr(self, name)
+            if tuple(state[name].shape) != tuple(current.shape):
+                raise ValueError(
+                    f"debias training state {name!r} has shape {tuple(state[name].shape)}, but prepare() on this "
+                    f"training set gives {tuple(current.shape)}: the checkpoint was written for another training set "
+                    "or attribute_values."
+                )
+            setattr(self, name, state[name].to(current.dtype).clone())
+        self.updates = int(state["updates"])
+
     # -- weights -------------------------------------------------------------------------------------------------
     def _require_prepared(self) -> None:
         if not self.prepared:

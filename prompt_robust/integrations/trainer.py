@@ -26,16 +26,19 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 from transformers import TrainerCallback
 
 from ..model import RobustPromptModel
 
-__all__ = ["ADAPTER_SUBDIR", "RobustCallback", "robust_metrics"]
+__all__ = ["ADAPTER_SUBDIR", "TRAINING_STATE_FILE", "RobustCallback", "robust_metrics"]
 
 logger = logging.getLogger(__name__)
 
 #: where the callback writes adapter files inside each Trainer checkpoint folder
 ADAPTER_SUBDIR = "robust_adapter"
+#: the add-ons' running training state inside each Trainer checkpoint folder (when there is some)
+TRAINING_STATE_FILE = "robust_training_state.safetensors"
 
 
 def _unwrap(model: Any) -> RobustPromptModel:
@@ -69,8 +72,9 @@ def _sync_addons(robust: RobustPromptModel) -> None:
 class RobustCallback(TrainerCallback):
     """Schedules the add-ons' stages inside a ``transformers.Trainer`` run and saves adapter files.
 
-    * at the start of training (not on resume): ``model.prepare_addons(train_dataset)`` — what add-ons need before
-      the prompt is tuned;
+    * at the start of training: ``model.prepare_addons(train_dataset)`` — what add-ons need before the prompt is
+      tuned (on resume too: it is deterministic and cached; the add-ons' running state, such as the debias EMA,
+      is then restored from ``<checkpoint>/robust_training_state.safetensors``, written on every save);
     * after ``addon_start_step`` prompt steps (the warm-up): ``model.fit_addons(train_dataset)`` — e.g. the
       refiner's targets and generator; the Trainer then continues tuning the prompt with the add-ons active;
     * on every save: the adapter files (``adapter_config.json`` + ``adapter_model.safetensors``) in
@@ -118,9 +122,22 @@ class RobustCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         robust = _unwrap(model)
-        if state.global_step == 0:
-            self.logs.update(robust.prepare_addons(self.train_dataset, seed=args.seed, cache_dir=self._cache(args)))
-            _sync_addons(robust)
+        # also on resume: what prepare derives is deterministic (and cached), and add-ons whose prepared state is
+        # not in the checkpoint's weights (the debias groups) need it; their running state is restored next
+        self.logs.update(robust.prepare_addons(self.train_dataset, seed=args.seed, cache_dir=self._cache(args)))
+        if state.global_step > 0:
+            saved = Path(args.output_dir) / f"checkpoint-{state.global_step}" / TRAINING_STATE_FILE
+            if saved.is_file():
+                robust.load_training_state(load_file(str(saved)))
+            elif robust.training_state():
+                logger.warning(
+                    "RobustCallback: resuming at step %d without %s; the add-ons' running state (%s) restarts from "
+                    "its prepared values.",
+                    state.global_step,
+                    saved,
+                    ", ".join(sorted(robust.training_state())),
+                )
+        _sync_addons(robust)
         if self.addon_start_step == 0 and state.global_step == 0:
             self._fit_addons(robust, args)
 
@@ -147,9 +164,16 @@ class RobustCallback(TrainerCallback):
             robust.save_pretrained(Path(args.output_dir) / ADAPTER_SUBDIR, overwrite=True)
 
     def on_save(self, args, state, control, model=None, **kwargs):
-        if self.save_adapter and state.is_world_process_zero:
-            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}" / ADAPTER_SUBDIR
-            _unwrap(model).save_pretrained(folder, overwrite=True)
+        if not state.is_world_process_zero:
+            return
+        robust = _unwrap(model)
+        checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        training_state = robust.training_state()
+        if training_state:
+            checkpoint.mkdir(parents=True, exist_ok=True)
+            save_file(training_state, str(checkpoint / TRAINING_STATE_FILE))
+        if self.save_adapter:
+            robust.save_pretrained(checkpoint / ADAPTER_SUBDIR, overwrite=True)
 
 
 def robust_metrics(eval_prediction: Any) -> dict[str, float]:

@@ -19,9 +19,51 @@ from .icm import ICMProjection
 from .predict import compare_predictors
 from .selection import choose_lam_dim
 
-__all__ = ["format_icm", "icm_dg_benchmark"]
+__all__ = ["format_icm", "format_icm_grid", "icm_dg_benchmark", "icm_grid_diagnostic"]
 
 METHODS = ("zero_shot", "icm_zero_shot", "linear_probe", "icm_linear_probe")
+
+
+class _DGSetup:
+    """What every seed of the ICM suites shares: the zero-shot learner, its class text features, the unseen-style
+    test features; and per seed the training shots' interventional features (cached, split saved)."""
+
+    def __init__(self, backbone: ClipBackbone, config: InvarianceConfig, out_dir: Path, k: int, test_per_class: int):
+        from .. import build_learner
+        from ..data import world
+        from ..data.tasks import WorldTasks
+
+        self.backbone, self.config, self.out_dir, self.k = backbone, config, out_dir, k
+        self.tasks = WorldTasks(
+            backbone.image_size, backbone.image_mean, backbone.image_std, test_per_class=test_per_class
+        )
+        self.learner = build_learner("zeroshot", backbone, list(world.CLASSES))
+        self.text = self.learner.fixed_text_features([f"a photo of a {c}." for c in world.CLASSES])  # (24, d)
+        self.tests = {
+            style: (image_features_in_batches(self.learner, data.pixel_values), data.labels)
+            for style, data in self.tasks.dg_test().items()
+        }
+
+    def features(self, seed: int):
+        from ..data.fewshot import save_split
+
+        train, indices = self.tasks.dg_train(self.k, seed)
+        meta = {"task": "domain_generalization", "k": self.k, "seed": seed}
+        split = self.out_dir / "splits" / f"domain_generalization_k{self.k}_seed{seed}.json"
+        save_split(split, indices, meta=meta, overwrite=True)
+        config = self.config
+        return interventional_features(
+            self.learner,
+            train,
+            config.interventions,
+            mean=self.backbone.image_mean,
+            std=self.backbone.image_std,
+            pairs_per_image=config.pairs_per_image,
+            seed=seed,
+            batch_size=config.feature_batch_size,
+            cache_dir=self.out_dir / "cache",
+            progress=False,
+        )
 
 
 def icm_dg_benchmark(
@@ -38,39 +80,15 @@ def icm_dg_benchmark(
     chosen on held-out training images only (``InvarianceConfig`` rule), then the four predictors on each unseen
     style. Returns and writes ``icm.json`` / ``icm.md`` (mean ± std over seeds).
     """
-    from .. import build_learner
-    from ..data import world
-    from ..data.fewshot import save_split
-    from ..data.tasks import TARGET_STYLES, WorldTasks
+    from ..data.tasks import TARGET_STYLES
 
     config = config or InvarianceConfig()
     out_dir = Path(out_dir)
-    tasks = WorldTasks(backbone.image_size, backbone.image_mean, backbone.image_std, test_per_class=test_per_class)
-    learner = build_learner("zeroshot", backbone, list(world.CLASSES))
-    text = learner.fixed_text_features([f"a photo of a {c}." for c in world.CLASSES])  # (24, d)
-    tests = {
-        style: (image_features_in_batches(learner, data.pixel_values), data.labels)
-        for style, data in tasks.dg_test().items()
-    }
+    setup = _DGSetup(backbone, config, out_dir, k, test_per_class)
+    text, tests = setup.text, setup.tests
     per_seed: dict[int, dict[str, Any]] = {}
     for seed in tqdm(list(seeds), desc="icm", disable=not progress):
-        train, indices = tasks.dg_train(k, seed)
-        meta = {"task": "domain_generalization", "k": k, "seed": seed}
-        save_split(
-            out_dir / "splits" / f"domain_generalization_k{k}_seed{seed}.json", indices, meta=meta, overwrite=True
-        )
-        feats = interventional_features(
-            learner,
-            train,
-            config.interventions,
-            mean=backbone.image_mean,
-            std=backbone.image_std,
-            pairs_per_image=config.pairs_per_image,
-            seed=seed,
-            batch_size=config.feature_batch_size,
-            cache_dir=out_dir / "cache",
-            progress=False,
-        )
+        feats = setup.features(seed)
         selection = choose_lam_dim(
             feats,
             lam=config.lam,
@@ -118,3 +136,69 @@ def format_icm(result: dict[str, Any]) -> str:
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     chosen = ", ".join(f"seed {s}: λ {r['lam']:g}, k {r['dim']}" for s, r in result["per_seed"].items())
     return "\n".join(lines) + f"\n\nChosen on held-out training images: {chosen}."
+
+
+def icm_grid_diagnostic(
+    backbone: ClipBackbone,
+    out_dir: str | Path,
+    *,
+    seeds: Sequence[int] = (1, 2, 3),
+    k: int = 16,
+    config: InvarianceConfig | None = None,
+    test_per_class: int = 50,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """A diagnostic, **not a method**: every ``(λ, k)`` of the selection rule's grid (``lam_grid`` x
+    ``dim_fractions``) scored directly on the unseen styles. It answers whether any projection the rule could
+    pick would raise the unseen-style average, i.e. whether a failure lies in the rule or in the interventions.
+    Writes ``icm_grid.json`` / ``icm_grid.md``.
+    """
+    from ..data.tasks import TARGET_STYLES
+
+    config = config or InvarianceConfig()
+    out_dir = Path(out_dir)
+    setup = _DGSetup(backbone, config, out_dir, k, test_per_class)
+    per_seed: dict[str, Any] = {}
+    for seed in tqdm(list(seeds), desc="icm grid", disable=not progress):
+        feats = setup.features(seed)
+        dims = sorted({max(1, round(f * feats.dim)) for f in config.dim_fractions})
+        grid = []
+        for lam in config.lam_grid:
+            for dim in dims:
+                icm = ICMProjection.fit(feats.clean, feats.deltas(), lam=lam, dim=dim)
+                scores = compare_predictors(
+                    feats.clean, feats.labels, icm, setup.text, setup.tests, probe_reg=config.probe_reg
+                )
+                avg = {m: sum(v[s] for s in TARGET_STYLES) / len(TARGET_STYLES) for m, v in scores.items()}
+                grid.append({"lam": float(lam), "dim": dim, **avg})
+        proper = [r for r in grid if r["dim"] < feats.dim]
+        per_seed[str(seed)] = {
+            "grid": grid,
+            "zero_shot": grid[0]["zero_shot"],
+            "linear_probe": grid[0]["linear_probe"],
+            # k = d is a rotation (no dimension removed): the best *proper* projection is the question
+            "best_icm_zero_shot": max(proper, key=lambda r: r["icm_zero_shot"]),
+            "best_icm_linear_probe": max(proper, key=lambda r: r["icm_linear_probe"]),
+        }
+    result = {"config": config.to_dict(), "k": k, "seeds": list(seeds), "per_seed": per_seed}
+    _io.write_json(out_dir / "icm_grid.json", result)
+    (out_dir / "icm_grid.md").write_text(format_icm_grid(result) + "\n")
+    return result
+
+
+def format_icm_grid(result: dict[str, Any]) -> str:
+    """Markdown table of :func:`icm_grid_diagnostic`: per seed, the non-ICM predictors and the best grid point."""
+    lines = [
+        "| seed | zero-shot | best ICM zero-shot (λ, k) | linear probe | best ICM probe (λ, k) |",
+        "|---|---|---|---|---|",
+    ]
+    for seed, run in result["per_seed"].items():
+        zs, pr = run["best_icm_zero_shot"], run["best_icm_linear_probe"]
+        lines.append(
+            f"| {seed} | {100 * run['zero_shot']:.1f} | {100 * zs['icm_zero_shot']:.1f} ({zs['lam']:g}, {zs['dim']}) | "
+            f"{100 * run['linear_probe']:.1f} | {100 * pr['icm_linear_probe']:.1f} ({pr['lam']:g}, {pr['dim']}) |"
+        )
+    return "\n".join(lines) + (
+        "\n\nUnseen-style average accuracy, %. Every grid point with k < d is scored on the test styles (a "
+        "diagnostic of what the rule could reach, not a result)."
+    )
