@@ -27,9 +27,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-from pathlib import Path
 
 import torch
+from _data import add_data_args, add_run_args, check_args, fit_config  # examples/_data.py
 
 import prompt_robust as pr
 import prompt_robust.debias as db
@@ -37,7 +37,7 @@ from prompt_robust.benchmark import LEARNER_SETTINGS
 from prompt_robust.cli import add_dataclass_args, dataclass_from_args
 from prompt_robust.data import load_waterbirds, sample_few_shot, transform_for
 from prompt_robust.data.tasks import SPURIOUS_BACKGROUNDS, WorldTasks
-from prompt_robust.training import FitConfig, evaluate, fit
+from prompt_robust.training import evaluate, fit
 
 MODES = ("pseudo", "oracle", "groupdro", "jtt", "erm")
 #: Waterbirds' places in the loader's attribute order (land = 0, water = 1)
@@ -68,39 +68,28 @@ def group_metrics(model: pr.RobustPromptModel, test) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--backbone", default="embedded", help="embedded, hf:<dir> or open_clip:<model>:<weights>.")
-    parser.add_argument("--root", help="Waterbirds folder with metadata.csv; default: the embedded spurious task.")
+    add_data_args(parser, "waterbirds")  # --backbone, --root
     parser.add_argument("--test-split", default="test", choices=["val", "test"], help="Waterbirds evaluation split.")
     parser.add_argument("--k", type=int, default=None, help="Waterbirds: shots per class (default: the whole split).")
     parser.add_argument("--mode", default="pseudo", choices=MODES, help="pseudo (DPT) or a baseline.")
     parser.add_argument("--learner", default="coop", choices=[n for n in pr.LEARNERS if n != "zeroshot"])
     parser.add_argument("--steps", type=int, default=200, help="Prompt-tuning steps (AdamW, cosine decay).")
     parser.add_argument("--jtt-steps", type=int, default=60, help="Steps of JTT's ERM identification run.")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--train-per-class", type=int, default=64, help="Embedded task: training images per class.")
-    parser.add_argument("--test-per-class", type=int, default=50, help="Embedded task: test images per group.")
-    parser.add_argument("--seed", type=int, default=1, help="Training draw, initialisation and training order.")
-    parser.add_argument("--out", default="runs/debias", help="The adapter and results.json go here.")
-    parser.add_argument("--overwrite", action="store_true", help="Replace an adapter already saved in --out.")
-    parser.add_argument("--quiet", action="store_true", help="No progress bars.")
+    add_run_args(  # --batch-size, --lr, --train-per-class, --test-per-class, --seed, --out, --overwrite, --quiet
+        parser,
+        "waterbirds",
+        steps=None,  # --steps and --jtt-steps above
+        seed_help="Training draw, initialisation and training order.",
+        out_default="runs/debias",
+        out_help="The adapter and results.json go here.",
+    )
     add_dataclass_args(parser, pr.DebiasConfig, skip=("mode", "batch_size", "log_every"))
     args = parser.parse_args(argv)
-    out = Path(args.out)
-    if (out / "adapter" / "adapter_config.json").exists() and not args.overwrite:
-        parser.error(f"{out / 'adapter'} already holds an adapter; pass --overwrite or choose another --out.")
+    out = check_args(parser, args, ["adapter"])
 
     backbone = pr.load_backbone(args.backbone)
     train, test, true_attribute, default_values = spurious_data(args, backbone)
-    config = FitConfig(
-        steps=args.steps,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        optimizer="adamw",
-        warmup_steps=min(10, args.steps // 10),
-        seed=args.seed,
-        progress=not args.quiet,
-    )
+    config = fit_config(args)
 
     def build(robust: pr.RobustConfig) -> pr.RobustPromptModel:
         torch.manual_seed(args.seed)

@@ -25,15 +25,14 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 import torch
+from _data import add_data_args, add_run_args, check_args, world_tasks  # examples/_data.py
 from torch.utils.data import DataLoader
 
 import prompt_robust as pr
 from prompt_robust.cli import add_dataclass_args, dataclass_from_args
 from prompt_robust.data import load_domainbed, sample_few_shot, split_by_domain, transform_for
-from prompt_robust.data.tasks import WorldTasks
 from prompt_robust.invariance import compare_predictors
 
 PREDICTORS = ("zero_shot", "icm_zero_shot", "linear_probe", "icm_linear_probe")
@@ -48,13 +47,7 @@ def domain_data(args: argparse.Namespace, backbone: pr.ClipBackbone):
             train = train.subset(sample_few_shot(train.labels, args.k, args.seed, allow_fewer=True))
         # folder names such as "Alarm_Clock" read better in a prompt as "Alarm Clock"
         return train, tests, [name.replace("_", " ") for name in dataset.classnames]
-    tasks = WorldTasks(
-        backbone.image_size,
-        backbone.image_mean,
-        backbone.image_std,
-        pool_per_class=args.pool_per_class,
-        test_per_class=args.test_per_class,
-    )
+    tasks = world_tasks(backbone, args)
     train, _ = tasks.dg_train(args.k, args.seed)
     return train, tasks.dg_test(), train.classnames
 
@@ -71,23 +64,20 @@ def image_features(learner: pr.PromptLearner, dataset, batch_size: int = 64) -> 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--backbone", default="embedded", help="embedded, hf:<dir> or open_clip:<model>:<weights>.")
-    parser.add_argument("--root", help="DomainBed folder <root>/<domain>/<class>/<image>; default: embedded world.")
-    parser.add_argument("--test-domain", nargs="+", help="DomainBed: the held-out domain(s); the rest is training.")
+    add_data_args(parser, "domainbed")  # --backbone, --root, --test-domain
     parser.add_argument("--k", type=int, default=16, help="Shots per class (DomainBed: 0 = every training image).")
-    parser.add_argument("--pool-per-class", type=int, default=32, help="Embedded world: images the shots come from.")
-    parser.add_argument("--test-per-class", type=int, default=50, help="Embedded world: test images per class.")
-    parser.add_argument("--seed", type=int, default=1, help="Few-shot draw, interventions and held-out split.")
-    parser.add_argument("--out", default="runs/icm", help="The adapter, feature cache and results.json go here.")
-    parser.add_argument("--overwrite", action="store_true", help="Replace an adapter already saved in --out.")
-    parser.add_argument("--quiet", action="store_true", help="No progress bars.")
+    add_run_args(  # no training: --pool-per-class, --test-per-class, --seed, --out, --overwrite, --quiet
+        parser,
+        "domainbed",
+        steps=None,
+        lr=None,
+        seed_help="Few-shot draw, interventions and held-out split.",
+        out_default="runs/icm",
+        out_help="The adapter, feature cache and results.json go here.",
+    )
     add_dataclass_args(parser, pr.InvarianceConfig)
     args = parser.parse_args(argv)
-    if args.root and not args.test_domain:
-        parser.error("--root needs --test-domain (the held-out domain or domains).")
-    out = Path(args.out)
-    if (out / "adapter" / "adapter_config.json").exists() and not args.overwrite:
-        parser.error(f"{out / 'adapter'} already holds an adapter; pass --overwrite or choose another --out.")
+    out = check_args(parser, args, ["adapter"])
 
     backbone = pr.load_backbone(args.backbone)
     train, tests, classnames = domain_data(args, backbone)

@@ -23,66 +23,48 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 import torch
-from _data import base_new_accuracy, base_to_new_data  # examples/_data.py
+from _data import (
+    add_data_args,
+    add_run_args,
+    base_new_accuracy,
+    base_to_new_data,
+    check_args,
+    fit_config,
+    print_base_new,
+    save_shots,
+)
 
 import prompt_robust as pr
 from prompt_robust.cli import add_dataclass_args, dataclass_from_args
-from prompt_robust.data import save_split
-from prompt_robust.training import FitConfig, fit
+from prompt_robust.training import fit
 
 ADAPTERS = {"maple": "maple", "maple+counterfactual": "maple_counterfactual"}
 
 
 def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--backbone", default="embedded", help="embedded, hf:<dir> or open_clip:<model>:<weights>.")
-    parser.add_argument("--split-file", help="CoOp/Dassl split_zhou_<Dataset>.json; default: the embedded world.")
-    parser.add_argument("--image-dir", help="Image root the split file's paths are relative to.")
+    add_data_args(parser, "split")  # --backbone, --split-file, --image-dir
     parser.add_argument("--k", type=int, default=16, help="Shots per base class.")
     parser.add_argument("--maple-depth", type=int, default=3, help="MaPLe's prompted layers (<= the towers' depth).")
-    parser.add_argument("--steps", type=int, default=200, help="Prompt-tuning steps (AdamW, cosine decay).")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--pool-per-class", type=int, default=32, help="Embedded world: images the shots come from.")
-    parser.add_argument("--test-per-class", type=int, default=50, help="Embedded world: test images per class.")
-    parser.add_argument("--seed", type=int, default=1, help="Few-shot draw, initialisation and training order.")
-    parser.add_argument("--out", default="runs/maple_cf", help="Adapters, split, cache and results.json go here.")
-    parser.add_argument("--overwrite", action="store_true", help="Replace adapters already saved in --out.")
-    parser.add_argument("--quiet", action="store_true", help="No progress bars.")
+    add_run_args(  # --steps, --batch-size, --lr, --pool-per-class, --test-per-class, --seed, --out, ...
+        parser,
+        "split",
+        seed_help="Few-shot draw, initialisation and training order.",
+        out_default="runs/maple_cf",
+        out_help="Adapters, split, cache and results.json go here.",
+        overwrite_help="Replace adapters already saved in --out.",
+    )
     add_dataclass_args(parser, pr.CounterfactualConfig)
     args = parser.parse_args(argv)
-    if bool(args.split_file) != bool(args.image_dir):
-        parser.error("--split-file and --image-dir go together.")
-    out = Path(args.out)
-    for name in ADAPTERS.values():
-        if (out / name / "adapter_config.json").exists() and not args.overwrite:
-            parser.error(f"{out / name} already holds an adapter; pass --overwrite or choose another --out.")
+    out = check_args(parser, args, ADAPTERS.values())
 
     backbone = pr.load_backbone(args.backbone)
-    train, base_test, new_test, shots = base_to_new_data(
-        backbone,
-        k=args.k,
-        seed=args.seed,
-        split_file=args.split_file,
-        image_dir=args.image_dir,
-        pool_per_class=args.pool_per_class,
-        test_per_class=args.test_per_class,
-    )
-    meta = {"dataset": args.split_file or "embedded world (base-to-new)", "k": args.k, "seed": args.seed}
-    save_split(out / "split.json", shots, meta=meta, overwrite=args.overwrite)
+    train, base_test, new_test, shots = base_to_new_data(backbone, args)
+    save_shots(out / "split.json", shots, args, "embedded world (base-to-new)")
     counterfactual = dataclass_from_args(pr.CounterfactualConfig, args)
-    config = FitConfig(
-        steps=args.steps,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        optimizer="adamw",
-        warmup_steps=min(10, args.steps // 10),
-        seed=args.seed,
-        progress=not args.quiet,
-    )
+    config = fit_config(args)
 
     results, logs = {}, {}
     for method, folder in ADAPTERS.items():
@@ -97,10 +79,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
         model.save_pretrained(out / folder, overwrite=args.overwrite)
 
     (out / "results.json").write_text(json.dumps({"results": results, "prepare_logs": logs}, indent=2) + "\n")
-    print(f"base-to-new, {args.k} shots per base class, seed {args.seed} (accuracy)")
-    print(f"{'method':22s} {'base':>6s} {'new':>6s} {'hm':>6s}")
-    for method, values in results.items():
-        print(f"{method:22s} " + " ".join(f"{values[key]:6.3f}" for key in ("base", "new", "hm")))
+    print_base_new(results, args.k, args.seed)
     print(f"adapters in {out / 'maple'} and {out / 'maple_counterfactual'}")
     return results
 

@@ -24,16 +24,14 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 import peft
 import torch
-from _data import few_shot_data  # examples/_data.py
+from _data import add_data_args, add_run_args, check_args, few_shot_data, fit_config, save_shots
 
 import prompt_robust as pr
 from prompt_robust.benchmark import LEARNER_SETTINGS
-from prompt_robust.data import save_split
-from prompt_robust.training import FitConfig, evaluate, fit
+from prompt_robust.training import evaluate, fit
 
 
 def hf_backbone(spec: str) -> pr.HFClipBackbone:
@@ -56,45 +54,29 @@ def with_lora(base: pr.HFClipBackbone, model: torch.nn.Module) -> pr.HFClipBackb
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--backbone", default="embedded", help="embedded or hf:<dir> (a transformers CLIP).")
-    parser.add_argument("--split-file", help="CoOp/Dassl split_zhou_<Dataset>.json; default: the embedded world.")
-    parser.add_argument("--image-dir", help="Image root the split file's paths are relative to.")
+    add_data_args(parser, "split", backbone_help="embedded or hf:<dir> (a transformers CLIP).")  # + --split-file, ...
     parser.add_argument("--learner", default="coop", choices=[n for n in pr.LEARNERS if n != "zeroshot"])
     parser.add_argument("--rank", type=int, default=4, help="LoRA rank r.")
     parser.add_argument("--alpha", type=float, default=8.0, help="LoRA alpha (the update is scaled by alpha / r).")
     parser.add_argument("--target-modules", nargs="+", default=["q_proj", "v_proj"], help="CLIP modules to adapt.")
     parser.add_argument("--k", type=int, default=16, help="Shots per class.")
-    parser.add_argument("--steps", type=int, default=200, help="Training steps (AdamW, cosine decay).")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument(
-        "--lr", type=float, default=5e-4, help="AdamW lr of prompt and LoRA (2e-3, CoOp's, overfits the LoRA)."
+    add_run_args(  # --steps, --batch-size, --lr, --pool-per-class, --test-per-class, --seed, --out, ...
+        parser,
+        "split",
+        steps_help="Training steps (AdamW, cosine decay).",
+        lr=5e-4,
+        lr_help="AdamW lr of prompt and LoRA (2e-3, CoOp's, overfits the LoRA).",
+        seed_help="Few-shot draw, LoRA initialisation, training order.",
+        out_default="runs/lora_coop",
+        out_help="lora/, prompts/, split and results.json go here.",
+        overwrite_help="Replace adapters already saved in --out.",
     )
-    parser.add_argument("--pool-per-class", type=int, default=32, help="Embedded world: images the shots come from.")
-    parser.add_argument("--test-per-class", type=int, default=50, help="Embedded world: test images per class.")
-    parser.add_argument("--seed", type=int, default=1, help="Few-shot draw, LoRA initialisation, training order.")
-    parser.add_argument("--out", default="runs/lora_coop", help="lora/, prompts/, split and results.json go here.")
-    parser.add_argument("--overwrite", action="store_true", help="Replace adapters already saved in --out.")
-    parser.add_argument("--quiet", action="store_true", help="No progress bars.")
     args = parser.parse_args(argv)
-    if bool(args.split_file) != bool(args.image_dir):
-        parser.error("--split-file and --image-dir go together.")
-    out = Path(args.out)
-    for name in ("lora", "prompts"):
-        if (out / name / "adapter_config.json").exists() and not args.overwrite:
-            parser.error(f"{out / name} already holds an adapter; pass --overwrite or choose another --out.")
+    out = check_args(parser, args, ["lora", "prompts"])
 
     base = hf_backbone(args.backbone)
-    train, test, shots = few_shot_data(
-        base,
-        k=args.k,
-        seed=args.seed,
-        split_file=args.split_file,
-        image_dir=args.image_dir,
-        pool_per_class=args.pool_per_class,
-        test_per_class=args.test_per_class,
-    )
-    meta = {"dataset": args.split_file or "embedded world (few-shot)", "k": args.k, "seed": args.seed}
-    save_split(out / "split.json", shots, meta=meta, overwrite=args.overwrite)
+    train, test, shots = few_shot_data(base, args)
+    save_shots(out / "split.json", shots, args, "embedded world (few-shot)")
     torch.manual_seed(args.seed)  # LoRA's A matrices (B starts at 0: the LoRA starts as the identity)
     lora_config = peft.LoraConfig(r=args.rank, lora_alpha=args.alpha, target_modules=args.target_modules)
     lora = peft.get_peft_model(base.clip, lora_config)
@@ -104,15 +86,7 @@ def main(argv: list[str] | None = None) -> dict:
     n_lora = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and "lora_" in n)
     n_prompt = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n)
     results = {"before training": evaluate(model, test)["accuracy"]}
-    config = FitConfig(
-        steps=args.steps,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        optimizer="adamw",
-        warmup_steps=min(10, args.steps // 10),
-        seed=args.seed,
-        progress=not args.quiet,
-    )
+    config = fit_config(args)
     fit(model, train, config)  # prompt and LoRA tensors in one optimizer
     results["after training"] = evaluate(model, test)["accuracy"]
     model.eval()

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 import transformers
+from _data import add_data_args, add_run_args  # examples/_data.py
 
 import prompt_robust as pr
 from prompt_robust.cli import add_dataclass_args, dataclass_from_args
@@ -62,25 +63,21 @@ def readable(metrics: dict[str, float], group_names: list[str]) -> dict[str, flo
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--backbone", default="embedded", help="embedded, hf:<dir> or open_clip:<model>:<weights>.")
-    parser.add_argument("--root", help="Waterbirds folder with metadata.csv; default: the embedded spurious task.")
+    add_data_args(parser, "waterbirds")  # --backbone, --root
     parser.add_argument("--eval-split", default="test", choices=["val", "test"], help="Waterbirds evaluation split.")
     parser.add_argument("--max-steps", type=int, default=200, help="Optimizer steps of the Trainer.")
     parser.add_argument("--addon-start-step", type=int, default=100, help="Prompt warm-up before fit_addons.")
     parser.add_argument("--save-steps", type=int, default=100, help="Trainer checkpoint every this many steps.")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--train-per-class", type=int, default=64, help="Embedded task: training images per class.")
-    parser.add_argument("--test-per-class", type=int, default=50, help="Embedded task: test images per group.")
-    parser.add_argument("--seed", type=int, default=1, help="Training draw, initialisation and data order.")
-    parser.add_argument("--out", default="runs/trainer", help="The Trainer's output_dir.")
-    parser.add_argument("--resume", action="store_true", help="Resume from the last checkpoint in --out.")
-    parser.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="Start afresh in an --out that holds a run (its files are written over).",
+    add_run_args(  # --batch-size, --lr, --train-per-class, --test-per-class, --seed, --out, --resume, ...
+        parser,
+        "waterbirds",
+        steps=None,  # the Trainer's --max-steps
+        seed_help="Training draw, initialisation and data order.",
+        out_default="runs/trainer",
+        out_help="The Trainer's output_dir.",
+        resume_help="Resume from the last checkpoint in --out.",
+        overwrite_help="Start afresh in an --out that holds a run (its files are written over).",
     )
-    parser.add_argument("--quiet", action="store_true", help="No progress bars.")
     add_dataclass_args(parser, pr.RefinerConfig)
     args = parser.parse_args(argv)
     out = Path(args.out)

@@ -419,6 +419,27 @@ def test_peft_lora_recipe_example(tmp_path, capsys, hf_dir, use_hf_dir):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# the shared checks (examples/_data.py) refuse options that do not go together, before anything is loaded
+# ----------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("name", "argv", "message"),
+    [
+        *[
+            (name, ["--split-file", "split_zhou_X.json"], "--split-file and --image-dir go together.")
+            for name in ("train_coop", "coop_refiner_b2n", "maple_counterfactual", "peft_lora_recipe")
+        ],
+        ("train_coop", ["--image-dir", "images"], "--split-file and --image-dir go together."),
+        ("icm_domainbed", ["--root", "PACS"], "--root needs --test-domain"),
+    ],
+)
+def test_examples_refuse_options_that_do_not_go_together(tmp_path, capsys, name, argv, message):
+    with pytest.raises(SystemExit) as exit_info:
+        _load(name).main([*argv, "--out", str(tmp_path / "run")])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # every example documents its command
 # ----------------------------------------------------------------------------------------------------------------
 NAMES = sorted(p.stem for p in EXAMPLES.glob("*.py") if not p.stem.startswith("_"))
