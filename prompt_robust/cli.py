@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import json
 import logging
 import shlex
@@ -185,47 +186,44 @@ def _bench(args: argparse.Namespace) -> int:
     if args.suite in ("refiner-sweep", "refiner-cost"):
         return _bench_refiner(args, refiner, seeds)
     others = {name: _json_option(getattr(args, f"{name}_config"), f"--{name}-config") for name in _JSON_ADDONS}
-    if args.suite == "counterfactual-quality":
-        from .config import CounterfactualConfig
-        from .counterfactual.bench import counterfactual_quality_benchmark, format_quality
-
-        started = time.time()
-        result = counterfactual_quality_benchmark(
-            _embedded_or_given(args.backbone),
-            args.out,
-            seeds=seeds,
-            config=CounterfactualConfig(**others["counterfactual"]),
-            progress=not args.quiet,
-        )
-        print(format_quality(result))
-        print(
-            f"\nwrote quality.json, quality.md to {args.out} ({time.time() - started:.0f} s); command: {_command_line()}"
-        )
-        return 0
-    if args.suite in ("icm", "icm-grid"):
-        from .config import InvarianceConfig
-        from .invariance import bench as icm_bench
-
-        started = time.time()
-        run, show, name = {
-            "icm": (icm_bench.icm_dg_benchmark, icm_bench.format_icm, "icm"),
-            "icm-grid": (icm_bench.icm_grid_diagnostic, icm_bench.format_icm_grid, "icm_grid"),
-        }[args.suite]
-        result = run(
-            _embedded_or_given(args.backbone),
-            args.out,
-            seeds=seeds,
-            config=InvarianceConfig(**others["invariance"]),
-            progress=not args.quiet,
-        )
-        print(show(result))
-        print(
-            f"\nwrote {name}.json, {name}.md to {args.out} ({time.time() - started:.0f} s); command: {_command_line()}"
-        )
-        return 0
+    if args.suite in _FEATURE_SUITES:
+        return _bench_features(args, others, seeds)
     # --methods, when given, wins over the suite's list
     config = dataclass_from_args(BenchConfig, args, methods=methods, seeds=seeds, refiner=refiner, **others)
     return _run_bench(args, config, f"prompt_robust benchmark ({args.suite} suite)")
+
+
+#: suites on frozen features: suite -> (module, runner, formatter, add-on whose JSON config they take, file stem)
+_FEATURE_SUITES = {
+    "counterfactual-quality": (
+        "counterfactual.bench",
+        "counterfactual_quality_benchmark",
+        "format_quality",
+        "counterfactual",
+        "quality",
+    ),
+    "icm": ("invariance.bench", "icm_dg_benchmark", "format_icm", "invariance", "icm"),
+    "icm-grid": ("invariance.bench", "icm_grid_diagnostic", "format_icm_grid", "invariance", "icm_grid"),
+}
+
+
+def _bench_features(args: argparse.Namespace, others: dict[str, dict[str, Any]], seeds: list[int]) -> int:
+    """The counterfactual-quality, ICM and ICM-grid suites (frozen features of the embedded world)."""
+    from .config import RobustConfig
+
+    module_name, run_name, format_name, addon, stem = _FEATURE_SUITES[args.suite]
+    module = importlib.import_module(f".{module_name}", __package__)
+    started = time.time()
+    result = getattr(module, run_name)(
+        _embedded_or_given(args.backbone),
+        args.out,
+        seeds=seeds,
+        config=RobustConfig.nested[addon](**others[addon]),
+        progress=not args.quiet,
+    )
+    print(getattr(module, format_name)(result))
+    print(f"\nwrote {stem}.json, {stem}.md to {args.out} ({time.time() - started:.0f} s); command: {_command_line()}")
+    return 0
 
 
 def _bench_refiner(args: argparse.Namespace, refiner: dict[str, Any], seeds: list[int]) -> int:
@@ -401,12 +399,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser("bench", help="Every learner x add-on x task, mean ± std over seeds.")
     bench.add_argument(
         "--suite",
-        choices=["quick", "full", "refiner-sweep", "refiner-cost", "icm", "icm-grid", "counterfactual-quality"],
+        choices=["quick", "full", "refiner-sweep", "refiner-cost", *_FEATURE_SUITES],
         default="quick",
         help="quick: zero-shot, CoOp, CoOp+each add-on; full: every learner x add-on; refiner-sweep: sampler "
         "steps x solver for LEARNER+refiner; refiner-cost: images/s of CoOp, CoOp+refiner, CoCoOp on a real-size "
         "architecture (default backbone open_clip:ViT-B-16, random weights); icm: zero-shot / ICM zero-shot / linear "
-        "probe / ICM linear probe on the DG task; counterfactual-quality: validity and proximity of counterfactuals.",
+        "probe / ICM linear probe on the DG task; icm-grid: every (λ, k) of the ICM rule's grid scored on the test "
+        "styles (a diagnostic); counterfactual-quality: validity and proximity of counterfactuals.",
     )
     bench.add_argument("--learner", default="coop", help="Learner of the refiner sweep.")
     for name in _JSON_ADDONS:

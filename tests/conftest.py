@@ -49,6 +49,25 @@ def backbone(request):
     return make_backbone(request.param)
 
 
+@pytest.fixture(scope="module")
+def bb():
+    """One tiny HF CLIP backbone per test module (frozen by every learner; never modified)."""
+    return make_backbone("hf")
+
+
+#: size of the ``train_data`` fixture
+N_TRAIN = 12
+
+
+@pytest.fixture(scope="module")
+def train_data():
+    """``N_TRAIN`` random 32 px images as ``(pixel_values, label)`` pairs, labels cycling over CLASSNAMES."""
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(N_TRAIN, 3, 32, 32, generator=generator)
+    labels = torch.arange(N_TRAIN) % len(CLASSNAMES)
+    return [(images[i], int(labels[i])) for i in range(N_TRAIN)]
+
+
 @pytest.fixture
 def hf_backbone():
     return make_backbone("hf")

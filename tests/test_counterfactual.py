@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import CLASSNAMES, LEARNER_KWARGS, make_backbone
+from conftest import CLASSNAMES, LEARNER_KWARGS, N_TRAIN
 from test_custom_learner import MyTextBias
 
 import prompt_robust as pr
@@ -23,22 +23,7 @@ from prompt_robust.counterfactual import (
     fit_linear_probe,
 )
 
-N_TRAIN = 12
 SMALL = {"hidden_dim": 32, "depth": 1, "train_steps": 40, "train_batch_size": 12}
-
-
-@pytest.fixture(scope="module")
-def bb():
-    """One tiny HF CLIP backbone for the whole module (frozen by every learner; never modified)."""
-    return make_backbone("hf")
-
-
-@pytest.fixture(scope="module")
-def train_data():
-    generator = torch.Generator().manual_seed(0)
-    images = torch.randn(N_TRAIN, 3, 32, 32, generator=generator)
-    labels = torch.arange(N_TRAIN) % len(CLASSNAMES)
-    return [(images[i], int(labels[i])) for i in range(N_TRAIN)]
 
 
 @pytest.fixture(scope="module")

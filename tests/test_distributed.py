@@ -9,12 +9,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
-
-pytest.importorskip("transformers")
-pytest.importorskip("accelerate")
+from conftest import import_optional
 from safetensors.torch import load_file
+
+import_optional("transformers")
+import_optional("accelerate")  # the Trainer's distributed backend (installed with peft)
 
 WORKER = Path(__file__).resolve().parent / "ddp_worker.py"
 

@@ -7,29 +7,14 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import CLASSNAMES, LEARNER_KWARGS, make_backbone
+from conftest import CLASSNAMES, LEARNER_KWARGS, N_TRAIN
 from test_custom_learner import MyTextBias
 
 import prompt_robust as pr
 from prompt_robust.refiner import ODESampler, PromptFlowNet, overfit_prompts
 from prompt_robust.refiner import targets as targets_module
 
-N_TRAIN = 12
 SMALL = {"hidden_dim": 32, "layers": 1, "heads": 4, "inner_steps": 2, "train_steps": 30, "train_batch_size": 12}
-
-
-@pytest.fixture(scope="module")
-def bb():
-    """One tiny HF CLIP backbone for the whole module (frozen by every learner; never modified)."""
-    return make_backbone("hf")
-
-
-@pytest.fixture(scope="module")
-def train_data():
-    generator = torch.Generator().manual_seed(0)
-    images = torch.randn(N_TRAIN, 3, 32, 32, generator=generator)
-    labels = torch.arange(N_TRAIN) % len(CLASSNAMES)
-    return [(images[i], int(labels[i])) for i in range(N_TRAIN)]
 
 
 @pytest.fixture(scope="module")

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from ..addons import RobustAddon, learner_feature_dim, register_addon
 from ..config import CounterfactualConfig
-from ..refiner.targets import _collate
+from ..data.items import collate_images_labels
 from .feature_flow import FeatureFlow, fit_feature_flow
 from .generator import CounterfactualGenerator, choose_targets
 
@@ -79,7 +79,7 @@ class CounterfactualRegularizer(RobustAddon):
         >>> logs = model.prepare_addons(images, progress=False)  # fits the feature flow
         >>> out = model(torch.randn(2, 3, 32, 32), labels=torch.tensor([0, 1]))
         >>> sorted(k for k in out.logs if k.startswith("counterfactual/"))
-        ['counterfactual/cosine', 'counterfactual/loss', 'counterfactual/validity']
+        ['counterfactual/cosine', 'counterfactual/loss', 'counterfactual/proximity_weight', 'counterfactual/validity']
     """
 
     name = "counterfactual"
@@ -229,7 +229,7 @@ class CounterfactualRegularizer(RobustAddon):
             raise ValueError("the dataset is empty: the counterfactual feature flow needs training images.")
         size = self.config.feature_batch_size
         batches = [list(range(s, min(s + size, len(dataset)))) for s in range(0, len(dataset), size)]
-        loader = DataLoader(dataset, batch_sampler=batches, collate_fn=_collate)
+        loader = DataLoader(dataset, batch_sampler=batches, collate_fn=collate_images_labels)
         device = self.flow.feature_mean.device
         features, labels = [], []
         was_training = self.learner.training

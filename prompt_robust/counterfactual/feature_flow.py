@@ -27,7 +27,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .. import _io
-from ..refiner.network import _time_embedding
+from ..layers import time_embedding
 
 __all__ = ["FeatureFlow", "FeatureFlowNet", "FlowFitResult", "fit_feature_flow"]
 
@@ -122,7 +122,7 @@ class FeatureFlowNet(nn.Module):
         batch = x.shape[0]
         dtype = self.inputs.weight.dtype
         t = t.reshape(-1).expand(batch) if t.numel() == 1 else t.reshape(batch)
-        context = self.time(_time_embedding(t, self.hidden_dim).to(dtype)) + self.class_embedding(labels)  # (b, h)
+        context = self.time(time_embedding(t, self.hidden_dim).to(dtype)) + self.class_embedding(labels)  # (b, h)
         h = self.inputs(x.to(dtype)) + context  # (b, h)
         for block in self.blocks:
             h = block(h, context)

@@ -10,21 +10,12 @@ from torch.utils.data import DataLoader, Dataset
 from torch.utils.data._utils.collate import default_collate
 from tqdm.auto import tqdm
 
+from ..data.items import item_as_dict
+
 __all__ = ["INDEX_KEY", "IndexedDataset", "with_index"]
 
 #: the item key :func:`with_index` adds: the example's position in the training set
 INDEX_KEY = "index"
-
-
-def _item_as_dict(item: Any) -> dict[str, Any]:
-    if isinstance(item, Mapping):
-        return dict(item)
-    if isinstance(item, (tuple, list)) and len(item) == 2:
-        return {"pixel_values": item[0], "labels": item[1]}
-    raise TypeError(
-        "dataset items must be dicts with 'pixel_values' and 'labels' (plus optional keys) or (pixel_values, label) "
-        f"pairs; got {type(item).__name__}."
-    )
 
 
 class IndexedDataset(Dataset):
@@ -52,7 +43,7 @@ class IndexedDataset(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        item = _item_as_dict(self.dataset[index])
+        item = item_as_dict(self.dataset[index])
         if self.key in item:
             raise ValueError(
                 f"the dataset's items already have a {self.key!r} key; wrap the original dataset once, or rename "
@@ -89,7 +80,7 @@ def _pick(item: Any, keys: Sequence[str]) -> dict[str, Any]:
         if missing:
             raise ValueError(f"dataset items have no {missing} key(s); got keys {sorted(item)}.")
         return {key: item[key] for key in keys}
-    return {key: value for key, value in _item_as_dict(item).items() if key in keys}
+    return {key: value for key, value in item_as_dict(item).items() if key in keys}
 
 
 def _collate_keys(keys: Sequence[str]):
@@ -126,7 +117,7 @@ def column(dataset: Dataset, key: str) -> torch.Tensor:
             return out
     ids = []
     for index in range(len(dataset)):
-        item = _item_as_dict(dataset[index])
+        item = item_as_dict(dataset[index])
         if key not in item:
             raise KeyError(key)
         ids.append(int(item[key]))

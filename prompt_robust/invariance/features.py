@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from .. import _io
 from ..backbones.base import ClipBackbone
+from ..data.items import collate_images_labels, item_as_dict
 from .interventions import get_intervention, intervene
 
 __all__ = ["InterventionalFeatures", "interventional_features", "split_fit_val"]
@@ -122,18 +123,6 @@ def split_fit_val(labels: torch.Tensor, val_fraction: float, seed: int) -> tuple
     return torch.nonzero(keep).flatten(), val_index
 
 
-def _item(item: Any) -> tuple[torch.Tensor, int]:
-    if isinstance(item, Mapping):
-        return torch.as_tensor(item["pixel_values"]), int(item["labels"])
-    pixel_values, label = item
-    return torch.as_tensor(pixel_values), int(label)
-
-
-def _collate(items: list[Any]) -> tuple[torch.Tensor, torch.Tensor]:
-    pairs = [_item(item) for item in items]
-    return torch.stack([p for p, _ in pairs]), torch.tensor([label for _, label in pairs], dtype=torch.long)
-
-
 def _columns(interventions: Sequence[str], pairs_per_image: int) -> list[tuple[str, str]]:
     """``(column name, intervention)``: random interventions get ``pairs_per_image`` draws, others one."""
     columns = []
@@ -161,9 +150,9 @@ def _fingerprint(learner: nn.Module, dataset: Dataset, meta: dict[str, Any]) -> 
                 digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
     # every item: reading the data once is far cheaper than encoding (1 + m) copies of it
     for index in range(len(dataset)):
-        pixel_values, label = _item(dataset[index])
-        digest.update(pixel_values.to(torch.float32).contiguous().numpy().tobytes())
-        digest.update(str(label).encode())
+        item = item_as_dict(dataset[index])
+        digest.update(torch.as_tensor(item["pixel_values"]).to(torch.float32).contiguous().numpy().tobytes())
+        digest.update(str(int(item["labels"])).encode())
     return digest.hexdigest()[:20]
 
 
@@ -236,13 +225,14 @@ def interventional_features(
     device = next((p.device for p in learner.parameters()), torch.device("cpu"))
     generator = torch.Generator().manual_seed(int(seed))
     batches = [list(range(s, min(s + batch_size, len(dataset)))) for s in range(0, len(dataset), batch_size)]
-    loader = DataLoader(dataset, batch_sampler=batches, collate_fn=_collate)
+    loader = DataLoader(dataset, batch_sampler=batches, collate_fn=collate_images_labels)
     clean, intervened, labels = [], [], []
     was_training = learner.training
     learner.eval()
     try:
         with torch.no_grad():
-            for pixel_values, label in tqdm(loader, desc="interventional pairs", disable=not progress):
+            for batch in tqdm(loader, desc="interventional pairs", disable=not progress):
+                pixel_values, label = batch["pixel_values"], batch["labels"]
                 pixel_values = pixel_values.to(device)
                 clean.append(learner.image_features(pixel_values).float().cpu())  # (b, d)
                 row = []

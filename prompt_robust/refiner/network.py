@@ -2,22 +2,14 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 
 import torch
 from torch import nn
 
+from ..layers import time_embedding
+
 __all__ = ["PromptFlowNet"]
-
-
-def _time_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
-    """Sinusoidal features of ``t`` in ``[0, 1]``: ``(b,) -> (b, dim)``."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(1000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / max(half, 1))
-    angles = 1000.0 * t.float().unsqueeze(-1) * freqs  # (b, half)
-    emb = torch.cat([angles.sin(), angles.cos()], dim=-1)
-    return emb if dim % 2 == 0 else torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
 
 
 class PromptFlowNet(nn.Module):
@@ -92,7 +84,7 @@ class PromptFlowNet(nn.Module):
         tokens = torch.cat([self.inputs[name](x[name].to(dtype)) for name in self.sites], dim=1)  # (b, T, h)
         tokens = tokens + self.position
         t = t.reshape(-1).expand(batch) if t.numel() == 1 else t.reshape(batch)
-        context = self.time(_time_embedding(t, self.hidden_dim).to(dtype)) + self.cond(cond.to(dtype))  # (b, h)
+        context = self.time(time_embedding(t, self.hidden_dim).to(dtype)) + self.cond(cond.to(dtype))  # (b, h)
         for block, mod in zip(self.blocks, self.modulation[:-1], strict=True):
             scale, shift = mod(context).unsqueeze(1).chunk(2, dim=-1)  # (b, 1, h) each
             tokens = block(tokens * (1 + scale) + shift)

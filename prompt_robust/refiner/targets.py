@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from .. import _io
+from ..data.items import collate_images_labels, item_as_dict
 
 __all__ = ["RefinerTargets", "build_targets", "overfit_prompts"]
 
@@ -153,20 +154,6 @@ class RefinerTargets(Dataset):
         return out
 
 
-def _item_as_dict(item: Any) -> dict[str, Any]:
-    if isinstance(item, Mapping):
-        return dict(item)
-    pixel_values, label = item
-    return {"pixel_values": pixel_values, "labels": label}
-
-
-def _collate(items: list[Any]) -> dict[str, torch.Tensor]:
-    items = [_item_as_dict(item) for item in items]
-    pixel_values = torch.stack([torch.as_tensor(item["pixel_values"]) for item in items])
-    labels = torch.as_tensor([int(item["labels"]) for item in items], dtype=torch.long)
-    return {"pixel_values": pixel_values, "labels": labels}
-
-
 def _fingerprint(learner: nn.Module, dataset: Dataset, steps: int, lr: float) -> str:
     """What the targets depend on: the learned prompt, the learner's weights that shape the logits, the
     classes, the overfitting settings and the dataset (its size, and the images and labels of up to 16
@@ -194,7 +181,7 @@ def _fingerprint(learner: nn.Module, dataset: Dataset, steps: int, lr: float) ->
             digest.update(param.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
     n = len(dataset)
     for index in sorted({round(i * (n - 1) / 15) for i in range(16)} if n > 1 else {0}):
-        item = _item_as_dict(dataset[index])
+        item = item_as_dict(dataset[index])
         digest.update(torch.as_tensor(item["pixel_values"]).to(torch.float32).contiguous().numpy().tobytes())
         digest.update(str(int(item["labels"])).encode())
     return digest.hexdigest()[:20]
@@ -233,7 +220,7 @@ def build_targets(
         folder = Path(cache_dir) / f"refiner-targets-{_fingerprint(learner, dataset, steps, lr)}"
         folder.mkdir(parents=True, exist_ok=True)
     batches = [list(range(s, min(s + batch_size, len(dataset)))) for s in range(0, len(dataset), batch_size)]
-    loader = DataLoader(dataset, batch_sampler=batches, collate_fn=_collate)
+    loader = DataLoader(dataset, batch_sampler=batches, collate_fn=collate_images_labels)
     parts: list[dict[str, torch.Tensor]] = []
     was_training = learner.training
     learner.eval()
