@@ -1,8 +1,10 @@
 """Train a wrapped prompt learner with ``transformers.Trainer``: the ``RobustCallback`` schedules the add-ons and
 saves adapter files, ``robust_metrics`` reports accuracy, worst-group accuracy and the gap (docs/trainer.md).
 
-CoOp + refiner: the prompt is tuned for ``--addon-start-step`` steps, then the callback trains the refiner
-(``model.fit_addons``) and the Trainer goes on tuning the prompt with the refiner active. The wrapped model's
+CoOp + annotation-free debiasing + refiner (``--addons``, both by default). At the start the callback
+pseudo-labels the spurious attribute from its values in words (``--attribute-values``) and the loss reweights
+the (class, pseudo-attribute) groups. The prompt is tuned for ``--addon-start-step`` steps, then the callback
+trains the refiner (``model.fit_addons``), and the Trainer goes on tuning the prompt with the refiner active. The wrapped model's
 forward returns the complete loss, so the Trainer needs no custom ``compute_loss``; the batches keep their
 ``groups`` (``remove_unused_columns=False``) and the metrics receive them (``label_names``).
 
@@ -17,7 +19,8 @@ On a local CLIP checkpoint and Waterbirds as distributed (``<root>/metadata.csv`
     python examples/trainer_recipe.py --backbone hf:/models/clip-vit-base-patch16 \\
         --root data/waterbird_complete95_forest2water2 --out runs/trainer_wb
 
-Resume an interrupted run from its last Trainer checkpoint with ``--resume``. Every field of ``RefinerConfig`` is
+Resume an interrupted run from its last Trainer checkpoint with ``--resume``; the debias group statistics are
+restored with it. Every field of ``RefinerConfig`` is
 an option (``--train-steps``, ``--num-steps``, ...). The adapter is saved to ``<out>/robust_adapter`` (and into
 every ``checkpoint-<step>/``); a folder that already holds a run is only reused with ``--resume`` or
 ``--overwrite``.
@@ -36,8 +39,11 @@ from _data import add_data_args, add_run_args  # examples/_data.py
 import prompt_robust as pr
 from prompt_robust.cli import add_dataclass_args, dataclass_from_args
 from prompt_robust.data import load_waterbirds, transform_for
-from prompt_robust.data.tasks import WorldTasks
+from prompt_robust.data.tasks import SPURIOUS_BACKGROUNDS, WorldTasks
 from prompt_robust.integrations.trainer import ADAPTER_SUBDIR, RobustCallback, robust_metrics
+
+#: the spurious attribute's values in words: Waterbirds' places, in the loader's attribute order
+WATERBIRDS_VALUES = ["land background", "water background"]
 
 
 def group_data(args: argparse.Namespace, backbone: pr.ClipBackbone):
@@ -78,6 +84,15 @@ def main(argv: list[str] | None = None) -> dict:
         resume_help="Resume from the last checkpoint in --out.",
         overwrite_help="Start afresh in an --out that holds a run (its files are written over).",
     )
+    parser.add_argument(
+        "--addons", nargs="+", default=["debias", "refiner"], choices=["debias", "refiner"], help="Add-ons to wrap."
+    )
+    parser.add_argument(
+        "--attribute-values",
+        nargs="+",
+        help="The spurious attribute's values in words, for debias (default: the embedded world's backgrounds, or "
+        f"{' / '.join(WATERBIRDS_VALUES)} with --root).",
+    )
     add_dataclass_args(parser, pr.RefinerConfig)
     args = parser.parse_args(argv)
     out = Path(args.out)
@@ -91,7 +106,12 @@ def main(argv: list[str] | None = None) -> dict:
     train, test = group_data(args, backbone)
     torch.manual_seed(args.seed)  # the refiner's velocity network is initialised here
     learner = pr.build_learner("coop", backbone, train.classnames, ctx_init="a photo of a")
-    model = pr.wrap(learner, pr.RobustConfig(refiner=dataclass_from_args(pr.RefinerConfig, args)))
+    values = args.attribute_values or (WATERBIRDS_VALUES if args.root else list(SPURIOUS_BACKGROUNDS))
+    config = pr.RobustConfig(
+        refiner=dataclass_from_args(pr.RefinerConfig, args) if "refiner" in args.addons else None,
+        debias=pr.DebiasConfig(attribute_values=values) if "debias" in args.addons else None,
+    )
+    model = pr.wrap(learner, config)
     training_args = transformers.TrainingArguments(
         output_dir=str(out),
         remove_unused_columns=False,  # keep "groups" in the batches
@@ -125,7 +145,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     record = {"results": results, "addon_logs": callback.logs, "global_step": trainer.state.global_step}
     (out / "results.json").write_text(json.dumps(record, indent=2) + "\n")
-    print(f"transformers.Trainer, CoOp + refiner, {trainer.state.global_step} steps, seed {args.seed} (accuracy)")
+    methods = " + ".join(["CoOp", *sorted(args.addons)])
+    print(f"transformers.Trainer, {methods}, {trainer.state.global_step} steps, seed {args.seed} (accuracy)")
     print(f"{'':16s} {'avg':>6s} {'worst':>6s} {'gap':>6s}")
     for name, metrics in results.items():
         values = [metrics[f"eval_{key}"] for key in ("accuracy", "worst_group_accuracy", "gap")]

@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 import prompt_robust as pr
 from prompt_robust.data import world
 from prompt_robust.data.tasks import BASE_CLASSES, NEW_CLASSES, WorldTasks
+from prompt_robust.integrations.trainer import TRAINING_STATE_FILE
 from prompt_robust.training import evaluate
 
 torch.set_num_threads(1)
@@ -358,6 +359,8 @@ def test_trainer_recipe_example(tmp_path, capsys):
     _check_trainer_record(record, capsys.readouterr().out)
     assert record["global_step"] == 4 and "before training" in record["results"]
     assert "refiner/final_loss" in record["addon_logs"]  # the callback's fit_addons ran
+    assert {"debias/pseudo_fraction/grass", "debias/pseudo_fraction/water"} <= set(record["addon_logs"])
+    assert (out / "checkpoint-2" / TRAINING_STATE_FILE).is_file()  # the debias group statistics, for a resume
     assert any(key.startswith("eval_group/tree on water") for key in record["results"]["after training"])
     for step in (2, 4):
         assert (out / f"checkpoint-{step}" / "robust_adapter" / "adapter_config.json").is_file()
@@ -376,6 +379,7 @@ def test_trainer_recipe_on_a_waterbirds_layout_resumes(tmp_path, capsys, hf_dir,
     example = _load("trainer_recipe")
     out = tmp_path / "run"
     argv = ["--backbone", f"hf:{hf_dir}", "--root", str(waterbirds), *SMALL_TRAINER, *TINY_REFINER, "--out", str(out)]
+    argv += ["--attribute-values", "land", "water"]  # short: the tiny test tokenizer's context is 32 characters
     record = example.main(argv)
     _check_trainer_record(record, capsys.readouterr().out)
     straight = load_file(out / "robust_adapter" / "adapter_model.safetensors")
@@ -389,6 +393,7 @@ def test_trainer_recipe_on_a_waterbirds_layout_resumes(tmp_path, capsys, hf_dir,
     assert again.keys() == straight.keys() and all(torch.equal(again[k], straight[k]) for k in straight)
     assert resumed["results"]["after training"]["eval_accuracy"] == record["results"]["after training"]["eval_accuracy"]
     assert resumed["global_step"] == 4
+    assert "debias/pseudo_fraction/land" in resumed["addon_logs"]  # debias ran, and resumed exactly
 
 
 # ----------------------------------------------------------------------------------------------------------------
