@@ -182,6 +182,15 @@ def test_icm_suite_compares_the_four_predictors(backbone_dir, tmp_path, capsys):
     assert identity["icm_zero_shot"] == pytest.approx(identity["zero_shot"])
     assert run["zero_shot"] == pytest.approx(result["per_seed"]["1"]["scores"]["zero_shot"]["avg"])
     assert run["best_icm_zero_shot"]["dim"] == 16 and "best ICM" in capsys.readouterr().out
+    # text interventions, when configured, enter the projection (only text pairs here: a different M)
+    text_config = (
+        '{"lam_grid": [0.0, 1.0], "dim_fractions": [0.5, 1.0], "text_interventions": true, "text_weight": 1.0}'
+    )
+    assert cli.main([*argv, "--invariance-config", text_config]) == 0
+    text_run = json.loads((out / "icm_grid.json").read_text())["per_seed"]["1"]
+    assert text_run["grid"][:2] == run["grid"][:2]  # λ = 0: no intervention term, the same projection
+    scores = ("icm_zero_shot", "icm_linear_probe")
+    assert [text_run["grid"][2][m] for m in scores] != [run["grid"][2][m] for m in scores]
 
 
 def test_counterfactual_quality_suite(backbone_dir, tmp_path, capsys):

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from tqdm.auto import tqdm
 
 from .. import _io
@@ -16,6 +17,7 @@ from ..config import InvarianceConfig
 from ..learners.base import image_features_in_batches
 from .features import interventional_features
 from .icm import ICMProjection
+from .interventions import text_deltas, text_pairs
 from .predict import compare_predictors
 from .selection import choose_lam_dim
 
@@ -43,6 +45,27 @@ class _DGSetup:
             style: (image_features_in_batches(self.learner, data.pixel_values), data.labels)
             for style, data in self.tasks.dg_test().items()
         }
+        # text pairs (config.text_interventions), combined with the image pairs as the add-on does
+        self.text_deltas = None
+        if config.text_interventions and config.text_weight > 0:
+
+            def encode(texts: list[str]) -> torch.Tensor:
+                return backbone.encode_text(backbone.tokenize(texts))
+
+            pairs = text_pairs(list(world.CLASSES), config.text_base_template, config.text_templates)
+            self.text_deltas = text_deltas(encode, pairs)
+
+    def projection(self, feats, lam: float, dim: int) -> ICMProjection:
+        """The ICM projection of these features (and the text pairs, when configured)."""
+        if self.text_deltas is None:
+            return ICMProjection.fit(feats.clean, feats.deltas(), lam=lam, dim=dim)
+        weight = self.config.text_weight
+        deltas, weights = [feats.deltas(), self.text_deltas], [1.0 - weight, weight]
+        return ICMProjection.fit(feats.clean, deltas, lam=lam, dim=dim, weights=weights)
+
+    def selection_kwargs(self) -> dict[str, Any]:
+        """The text pairs for :func:`choose_lam_dim`."""
+        return {"text_deltas": self.text_deltas, "text_weight": self.config.text_weight}
 
     def features(self, seed: int):
         from ..data.fewshot import save_split
@@ -100,8 +123,9 @@ def icm_dg_benchmark(
             text_features=text,
             probe_reg=config.probe_reg,
             seed=seed,
+            **setup.selection_kwargs(),
         )
-        icm = ICMProjection.fit(feats.clean, feats.deltas(), lam=selection.lam, dim=selection.dim)
+        icm = setup.projection(feats, selection.lam, selection.dim)
         scores = compare_predictors(feats.clean, feats.labels, icm, text, tests, probe_reg=config.probe_reg)
         for values in scores.values():
             values["avg"] = sum(values[s] for s in TARGET_STYLES) / len(TARGET_STYLES)
@@ -165,7 +189,7 @@ def icm_grid_diagnostic(
         grid = []
         for lam in config.lam_grid:
             for dim in dims:
-                icm = ICMProjection.fit(feats.clean, feats.deltas(), lam=lam, dim=dim)
+                icm = setup.projection(feats, lam, dim)
                 scores = compare_predictors(
                     feats.clean, feats.labels, icm, setup.text, setup.tests, probe_reg=config.probe_reg
                 )
