@@ -27,7 +27,7 @@ from .features import interventional_features
 from .icm import ICMProjection
 from .interventions import text_deltas, text_pairs
 from .predict import zero_shot_logits
-from .selection import choose_lam_dim
+from .selection import fit_from_config
 
 __all__ = ["InvariantProjection"]
 
@@ -251,34 +251,20 @@ class InvariantProjection(RobustAddon):
                 f"{type(self.learner).__name__}.image_features() returns size {feats.dim}; the add-on was built for "
                 f"{self.feature_dim}. Set `feature_dim` on the learner to its feature size."
             )
-        text = self.text_deltas() if config.text_interventions else None
-        deltas, weights = [feats.deltas()], [1.0]
-        if text is not None and config.text_weight > 0:
-            deltas, weights = [*deltas, text], [1.0 - config.text_weight, config.text_weight]
-        lam, dim = config.lam, config.dim
+        icm, selection = fit_from_config(
+            feats,
+            config,
+            text_features=self.class_text_features() if config.selection == "zero_shot" else None,
+            text_deltas=self.text_deltas() if config.text_interventions else None,
+            seed=seed,
+        )
         logs: dict[str, float] = {}
-        if lam is None or dim is None:
-            selection = choose_lam_dim(
-                feats,
-                lam=lam,
-                dim=dim,
-                lam_grid=config.lam_grid,
-                dim_fractions=config.dim_fractions,
-                val_fraction=config.val_fraction,
-                predictor=config.selection,
-                text_features=self.class_text_features() if config.selection == "zero_shot" else None,
-                probe_reg=config.probe_reg,
-                text_deltas=text,
-                text_weight=config.text_weight,
-                seed=seed,
-            )
-            lam, dim = selection.lam, selection.dim
+        if selection is not None:
             logs["invariance/val_accuracy"] = selection.score
-        icm = ICMProjection.fit(feats.clean, deltas, lam=lam, dim=dim, weights=weights)
         self.set_projection(icm)
         logs.update(
             {
-                "invariance/lam": float(lam),
+                "invariance/lam": float(icm.lam_relative),
                 "invariance/lam_abs": icm.lam,
                 "invariance/dim": float(icm.dim),
                 "invariance/pairs": float(feats.intervened.shape[0] * feats.intervened.shape[1]),

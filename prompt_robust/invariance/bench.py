@@ -3,6 +3,7 @@ ICM linear probe, on photo training shots and the unseen styles (``prompt-robust
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,10 +17,10 @@ from ..backbones.base import ClipBackbone
 from ..config import InvarianceConfig
 from ..learners.base import image_features_in_batches
 from .features import interventional_features
-from .icm import ICMProjection
+from .icm import dims_from_fractions
 from .interventions import text_deltas, text_pairs
 from .predict import compare_predictors
-from .selection import choose_lam_dim
+from .selection import fit_from_config
 
 __all__ = ["format_icm", "format_icm_grid", "icm_dg_benchmark", "icm_grid_diagnostic"]
 
@@ -45,7 +46,7 @@ class _DGSetup:
             style: (image_features_in_batches(self.learner, data.pixel_values), data.labels)
             for style, data in self.tasks.dg_test().items()
         }
-        # text pairs (config.text_interventions), combined with the image pairs as the add-on does
+        # text pairs (config.text_interventions), combined with the image pairs by fit_from_config as in the add-on
         self.text_deltas = None
         if config.text_interventions and config.text_weight > 0:
 
@@ -55,17 +56,11 @@ class _DGSetup:
             pairs = text_pairs(list(world.CLASSES), config.text_base_template, config.text_templates)
             self.text_deltas = text_deltas(encode, pairs)
 
-    def projection(self, feats, lam: float, dim: int) -> ICMProjection:
-        """The ICM projection of these features (and the text pairs, when configured)."""
-        if self.text_deltas is None:
-            return ICMProjection.fit(feats.clean, feats.deltas(), lam=lam, dim=dim)
-        weight = self.config.text_weight
-        deltas, weights = [feats.deltas(), self.text_deltas], [1.0 - weight, weight]
-        return ICMProjection.fit(feats.clean, deltas, lam=lam, dim=dim, weights=weights)
-
-    def selection_kwargs(self) -> dict[str, Any]:
-        """The text pairs for :func:`choose_lam_dim`."""
-        return {"text_deltas": self.text_deltas, "text_weight": self.config.text_weight}
+    def fit(self, feats, seed: int, **fixed: Any):
+        """The projection and selection of the configured rule (``fixed``: ``lam``/``dim`` overriding the config),
+        with the class text features and the text pairs."""
+        config = dataclasses.replace(self.config, **fixed)
+        return fit_from_config(feats, config, text_features=self.text, text_deltas=self.text_deltas, seed=seed)
 
     def features(self, seed: int):
         from ..data.fewshot import save_split
@@ -112,24 +107,11 @@ def icm_dg_benchmark(
     per_seed: dict[int, dict[str, Any]] = {}
     for seed in tqdm(list(seeds), desc="icm", disable=not progress):
         feats = setup.features(seed)
-        selection = choose_lam_dim(
-            feats,
-            lam=config.lam,
-            dim=config.dim,
-            lam_grid=config.lam_grid,
-            dim_fractions=config.dim_fractions,
-            val_fraction=config.val_fraction,
-            predictor=config.selection,
-            text_features=text,
-            probe_reg=config.probe_reg,
-            seed=seed,
-            **setup.selection_kwargs(),
-        )
-        icm = setup.projection(feats, selection.lam, selection.dim)
+        icm, _ = setup.fit(feats, seed)
         scores = compare_predictors(feats.clean, feats.labels, icm, text, tests, probe_reg=config.probe_reg)
         for values in scores.values():
             values["avg"] = sum(values[s] for s in TARGET_STYLES) / len(TARGET_STYLES)
-        per_seed[seed] = {"scores": scores, "lam": float(selection.lam), "dim": int(icm.dim)}
+        per_seed[seed] = {"scores": scores, "lam": float(icm.lam_relative), "dim": int(icm.dim)}
     means: dict[str, dict[str, float]] = {}
     stds: dict[str, dict[str, float]] = {}
     for method in METHODS:
@@ -185,11 +167,10 @@ def icm_grid_diagnostic(
     per_seed: dict[str, Any] = {}
     for seed in tqdm(list(seeds), desc="icm grid", disable=not progress):
         feats = setup.features(seed)
-        dims = sorted({max(1, round(f * feats.dim)) for f in config.dim_fractions})
         grid = []
         for lam in config.lam_grid:
-            for dim in dims:
-                icm = setup.projection(feats, lam, dim)
+            for dim in dims_from_fractions(feats.dim, config.dim_fractions):
+                icm, _ = setup.fit(feats, seed, lam=lam, dim=dim)
                 scores = compare_predictors(
                     feats.clean, feats.labels, icm, setup.text, setup.tests, probe_reg=config.probe_reg
                 )

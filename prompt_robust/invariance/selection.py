@@ -23,15 +23,75 @@ from collections.abc import Sequence
 
 import torch
 
+from ..config import InvarianceConfig
 from .features import InterventionalFeatures, split_fit_val
-from .icm import Selection, dims_from_fractions, select_lam_dim
+from .icm import ICMProjection, Selection, dims_from_fractions, select_lam_dim
 from .predict import LinearProbe, accuracy, zero_shot_logits
 
-__all__ = ["PREDICTORS", "choose_lam_dim"]
+__all__ = ["PREDICTORS", "choose_lam_dim", "fit_from_config", "intervention_sets"]
 
 logger = logging.getLogger(__name__)
 
 PREDICTORS = ("zero_shot", "linear_probe")
+
+
+def intervention_sets(
+    image_deltas: torch.Tensor, text_deltas: torch.Tensor | None = None, text_weight: float = 0.5
+) -> tuple[list[torch.Tensor], list[float]]:
+    """The sets of differences in the intervention term and their weights: the image pairs alone, or the image and
+    text pairs with shares ``1 - text_weight`` and ``text_weight`` (text pairs at weight 0 are left out).
+
+    Example:
+        >>> sets, weights = intervention_sets(torch.ones(4, 2), torch.zeros(3, 2), text_weight=0.25)
+        >>> len(sets), weights
+        (2, [0.75, 0.25])
+    """
+    if text_deltas is None or text_weight <= 0:
+        return [image_deltas], [1.0]
+    return [image_deltas, text_deltas], [1.0 - text_weight, text_weight]
+
+
+def fit_from_config(
+    features: InterventionalFeatures,
+    config: InvarianceConfig,
+    *,
+    text_features: torch.Tensor | None = None,
+    text_deltas: torch.Tensor | None = None,
+    seed: int = 0,
+) -> tuple[ICMProjection, Selection | None]:
+    """The whole rule of an :class:`~prompt_robust.InvarianceConfig`: ``λ`` and ``k`` as configured, the unset
+    ones chosen by :func:`choose_lam_dim` on held-out training images, then the projection fitted on all images
+    (and the text pairs, with ``text_weight``).
+
+    Args:
+        features: interventional features of the training images.
+        config: the settings (``lam``, ``dim``, the grids, ``selection``, ``text_weight``, ...).
+        text_features: ``(n_cls, d)`` class text features (needed by ``selection="zero_shot"``).
+        text_deltas: ``(m_t, d)`` text-pair differences, or None.
+        seed: seed of the held-out split.
+
+    Returns:
+        The projection, and the selection (None when both ``lam`` and ``dim`` were given).
+    """
+    lam, dim, selection = config.lam, config.dim, None
+    if lam is None or dim is None:
+        selection = choose_lam_dim(
+            features,
+            lam=lam,
+            dim=dim,
+            lam_grid=config.lam_grid,
+            dim_fractions=config.dim_fractions,
+            val_fraction=config.val_fraction,
+            predictor=config.selection,
+            text_features=text_features,
+            probe_reg=config.probe_reg,
+            text_deltas=text_deltas,
+            text_weight=config.text_weight,
+            seed=seed,
+        )
+        lam, dim = selection.lam, selection.dim
+    deltas, weights = intervention_sets(features.deltas(), text_deltas, config.text_weight)
+    return ICMProjection.fit(features.clean, deltas, lam=lam, dim=dim, weights=weights), selection
 
 
 def choose_lam_dim(
@@ -82,10 +142,7 @@ def choose_lam_dim(
     fit_index, val_index = split_fit_val(features.labels, val_fraction, seed)
     fit, val = features.subset(fit_index), features.subset(val_index)
     val_z, val_y = val.intervened_flat()  # (n_val * m, d), (n_val * m,)
-    deltas: list[torch.Tensor] = [fit.deltas()]
-    weights = [1.0]
-    if text_deltas is not None and text_weight > 0:
-        deltas, weights = [*deltas, text_deltas], [1.0 - text_weight, text_weight]
+    deltas, weights = intervention_sets(fit.deltas(), text_deltas, text_weight)
 
     if predictor == "zero_shot":
         if text_features is None:
