@@ -96,11 +96,18 @@ class BenchConfig(ConfigMixin):
             if task not in TASKS:
                 raise unknown_name_error("task", task, TASKS)
         _check(self.k >= 1 and self.k <= self.pool_per_class, f"k must be in 1..pool_per_class; got {self.k!r}.")
-        for name in ("refiner", "counterfactual", "invariance"):  # unknown fields or bad values fail here
-            RobustConfig.nested[name](**getattr(self, name))
-        RobustConfig.nested["debias"](**{"attribute_values": list(world.BACKGROUNDS), **self.debias})
+        for name in RobustConfig.nested:  # unknown fields or bad values fail here
+            RobustConfig.nested[name](**self.addon_settings(name))
         for name in ("steps", "batch_size", "spurious_per_class", "test_per_class", "retrieval_size"):
             _check(getattr(self, name) >= 1, f"{name} must be >= 1; got {getattr(self, name)!r}.")
+
+    def addon_settings(self, name: str, attribute_values: Sequence[str] = world.BACKGROUNDS) -> dict[str, Any]:
+        """The settings of add-on ``name``; the debias add-on names the spurious attribute with
+        ``attribute_values`` (the task's backgrounds) unless its settings do."""
+        settings = dict(getattr(self, name))
+        if name == "debias":
+            settings = {"attribute_values": list(attribute_values), **settings}
+        return settings
 
 
 def parse_method(method: str) -> tuple[str, list[str]]:
@@ -172,16 +179,10 @@ class _Runner:
         attribute with (the backgrounds: all of the world's, or the spurious task's two)."""
         torch.manual_seed(seed)
         learner = build_learner(learner_name, self.backbone, list(classnames), **LEARNER_SETTINGS[learner_name])
-        settings = {
-            "refiner": self.config.refiner,
-            "counterfactual": self.config.counterfactual,
-            "invariance": self.config.invariance,
-            "debias": {"attribute_values": list(attribute_values), **self.config.debias},
-        }
         configs = {}
         for addon in addons:
             name, _, mode = addon.partition(":")
-            configs[name] = _addon_config(name, mode, settings[name])
+            configs[name] = _addon_config(name, mode, self.config.addon_settings(name, attribute_values))
         return wrap(learner, RobustConfig(**configs))
 
     def _train(self, model: RobustPromptModel, data: TaskData, seed: int) -> None:
@@ -272,10 +273,7 @@ def _addon_settings(config: BenchConfig, method: str) -> dict[str, Any]:
     resolved = {}
     for addon in parse_method(method)[1]:
         name, _, mode = addon.partition(":")
-        settings = dict(getattr(config, name))
-        if name == "debias":
-            settings = {"attribute_values": list(world.BACKGROUNDS), **settings}
-        resolved[addon] = _addon_config(name, mode, settings).to_dict()
+        resolved[addon] = _addon_config(name, mode, config.addon_settings(name)).to_dict()
     return resolved
 
 

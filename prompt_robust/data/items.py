@@ -3,12 +3,12 @@ pairs, and a collate function for the image + label passes the add-ons make over
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
 
-__all__ = ["collate_images_labels", "item_as_dict"]
+__all__ = ["collate_images_labels", "hash_items", "item_as_dict"]
 
 
 def item_as_dict(item: Any) -> dict[str, Any]:
@@ -40,3 +40,20 @@ def collate_images_labels(items: list[Any]) -> dict[str, torch.Tensor]:
     pixel_values = torch.stack([torch.as_tensor(item["pixel_values"]) for item in dicts])
     labels = torch.as_tensor([int(item["labels"]) for item in dicts], dtype=torch.long)
     return {"pixel_values": pixel_values, "labels": labels}
+
+
+def hash_items(digest: Any, dataset: Any, indices: Iterable[int]) -> None:
+    """Feed the images (as float32 bytes) and labels of ``dataset[i]`` for ``i`` in ``indices`` to ``digest`` (a
+    ``hashlib`` object): the data part of the add-ons' cache keys.
+
+    Example:
+        >>> import hashlib
+        >>> a, b = hashlib.sha256(), hashlib.sha256()
+        >>> hash_items(a, [(torch.zeros(3, 2, 2), 0)], [0]); hash_items(b, [(torch.zeros(3, 2, 2), 1)], [0])
+        >>> a.hexdigest() == b.hexdigest()
+        False
+    """
+    for index in indices:
+        item = item_as_dict(dataset[index])
+        digest.update(torch.as_tensor(item["pixel_values"]).to(torch.float32).contiguous().numpy().tobytes())
+        digest.update(str(int(item["labels"])).encode())

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from .. import _io
 from ..backbones.base import ClipBackbone
-from ..data.items import collate_images_labels, item_as_dict
+from ..data.items import collate_images_labels, hash_items
 from .interventions import get_intervention, intervene
 
 __all__ = ["InterventionalFeatures", "interventional_features", "split_fit_val"]
@@ -149,10 +149,7 @@ def _fingerprint(learner: nn.Module, dataset: Dataset, meta: dict[str, Any]) -> 
                 digest.update(name.encode())
                 digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
     # every item: reading the data once is far cheaper than encoding (1 + m) copies of it
-    for index in range(len(dataset)):
-        item = item_as_dict(dataset[index])
-        digest.update(torch.as_tensor(item["pixel_values"]).to(torch.float32).contiguous().numpy().tobytes())
-        digest.update(str(int(item["labels"])).encode())
+    hash_items(digest, dataset, range(len(dataset)))
     return digest.hexdigest()[:20]
 
 

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from .. import _io
-from ..data.items import collate_images_labels, item_as_dict
+from ..data.items import collate_images_labels, hash_items
 
 __all__ = ["RefinerTargets", "build_targets", "overfit_prompts"]
 
@@ -180,10 +180,7 @@ def _fingerprint(learner: nn.Module, dataset: Dataset, steps: int, lr: float) ->
             digest.update(name.encode())
             digest.update(param.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
     n = len(dataset)
-    for index in sorted({round(i * (n - 1) / 15) for i in range(16)} if n > 1 else {0}):
-        item = item_as_dict(dataset[index])
-        digest.update(torch.as_tensor(item["pixel_values"]).to(torch.float32).contiguous().numpy().tobytes())
-        digest.update(str(int(item["labels"])).encode())
+    hash_items(digest, dataset, sorted({round(i * (n - 1) / 15) for i in range(16)} if n > 1 else {0}))
     return digest.hexdigest()[:20]
 
 
