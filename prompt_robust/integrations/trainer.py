@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..model import RobustPromptModel
 
@@ -67,6 +68,11 @@ def _sync_addons(robust: RobustPromptModel) -> None:
         for tensor in [*robust.addons.parameters(), *robust.addons.buffers(), *robust._learner_trainable]:
             if tensor.is_floating_point() or tensor.dtype in (torch.long, torch.int):
                 dist.broadcast(tensor.data, src=0)
+
+
+def _checkpoint(args: Any, step: int) -> Path:
+    """The Trainer's checkpoint folder of ``step``."""
+    return Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{step}"
 
 
 class RobustCallback(TrainerCallback):
@@ -126,16 +132,16 @@ class RobustCallback(TrainerCallback):
         # not in the checkpoint's weights (the debias groups) need it; their running state is restored next
         self.logs.update(robust.prepare_addons(self.train_dataset, seed=args.seed, cache_dir=self._cache(args)))
         if state.global_step > 0:
-            saved = Path(args.output_dir) / f"checkpoint-{state.global_step}" / TRAINING_STATE_FILE
+            saved = _checkpoint(args, state.global_step) / TRAINING_STATE_FILE
             if saved.is_file():
                 robust.load_training_state(load_file(str(saved)))
-            elif robust.training_state():
+            elif running := robust.training_state():
                 logger.warning(
                     "RobustCallback: resuming at step %d without %s; the add-ons' running state (%s) restarts from "
                     "its prepared values.",
                     state.global_step,
                     saved,
-                    ", ".join(sorted(robust.training_state())),
+                    ", ".join(sorted(running)),
                 )
         _sync_addons(robust)
         if self.addon_start_step == 0 and state.global_step == 0:
@@ -167,7 +173,7 @@ class RobustCallback(TrainerCallback):
         if not state.is_world_process_zero:
             return
         robust = _unwrap(model)
-        checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        checkpoint = _checkpoint(args, state.global_step)
         training_state = robust.training_state()
         if training_state:
             checkpoint.mkdir(parents=True, exist_ok=True)
@@ -194,8 +200,6 @@ def robust_metrics(eval_prediction: Any) -> dict[str, float]:
     labels = np.asarray(label_ids)
     metrics = {"accuracy": float((predictions == labels).mean())}
     if groups is not None:
-        import torch
-
         per_group = per_group_accuracy(torch.as_tensor(predictions), torch.as_tensor(labels), torch.as_tensor(groups))
         metrics["worst_group_accuracy"] = worst_group_accuracy(per_group)
         metrics["gap"] = accuracy_gap(metrics["accuracy"], metrics["worst_group_accuracy"])
