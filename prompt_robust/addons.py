@@ -119,9 +119,9 @@ class RobustAddon(nn.Module):
 def learner_feature_dim(learner: nn.Module) -> int:
     """Size of ``learner.image_features()``: the learner's ``feature_dim`` attribute, else its backbone's
     ``embed_dim`` (known at construction, so add-on tensors have fixed shapes for saving and loading)."""
-    from .backbones.base import ClipBackbone
+    from .backbones.base import find_backbone
 
-    backbone = next((m for m in learner.modules() if isinstance(m, ClipBackbone)), None)
+    backbone = find_backbone(learner)
     dim = getattr(learner, "feature_dim", None) or (backbone.embed_dim if backbone is not None else None)
     if not dim:
         raise ValueError(

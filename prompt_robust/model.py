@@ -13,7 +13,7 @@ from torch import nn
 
 from . import _io
 from .addons import ADDONS, RobustAddon
-from .backbones.base import ClipBackbone
+from .backbones.base import ClipBackbone, find_backbone
 from .config import RobustConfig
 from .learners import LEARNERS, PromptLearner
 
@@ -61,10 +61,6 @@ def _version_tuple(version: str) -> tuple[int, ...]:
         digits = "".join(ch for ch in piece if ch.isdigit())
         parts.append(int(digits or 0))
     return tuple(parts)
-
-
-def _find_backbone(module: nn.Module) -> ClipBackbone | None:
-    return next((m for m in module.modules() if isinstance(m, ClipBackbone)), None)
 
 
 def _check_learner(learner: Any) -> None:
@@ -270,7 +266,7 @@ class RobustPromptModel(nn.Module):
 
     @property
     def backbone(self) -> ClipBackbone | None:
-        return _find_backbone(self.learner)
+        return find_backbone(self.learner)
 
     def training_state(self) -> dict[str, torch.Tensor]:
         """The add-ons' running training state (``{"<addon>.<name>": tensor}``), saved in training checkpoints
@@ -296,7 +292,7 @@ class RobustPromptModel(nn.Module):
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """The tensors an adapter holds: the learner's own parameters (never the frozen backbone's) and the
         add-ons' state. A learner without a ClipBackbone submodule contributes its trainable parameters."""
-        backbone = _find_backbone(self.learner)
+        backbone = find_backbone(self.learner)
         frozen = {id(p) for p in backbone.parameters()} if backbone is not None else set()
         state = {}
         for name, param in self.learner.named_parameters():
@@ -413,7 +409,7 @@ class RobustPromptModel(nn.Module):
             learner = learner_cls(backbone, info["classnames"], learner_cls.config_class.from_dict(info["config"]))
         elif isinstance(learner, PromptLearner) and info["type"] != learner.learner_type:
             raise ValueError(f"the adapter holds a {info['type']!r} learner; got a {learner.learner_type!r} learner.")
-        found = _find_backbone(learner)
+        found = find_backbone(learner)
         if strict_backbone and found is not None and saved.get("backbone"):
             diffs = found.identity().mismatches(saved["backbone"])
             if diffs:

@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-__all__ = ["BackboneIdentity", "ClipBackbone"]
+__all__ = ["BackboneIdentity", "ClipBackbone", "find_backbone"]
 
 # (batch, length, width) hidden states are rewritten in place of these positions: index 0 is the BOS token of
 # the text tower and the CLS token of the vision tower, so prompts always start right after it.
@@ -343,3 +343,8 @@ class ClipBackbone(nn.Module, ABC):
             return (hidden, *args[1:]), kwargs
 
         return hook
+
+
+def find_backbone(module: nn.Module) -> ClipBackbone | None:
+    """The first :class:`ClipBackbone` inside ``module`` (e.g. a learner's frozen CLIP), or None."""
+    return next((m for m in module.modules() if isinstance(m, ClipBackbone)), None)

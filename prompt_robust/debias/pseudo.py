@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from ..backbones.base import ClipBackbone
+from ..backbones.base import find_backbone
 from ..config import DebiasConfig
 from ._data import iterate_batches
 
@@ -49,7 +49,7 @@ def _text_encoder(learner: nn.Module):
     encode = getattr(learner, "fixed_text_features", None)
     if callable(encode):
         return encode
-    backbone = next((m for m in learner.modules() if isinstance(m, ClipBackbone)), None)
+    backbone = find_backbone(learner)
     if backbone is None:
         raise ValueError(
             f"pseudo-labelling needs CLIP text features of the attribute words, and {type(learner).__name__} has "

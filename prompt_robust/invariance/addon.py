@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..addons import RobustAddon, register_addon
-from ..backbones.base import ClipBackbone
+from ..backbones.base import find_backbone
 from ..config import InvarianceConfig
 from .features import interventional_features
 from .icm import ICMProjection
@@ -32,10 +32,6 @@ from .selection import fit_from_config
 __all__ = ["InvariantProjection"]
 
 logger = logging.getLogger(__name__)
-
-
-def _find_backbone(learner: nn.Module) -> ClipBackbone | None:
-    return next((m for m in learner.modules() if isinstance(m, ClipBackbone)), None)
 
 
 @register_addon
@@ -68,7 +64,7 @@ class InvariantProjection(RobustAddon):
 
     def __init__(self, learner: nn.Module, config: InvarianceConfig) -> None:
         super().__init__(learner, config)
-        backbone = _find_backbone(learner)
+        backbone = find_backbone(learner)
         self.__dict__["backbone"] = backbone  # a plain reference: the backbone's weights are never saved here
         d = getattr(learner, "feature_dim", None) or (backbone.embed_dim if backbone is not None else None)
         if not d:

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from .. import _io
-from ..backbones.base import ClipBackbone
+from ..backbones.base import find_backbone
 from ..data.items import collate_images_labels, hash_items
 from .interventions import get_intervention, intervene
 
@@ -138,7 +138,7 @@ def _fingerprint(learner: nn.Module, dataset: Dataset, meta: dict[str, Any]) -> 
 
     digest = hashlib.sha256()
     digest.update(json.dumps({**meta, "version": _CACHE_VERSION, "n": len(dataset)}, sort_keys=True).encode())
-    backbone = next((m for m in learner.modules() if isinstance(m, ClipBackbone)), None)
+    backbone = find_backbone(learner)
     if backbone is not None:
         digest.update(backbone.fingerprint().encode())
     if not isinstance(learner, PromptLearner) or backbone is None:
