@@ -60,8 +60,7 @@ def counterfactual_quality_benchmark(
         test = tasks.dg_source_test()
         z, y = image_features_in_batches(learner, test.pixel_values), test.labels
         train_z = image_features_in_batches(learner, train.pixel_values)
-        with torch.no_grad():  # the zero-shot classifier judges flips in the minimal-change search
-            text = learner(test.pixel_values[:1]).text_features
+        text = learner.text_features()  # the zero-shot classifier judges flips in the minimal-change search
         counterfactuals, targets = addon.counterfactuals(z, y, scores=probe(z), text_features=text)
         quality = counterfactual_quality(
             z, counterfactuals, targets, probe=probe, reference_features=train_z, reference_labels=train.labels
