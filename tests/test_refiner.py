@@ -436,6 +436,16 @@ def test_target_cache_loads_resumes_and_never_overwrites(bb, train_data, tmp_pat
     monkeypatch.setattr(targets_module, "overfit_prompts", refuse)
     _assert_same_targets(refiner.build_targets(train_data, cache_dir=tmp_path, progress=False), first)
 
+    class Counting(list):  # counts item reads: a cached batch's images are not read (only the cache key's)
+        reads = 0
+
+        def __getitem__(self, index):
+            Counting.reads += 1
+            return list.__getitem__(self, index)
+
+    _assert_same_targets(refiner.build_targets(Counting(train_data), cache_dir=tmp_path, progress=False), first)
+    assert Counting.reads == N_TRAIN  # the fingerprint hashes every item of this small set once; nothing more
+
     # other settings: a new folder, the first untouched
     monkeypatch.undo()
     monkeypatch.setattr(refiner.config, "inner_lr", 0.1)

@@ -25,12 +25,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ..addons import RobustAddon, learner_feature_dim, register_addon
 from ..config import CounterfactualConfig
-from ..data.items import collate_images_labels
+from ..data.items import ordered_loader
 from .feature_flow import FeatureFlow, fit_feature_flow
 from .generator import CounterfactualGenerator, choose_targets
 
@@ -228,8 +227,7 @@ class CounterfactualRegularizer(RobustAddon):
         if len(dataset) == 0:
             raise ValueError("the dataset is empty: the counterfactual feature flow needs training images.")
         size = self.config.feature_batch_size
-        batches = [list(range(s, min(s + size, len(dataset)))) for s in range(0, len(dataset), size)]
-        loader = DataLoader(dataset, batch_sampler=batches, collate_fn=collate_images_labels)
+        loader = ordered_loader(dataset, size)
         device = self.flow.feature_mean.device
         features, labels = [], []
         was_training = self.learner.training

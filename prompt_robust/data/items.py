@@ -7,8 +7,9 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
+from torch.utils.data import DataLoader
 
-__all__ = ["collate_images_labels", "hash_items", "item_as_dict"]
+__all__ = ["collate_images_labels", "hash_items", "item_as_dict", "ordered_loader"]
 
 
 def item_as_dict(item: Any) -> dict[str, Any]:
@@ -40,6 +41,12 @@ def collate_images_labels(items: list[Any]) -> dict[str, torch.Tensor]:
     pixel_values = torch.stack([torch.as_tensor(item["pixel_values"]) for item in dicts])
     labels = torch.as_tensor([int(item["labels"]) for item in dicts], dtype=torch.long)
     return {"pixel_values": pixel_values, "labels": labels}
+
+
+def ordered_loader(dataset: Any, batch_size: int) -> DataLoader:
+    """Batches ``{"pixel_values", "labels"}`` of consecutive items, in dataset order (the add-ons' passes over a
+    training set)."""
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_images_labels)
 
 
 def hash_items(digest: Any, dataset: Any, indices: Iterable[int]) -> None:

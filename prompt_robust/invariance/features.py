@@ -19,12 +19,12 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from .. import _io
 from ..backbones.base import find_backbone
-from ..data.items import collate_images_labels, hash_items
+from ..data.items import hash_items, ordered_loader
 from .interventions import get_intervention, intervene
 
 __all__ = ["InterventionalFeatures", "interventional_features", "split_fit_val"]
@@ -221,8 +221,7 @@ def interventional_features(
             return feats
     device = next((p.device for p in learner.parameters()), torch.device("cpu"))
     generator = torch.Generator().manual_seed(int(seed))
-    batches = [list(range(s, min(s + batch_size, len(dataset)))) for s in range(0, len(dataset), batch_size)]
-    loader = DataLoader(dataset, batch_sampler=batches, collate_fn=collate_images_labels)
+    loader = ordered_loader(dataset, batch_size)
     clean, intervened, labels = [], [], []
     was_training = learner.training
     learner.eval()

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from .. import _io
@@ -216,17 +216,17 @@ def build_targets(
     if cache_dir is not None:
         folder = Path(cache_dir) / f"refiner-targets-{_fingerprint(learner, dataset, steps, lr)}"
         folder.mkdir(parents=True, exist_ok=True)
-    batches = [list(range(s, min(s + batch_size, len(dataset)))) for s in range(0, len(dataset), batch_size)]
-    loader = DataLoader(dataset, batch_sampler=batches, collate_fn=collate_images_labels)
+    batches = [range(s, min(s + batch_size, len(dataset))) for s in range(0, len(dataset), batch_size)]
     parts: list[dict[str, torch.Tensor]] = []
     was_training = learner.training
     learner.eval()
     try:
-        for number, batch in enumerate(tqdm(loader, desc="refiner targets", disable=not progress)):
+        for number, indices in enumerate(tqdm(batches, desc="refiner targets", disable=not progress)):
             shard = folder / f"shard-{number:05d}.safetensors" if folder is not None else None
-            if shard is not None and shard.is_file():
+            if shard is not None and shard.is_file():  # cached: the batch's images are not even read
                 parts.append(_io.read_safetensors(shard))
                 continue
+            batch = collate_images_labels([dataset[i] for i in indices])
             pixel_values, labels = batch["pixel_values"].to(device), batch["labels"].to(device)
             prompts, before, after = overfit_prompts(learner, pixel_values, labels, steps=steps, lr=lr)
             base = {site: p.detach() for site, p in learner.prompt_tokens().items()}
