@@ -35,8 +35,6 @@ from .config import ConfigMixin, RobustConfig, _check, help_field, unknown_name_
 from .data import world
 from .data.fewshot import save_split
 from .data.tasks import (
-    BASE_CLASSES,
-    NEW_CLASSES,
     SPURIOUS_BACKGROUNDS,
     TARGET_STYLES,
     TASKS_VERSION,
@@ -61,6 +59,19 @@ LEARNER_SETTINGS: dict[str, dict[str, Any]] = {
     "maple": {"ctx_init": "a photo of a", "depth": 3},
 }
 
+#: each learner's training schedule, from its paper's few-shot configuration (SGD with momentum 0.9, one epoch of
+#: constant warm-up at 1e-5, cosine decay; epochs over the k-shot set): CoOp's base-to-new config
+#: (``vit_b16_ctxv1``: lr 0.002, batch 32, 200 epochs), CoCoOp's (``vit_b16_c4_ep10_batch1_ctxv1``: lr 0.002,
+#: batch 1, 10 epochs), MaPLe's (lr 0.0035, batch 4, 5 epochs), used for VPT too as MaPLe's repository does.
+#: BenchConfig's ``steps``, ``lr``, ``optimizer`` and ``batch_size`` override them for every learner.
+LEARNER_TRAINING: dict[str, dict[str, Any]] = {
+    "coop": {"optimizer": "sgd", "lr": 0.002, "batch_size": 32, "epochs": 200},
+    "cocoop": {"optimizer": "sgd", "lr": 0.002, "batch_size": 1, "epochs": 10},
+    "vpt": {"optimizer": "sgd", "lr": 0.0035, "batch_size": 4, "epochs": 5},
+    "maple": {"optimizer": "sgd", "lr": 0.0035, "batch_size": 4, "epochs": 5},
+}
+_DEFAULT_TRAINING: dict[str, Any] = {"optimizer": "sgd", "lr": 0.002, "batch_size": 32, "epochs": 200}
+
 
 @dataclass
 class BenchConfig(ConfigMixin):
@@ -68,13 +79,17 @@ class BenchConfig(ConfigMixin):
 
     methods: list[str] = help_field(["zeroshot", "coop"], "Methods: a learner name, optionally +add-ons.")
     seeds: list[int] = help_field([1], "Seeds (few-shot draws and initialisations); results are mean ± std.")
-    k: int = help_field(16, "Shots per class for base-to-new and domain generalisation.")
-    steps: int = help_field(200, "Optimizer steps per training.")
-    batch_size: int = help_field(32, "Training batch size.")
-    lr: float = help_field(0.002, "Peak learning rate (cosine decay after a short warm-up).")
-    optimizer: str = help_field(
-        "adamw", "adamw or sgd. AdamW: 200 steps are far fewer than CoOp's SGD schedule (~10^4+ iterations)."
+    world_version: int = help_field(2, "World the tasks are drawn from (2: five datasets; 1: the first world).")
+    datasets: list[str] | None = help_field(
+        None, "World 2: the datasets base-to-new runs on and averages over (None: all of them)."
     )
+    k: int = help_field(16, "Shots per class for base-to-new and domain generalisation.")
+    steps: int | None = help_field(
+        None, "Optimizer steps per training, for every learner (None: each learner's paper schedule in epochs)."
+    )
+    batch_size: int | None = help_field(None, "Training batch size for every learner (None: the learner's own).")
+    lr: float | None = help_field(None, "Peak learning rate for every learner (None: the learner's own).")
+    optimizer: str | None = help_field(None, "adamw or sgd for every learner (None: the learner's own, SGD).")
     spurious_per_class: int = help_field(64, "Training images per class of the spurious task.")
     pool_per_class: int = help_field(32, "Rendered training pool per class (k shots are drawn from it).")
     test_per_class: int = help_field(50, "Evaluation images per class (per style, per group).")
@@ -98,8 +113,30 @@ class BenchConfig(ConfigMixin):
         _check(self.k >= 1 and self.k <= self.pool_per_class, f"k must be in 1..pool_per_class; got {self.k!r}.")
         for name in RobustConfig.nested:  # unknown fields or bad values fail here
             RobustConfig.nested[name](**self.addon_settings(name))
-        for name in ("steps", "batch_size", "spurious_per_class", "test_per_class", "retrieval_size"):
+        for name in ("spurious_per_class", "test_per_class", "retrieval_size"):
             _check(getattr(self, name) >= 1, f"{name} must be >= 1; got {getattr(self, name)!r}.")
+        for name in ("steps", "batch_size"):
+            value = getattr(self, name)
+            _check(value is None or value >= 1, f"{name} must be >= 1 or None; got {value!r}.")
+        _check(self.lr is None or self.lr > 0, f"lr must be > 0 or None; got {self.lr!r}.")
+        _check(self.world_version in (1, 2), f"world_version must be 1 or 2; got {self.world_version!r}.")
+        if self.datasets is not None:
+            from .data.world_v2 import DATASETS
+
+            _check(len(self.datasets) > 0, "datasets must name at least one dataset (or be None: all).")
+            _check(self.world_version == 2, "datasets selects world 2's datasets; world 1 has one dataset.")
+            for name in self.datasets:
+                if name not in DATASETS:
+                    raise unknown_name_error("dataset", name, list(DATASETS))
+
+    def training(self, learner: str) -> dict[str, Any]:
+        """The schedule a learner trains with: its paper's (:data:`LEARNER_TRAINING`) with this config's
+        ``steps`` / ``lr`` / ``optimizer`` / ``batch_size`` overriding where set."""
+        schedule = dict(LEARNER_TRAINING.get(learner, _DEFAULT_TRAINING))
+        for name in ("steps", "lr", "optimizer", "batch_size"):
+            if getattr(self, name) is not None:
+                schedule[name] = getattr(self, name)
+        return schedule
 
     def addon_settings(self, name: str, attribute_values: Sequence[str] = world.BACKGROUNDS) -> dict[str, Any]:
         """The settings of add-on ``name``; the debias add-on names the spurious attribute with
@@ -153,8 +190,24 @@ def recall_at_k(similarity: torch.Tensor, ks: Sequence[int] = (1, 5, 10)) -> dic
     return {k: float((ranks < k).float().mean()) for k in ks}
 
 
+def check_world(backbone: ClipBackbone, world_version: int) -> None:
+    """Refuse to benchmark a mini-CLIP on a world other than the one it was pretrained on (its numbers would mean
+    nothing); backbones without a pretraining record (real CLIPs) run on any world."""
+    from .pretrain import pretrained_world
+
+    trained_on = pretrained_world(backbone)
+    if trained_on is not None and trained_on != world_version:
+        raise ValueError(
+            f"the backbone {backbone.name!r} was pretrained on world {trained_on}, but the benchmark runs on world "
+            f"{world_version}: its numbers would mean nothing. Pass --world-version {trained_on} "
+            f"(world_version={trained_on}), or a backbone pretrained on world {world_version} (the shipped ones: "
+            "'embedded' is world 2, 'embedded-v1' world 1)."
+        )
+
+
 class _Runner:
     def __init__(self, backbone: ClipBackbone, config: BenchConfig, out_dir: Path) -> None:
+        check_world(backbone, config.world_version)
         self.backbone = backbone
         self.config = config
         self.out_dir = out_dir
@@ -165,6 +218,7 @@ class _Runner:
             pool_per_class=config.pool_per_class,
             test_per_class=config.test_per_class,
             retrieval_size=config.retrieval_size,
+            version=config.world_version,
         )
 
     def _model(
@@ -174,31 +228,45 @@ class _Runner:
         classnames: Sequence[str],
         seed: int,
         attribute_values: Sequence[str] = world.BACKGROUNDS,
+        template: str = "a photo of a {}.",
     ) -> RobustPromptModel:
         """The wrapped learner; ``attribute_values``: the words the debias add-on names the task's spurious
-        attribute with (the backgrounds: all of the world's, or the spurious task's two)."""
+        attribute with (the backgrounds: all of the world's, or the spurious task's two); ``template``: the
+        dataset's hand-crafted prompt, which zero-shot CLIP uses (as CoOp's zero-shot baseline does)."""
         torch.manual_seed(seed)
-        learner = build_learner(learner_name, self.backbone, list(classnames), **LEARNER_SETTINGS[learner_name])
+        settings = dict(LEARNER_SETTINGS[learner_name])
+        if learner_name == "zeroshot":
+            settings["templates"] = [template]
+        learner = build_learner(learner_name, self.backbone, list(classnames), **settings)
         configs = {}
         for addon in addons:
             name, _, mode = addon.partition(":")
             configs[name] = _addon_config(name, mode, self.config.addon_settings(name, attribute_values))
         return wrap(learner, RobustConfig(**configs))
 
+    def _fit_config(self, learner: str, n: int, seed: int) -> FitConfig:
+        """The learner's schedule on ``n`` training images: epochs become steps, and the first epoch (at most a
+        tenth of the steps) is a constant warm-up at 1e-5 (CoOp's), linear when the config sets AdamW."""
+        schedule = self.config.training(learner)
+        per_epoch = math.ceil(n / schedule["batch_size"])
+        steps = schedule.get("steps") or schedule["epochs"] * per_epoch
+        warmup = min(per_epoch, steps // 10)
+        return FitConfig(
+            steps=steps,
+            batch_size=schedule["batch_size"],
+            lr=schedule["lr"],
+            optimizer=schedule["optimizer"],
+            warmup_steps=warmup,
+            warmup="constant" if schedule["optimizer"] == "sgd" else "linear",
+            seed=seed,
+            progress=False,
+        )
+
     def _train(self, model: RobustPromptModel, data: TaskData, seed: int) -> None:
         if not any(p.requires_grad for p in model.parameters()):
             return  # zero-shot CLIP: nothing to train
         model.prepare_addons(data, seed=seed, cache_dir=self.out_dir / "cache", progress=False)
-        config = FitConfig(
-            steps=self.config.steps,
-            batch_size=self.config.batch_size,
-            lr=self.config.lr,
-            optimizer=self.config.optimizer,
-            warmup_steps=min(10, self.config.steps // 10),
-            seed=seed,
-            progress=False,
-        )
-        fit(model, data, config)
+        fit(model, data, self._fit_config(model.learner.learner_type, len(data), seed))
         if len(model.stages()) > 1:  # add-ons with their own training (the refiner's generator)
             model.fit_addons(data, seed=seed, cache_dir=self.out_dir / "cache", progress=False)
 
@@ -210,19 +278,33 @@ class _Runner:
         learner_name, addons = parse_method(method)
         tasks, results = self.config.tasks, {}
         if "base_to_new" in tasks:
-            train, indices = self.tasks.base_to_new_train(self.config.k, seed)
-            self._save_split("base_to_new", seed, indices)
-            model = self._model(learner_name, addons, BASE_CLASSES, seed)
-            self._train(model, train, seed)
-            base_test, new_test = self.tasks.base_to_new_test()
-            base = _accuracy(model, base_test)
-            model.learner.set_classnames(NEW_CLASSES)
-            new = _accuracy(model, new_test)
+            per_dataset = {}
+            for dataset in self.config.datasets or self.tasks.datasets():
+                train, indices = self.tasks.base_to_new_train(self.config.k, seed, dataset)
+                split = "base_to_new" if self.config.world_version == 1 else f"base_to_new_{dataset}"
+                self._save_split(split, seed, indices)
+                classes, template = self.tasks.base_classes(dataset), self.tasks.template(dataset)
+                model = self._model(learner_name, addons, classes, seed, template=template)
+                self._train(model, train, seed)
+                base_test, new_test = self.tasks.base_to_new_test(dataset)
+                base = _accuracy(model, base_test)
+                model.learner.set_classnames(self.tasks.new_classes(dataset))
+                new = _accuracy(model, new_test)
+                per_dataset[dataset] = {"base": base, "new": new, "hm": harmonic_mean(base, new)}
+            # averages over the datasets, the HM of the average base and new accuracies (as CoCoOp reports)
+            base = statistics.fmean(r["base"] for r in per_dataset.values())
+            new = statistics.fmean(r["new"] for r in per_dataset.values())
             results["base_to_new"] = {"base": base, "new": new, "hm": harmonic_mean(base, new)}
+            if len(per_dataset) > 1:
+                results["base_to_new_datasets"] = {
+                    f"{dataset}/{metric}": value
+                    for dataset, row in per_dataset.items()
+                    for metric, value in row.items()
+                }
         if any(t in tasks for t in ("domain_generalization", "cross_dataset", "retrieval")):
             train, indices = self.tasks.dg_train(self.config.k, seed)
             self._save_split("domain_generalization", seed, indices)
-            model = self._model(learner_name, addons, world.CLASSES, seed)
+            model = self._model(learner_name, addons, self.tasks.dg_classes(), seed)
             self._train(model, train, seed)
             if "domain_generalization" in tasks:
                 per_style = {style: _accuracy(model, data) for style, data in self.tasks.dg_test().items()}
@@ -232,8 +314,16 @@ class _Runner:
             if "retrieval" in tasks:
                 results["retrieval"] = self._retrieval(model)
             if "cross_dataset" in tasks:
-                model.learner.set_classnames(world.CROSS_CLASSES)
-                results["cross_dataset"] = {"acc": _accuracy(model, self.tasks.cross_dataset_test())}
+                accs = {}
+                for dataset in self.tasks.cross_datasets():
+                    test = self.tasks.cross_dataset_test(dataset)
+                    model.learner.set_classnames(test.classnames)
+                    if learner_name == "zeroshot":  # zero-shot CLIP prompts each dataset its own way
+                        model.learner.config.templates = [self.tasks.template(dataset)]
+                    accs[dataset] = _accuracy(model, test)
+                results["cross_dataset"] = {"acc": statistics.fmean(accs.values())}
+                if len(accs) > 1:
+                    results["cross_dataset"].update(accs)
         if "spurious" in tasks:
             train = self.tasks.spurious_train(self.config.spurious_per_class, seed)
             model = self._model(learner_name, addons, train.classnames, seed, SPURIOUS_BACKGROUNDS)
@@ -250,7 +340,8 @@ class _Runner:
         data = self.tasks.retrieval_test()
         _, image = _outputs(model, data)
         with torch.no_grad():
-            text = F.normalize(self.backbone.encode_text(self.backbone.tokenize(data.captions)), dim=-1)
+            ids = self.backbone.tokenize(data.captions, truncate=True)  # free captions: cut as CLIP does
+            text = F.normalize(self.backbone.encode_text(ids), dim=-1)
         similarity = image @ text.t()  # (n_images, n_captions)
         i2t, t2i = recall_at_k(similarity), recall_at_k(similarity.t())
         return {**{f"i2t_r{k}": v for k, v in i2t.items()}, **{f"t2i_r{k}": v for k, v in t2i.items()}}

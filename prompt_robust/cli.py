@@ -185,6 +185,8 @@ def _bench(args: argparse.Namespace) -> int:
     seeds = list(range(1, args.seeds + 1))
     if args.suite in ("refiner-sweep", "refiner-cost"):
         return _bench_refiner(args, refiner, seeds)
+    if args.suite == "calibration":
+        return _bench_calibration(args, seeds)
     others = {name: _json_option(getattr(args, f"{name}_config"), f"--{name}-config") for name in _JSON_ADDONS}
     if args.suite in _FEATURE_SUITES:
         return _bench_features(args, others, seeds)
@@ -223,6 +225,33 @@ def _bench_features(args: argparse.Namespace, others: dict[str, dict[str, Any]],
     )
     print(getattr(module, format_name)(result))
     print(f"\nwrote {stem}.json, {stem}.md to {args.out} ({time.time() - started:.0f} s); command: {_command_line()}")
+    return 0
+
+
+def _bench_calibration(args: argparse.Namespace, seeds: list[int]) -> int:
+    """The world's calibration against real CLIP's baseline behaviour (baselines only, no add-on)."""
+    from .benchmark import BenchConfig
+    from .calibration import calibration_benchmark, format_calibration
+
+    started = time.time()
+    bench = dataclass_from_args(BenchConfig, args, seeds=seeds)
+    result = calibration_benchmark(
+        _embedded_or_given(args.backbone),
+        args.out,
+        seeds=seeds,
+        bench=bench,
+        progress=not args.quiet,
+        command=_command_line(),
+    )
+    print(format_calibration(result))
+    failed = [row["key"] for row in result["targets"] if not row["passed"]]
+    print(
+        f"\n{len(result['targets']) - len(failed)} of {len(result['targets'])} targets met"
+        + (f"; missed: {', '.join(failed)}" if failed else "")
+    )
+    print(
+        f"wrote calibration.json, calibration.md to {args.out} ({time.time() - started:.0f} s); command: {_command_line()}"
+    )
     return 0
 
 
@@ -399,9 +428,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser("bench", help="Every learner x add-on x task, mean ± std over seeds.")
     bench.add_argument(
         "--suite",
-        choices=["quick", "full", "refiner-sweep", "refiner-cost", *_FEATURE_SUITES],
+        choices=["quick", "full", "calibration", "refiner-sweep", "refiner-cost", *_FEATURE_SUITES],
         default="quick",
-        help="quick: zero-shot, CoOp, CoOp+each add-on; full: every learner x add-on; refiner-sweep: sampler "
+        help="quick: zero-shot, CoOp, CoOp+each add-on; full: every learner x add-on; calibration: does the world "
+        "reproduce real CLIP's baseline behaviour (zero-shot, linear probe, CoOp, CoCoOp vs targets); refiner-sweep: sampler "
         "steps x solver for LEARNER+refiner; refiner-cost: images/s of CoOp, CoOp+refiner, CoCoOp on a real-size "
         "architecture (default backbone open_clip:ViT-B-16, random weights); icm: zero-shot / ICM zero-shot / linear "
         "probe / ICM linear probe on the DG task; icm-grid: every (λ, k) of the ICM rule's grid scored on the test "

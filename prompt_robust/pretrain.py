@@ -37,13 +37,38 @@ from . import _io
 from .backbones.hf_clip import OPENAI_MEAN, OPENAI_STD, HFClipBackbone
 from .backbones.tiny import build_clip_tokenizer, tiny_clip_backbone
 from .config import ConfigMixin, _check, help_field
-from .data import world
+from .data import world, world_v2
 
-__all__ = ["EMBEDDED_DIR", "PretrainConfig", "pretrain_backbone", "zero_shot_report"]
+__all__ = [
+    "EMBEDDED_DIR",
+    "EMBEDDED_V1_DIR",
+    "PretrainConfig",
+    "pretrain_backbone",
+    "pretrained_world",
+    "zero_shot_report",
+]
 
-#: where the shipped mini-CLIP lives inside the package
+#: where the shipped mini-CLIP lives inside the package (pretrained on world 2)
 EMBEDDED_DIR = Path(__file__).resolve().parent / "assets" / "mini_clip"
+#: the first mini-CLIP, pretrained on world 1 (32 px): ``load_backbone("embedded-v1")``
+EMBEDDED_V1_DIR = Path(__file__).resolve().parent / "assets" / "mini_clip_v1"
 RECORD_NAME = "pretrain_record.json"
+
+
+def pretrained_world(backbone: HFClipBackbone) -> int | None:
+    """The world version a mini-CLIP was pretrained on, from the ``pretrain_record.json`` beside its weights
+    (None for a backbone without one, e.g. a real CLIP). Records written before world 2 existed have no
+    ``world_version``: they are world 1.
+
+    Example:
+        >>> from prompt_robust.backbones import load_backbone
+        >>> pretrained_world(load_backbone("embedded"))  # doctest: +SKIP
+        2
+    """
+    record = Path(str(getattr(backbone, "name", ""))) / RECORD_NAME
+    if not record.is_file():
+        return None
+    return int(_io.read_json(record).get("config", {}).get("world_version", 1))
 
 
 @dataclass
@@ -56,11 +81,21 @@ class PretrainConfig(ConfigMixin):
     weight_decay: float = help_field(0.1, "AdamW weight decay.")
     warmup_steps: int = help_field(100, "Linear warm-up steps before the cosine decay.")
     seed: int = help_field(0, "Seed of the initialisation and of the data stream.")
-    image_size: int = help_field(32, "Image resolution.")
-    patch_size: int = help_field(4, "ViT patch size.")
-    width: int = help_field(128, "Width of both towers.")
-    layers: int = help_field(4, "Depth of both towers.")
+    world_version: int = help_field(
+        2, "World the stream is drawn from: 2 (web-like captions, fine-grained shapes, patterns) or 1."
+    )
+    image_size: int = help_field(48, "Image resolution.")
+    patch_size: int = help_field(8, "ViT patch size.")
+    width: int = help_field(128, "Width of the image tower (and of the text tower unless text_width is set).")
+    layers: int = help_field(4, "Depth of the image tower (and of the text tower unless text_layers is set).")
     heads: int = help_field(4, "Attention heads of both towers.")
+    logit_scale: float = help_field(
+        100.0,
+        "Initial logit scale (1 / temperature, learned, at most 100). CLIP starts at 1/0.07 and reaches its cap of "
+        "100 early in training; a short CPU pretraining does not, and prompt tuning's dynamics depend on it.",
+    )
+    text_width: int | None = help_field(None, "Width of the text tower (None: width).")
+    text_layers: int | None = help_field(None, "Depth of the text tower (None: layers).")
     embed_dim: int = help_field(128, "Joint embedding size.")
     context_length: int = help_field(32, "Text positions (prompts with 16 context tokens must fit).")
     vocab_size: int = help_field(2048, "Upper bound on the BPE vocabulary.")
@@ -71,7 +106,11 @@ class PretrainConfig(ConfigMixin):
     grouped_fraction: float = help_field(0.5, "Fraction of each batch made of such groups.")
     class_text_weight: float = help_field(1.0, "Weight of the image-vs-class-name contrastive term (UniCL).")
     label_weight: float = help_field(0.0, "Weight of an auxiliary linear class probe on image embeddings.")
-    style_weights: list[float] = help_field([0.4, 0.2, 0.2, 0.2], "Sampling weights of photo, sketch, painting, pixel.")
+    style_weights: list[float] = help_field([0.7, 0.1, 0.1, 0.1], "Sampling weights of photo, sketch, painting, pixel.")
+    pattern_fraction: float = help_field(0.4, "World 2: share of objects with a surface pattern.")
+    effect_fraction: float = help_field(
+        0.2, "World 2: share of photos with a web-photo effect (black and white, blur, exposure)."
+    )
     checkpoint_every: int = help_field(100, "Steps between resumable checkpoints.")
 
     def __post_init__(self) -> None:
@@ -79,11 +118,20 @@ class PretrainConfig(ConfigMixin):
             _check(getattr(self, name) >= 1, f"{name} must be >= 1; got {getattr(self, name)!r}.")
         _check(self.image_size % self.patch_size == 0, "image_size must be a multiple of patch_size.")
         _check(self.width % self.heads == 0, "width must be a multiple of heads.")
+        _check(
+            self.text_width is None or (self.text_width >= 1 and self.text_width % self.heads == 0),
+            "text_width must be a positive multiple of heads (or None).",
+        )
+        _check(self.text_layers is None or self.text_layers >= 1, "text_layers must be >= 1 (or None).")
+        _check(1.0 <= self.logit_scale <= 100.0, f"logit_scale must be in [1, 100]; got {self.logit_scale!r}.")
         _check(len(self.style_weights) == len(world.STYLES), f"style_weights needs {len(world.STYLES)} values.")
         _check(all(w >= 0 for w in self.style_weights) and sum(self.style_weights) > 0, "style_weights must be >= 0.")
         _check(0 <= self.class_background_bias <= 1, "class_background_bias must be in [0, 1].")
         _check(1 <= self.group_size <= len(world.CLASSES), f"group_size must be in 1..{len(world.CLASSES)}.")
         _check(0 <= self.grouped_fraction <= 1, "grouped_fraction must be in [0, 1].")
+        _check(self.world_version in (1, 2), f"world_version must be 1 or 2; got {self.world_version!r}.")
+        _check(0 <= self.pattern_fraction <= 1, "pattern_fraction must be in [0, 1].")
+        _check(0 <= self.effect_fraction <= 1, "effect_fraction must be in [0, 1].")
 
 
 class _Stream(Dataset):
@@ -181,6 +229,104 @@ class _RenderBatch:
         }
 
 
+class _RenderBatchV2(_RenderBatch):
+    """World v2 collate: all 43 shapes, surface patterns, web-photo effects and web-like captions.
+
+    Half of the hard-negative groups differ only in shape, the other half only in pattern (same shape, colour,
+    background and style), so the image tower has to learn both. The class-name term (UniCL) covers the 36
+    common shapes only: fine-grained shapes are learned from the few captions that name them, like rare
+    concepts on the web; the auxiliary probes (``label_weight``) see every shape, pattern and background.
+    """
+
+    def __init__(self, config: PretrainConfig, tokenize) -> None:
+        super().__init__(config, tokenize)
+        self.classes = world_v2.ALL_SHAPES
+        self.common_index = torch.tensor(
+            [world_v2.COMMON_SHAPES.index(c) if c in world_v2.COMMON_SHAPES else -100 for c in self.classes]
+        )
+
+    def _patterns(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        patterned = torch.rand(n, generator=generator) < self.config.pattern_fraction
+        kinds = torch.randint(1, len(world.PATTERNS), (n,), generator=generator)
+        return torch.where(patterned, kinds, torch.zeros_like(kinds))
+
+    def _free(self, n: int, seed: int, generator: torch.Generator) -> world.Attributes:
+        n_free = n - self._n_grouped(n)
+        style = torch.multinomial(self.style_weights, n_free, replacement=True, generator=generator)
+        return world.sample_attributes(
+            n_free,
+            seed,
+            classes=self.classes,
+            backgrounds=world_v2.ALL_BACKGROUNDS,
+            patterns=world.PATTERNS,
+            class_background_bias=self.config.class_background_bias,
+            style=style,
+            pattern=self._patterns(n_free, generator),
+        )
+
+    def _grouped(self, n: int, seed: int, generator: torch.Generator) -> world.Attributes:
+        size, parts = self.config.group_size, []
+        for g in range(self._n_grouped(n) // size):
+            pick = lambda count: int(torch.randint(count, (1,), generator=generator))  # noqa: E731
+            colour, background = pick(len(world.COLOURS)), pick(len(world_v2.ALL_BACKGROUNDS))
+            style = int(torch.multinomial(self.style_weights, 1, generator=generator))
+            if g % 2 == 0:  # distinct shapes, one pattern
+                classes = torch.randperm(len(self.classes), generator=generator)[:size]
+                pattern = torch.full((size,), int(self._patterns(1, generator)[0]))
+            else:  # one shape, distinct patterns
+                classes = torch.full((size,), pick(len(self.classes)))
+                pattern = torch.randperm(len(world.PATTERNS), generator=generator)[:size]
+            part = world.sample_attributes(
+                size,
+                seed + 7 * (g + 1),
+                classes=self.classes,
+                backgrounds=world_v2.ALL_BACKGROUNDS,
+                patterns=world.PATTERNS,
+                class_idx=classes,
+                background=torch.full((size,), background),
+                style=torch.full((size,), style),
+                pattern=pattern,
+            )
+            parts.append(dataclasses.replace(part, colour=torch.full((size,), colour)))
+        if parts:
+            return world.Attributes.cat(parts)
+        return world.sample_attributes(
+            0, seed, classes=self.classes, backgrounds=world_v2.ALL_BACKGROUNDS, patterns=world.PATTERNS
+        )
+
+    def __call__(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        seed = (self.config.seed * 1_000_003 + sum((i + 1) * 7919**k for k, i in enumerate(indices[:4]))) % (2**31)
+        generator = torch.Generator().manual_seed(seed)
+        n = len(indices)
+        attrs = world.Attributes.cat([self._grouped(n, seed, generator), self._free(n, seed, generator)])
+        images = world.render(attrs, world_v2.render_config(self.config.image_size))
+        # web-photo effects on a share of the photos, named by some captions
+        photo = attrs.style == world.STYLES.index("photo")
+        affected = photo & (torch.rand(n, generator=generator) < self.config.effect_fraction)
+        kind = torch.randint(len(world.PHOTO_EFFECTS), (n,), generator=generator)
+        effects: list[str | None] = [None] * n
+        for k, effect in enumerate(world.PHOTO_EFFECTS):
+            idx = (affected & (kind == k)).nonzero().squeeze(1)
+            if len(idx):
+                images[idx] = world.photo_effect(images[idx], effect, attrs.texture_seed[idx])
+                for i in idx.tolist():
+                    effects[i] = effect
+        ids = _trim_padding(self.tokenize(world_v2.captions(attrs, seed, effects)))
+        rng = random.Random(seed)
+        template = rng.choice(_CLASS_TEMPLATES)
+        class_ids = _trim_padding(self.tokenize([template.format(name) for name in world_v2.COMMON_SHAPES]))
+        return {
+            "pixel_values": world.normalize_images(images, OPENAI_MEAN, OPENAI_STD),
+            "input_ids": ids,
+            "labels": torch.arange(n),
+            "class_ids": class_ids,
+            "class_targets": self.common_index[attrs.class_idx],
+            "shape_targets": attrs.class_idx,
+            "pattern_targets": attrs.pattern,
+            "background_targets": attrs.background,
+        }
+
+
 class _Contrastive(nn.Module):
     """CLIPModel -> ``.loss`` and ``.logits`` (image-to-caption similarities).
 
@@ -192,14 +338,24 @@ class _Contrastive(nn.Module):
     """
 
     def __init__(
-        self, clip: nn.Module, class_text_weight: float = 0.0, label_weight: float = 0.0, num_classes: int = 0
+        self,
+        clip: nn.Module,
+        class_text_weight: float = 0.0,
+        label_weight: float = 0.0,
+        num_classes: int = 0,
+        num_patterns: int = 0,
+        num_backgrounds: int = 0,
     ) -> None:
         super().__init__()
         self.clip = clip
         self.class_text_weight = class_text_weight
         self.label_weight = label_weight
-        # auxiliary linear probe on the image embedding, discarded after pretraining
+        # auxiliary linear probes on the image embedding (shape; in world 2 also pattern and background), discarded
+        # after pretraining
         self.probe = nn.Linear(clip.config.projection_dim, num_classes) if label_weight else None
+        dim = clip.config.projection_dim
+        self.pattern_probe = nn.Linear(dim, num_patterns) if label_weight and num_patterns else None
+        self.background_probe = nn.Linear(dim, num_backgrounds) if label_weight and num_backgrounds else None
 
     def forward(
         self,
@@ -208,6 +364,9 @@ class _Contrastive(nn.Module):
         labels: torch.Tensor | None = None,
         class_ids: torch.Tensor | None = None,
         class_targets: torch.Tensor | None = None,
+        shape_targets: torch.Tensor | None = None,
+        pattern_targets: torch.Tensor | None = None,
+        background_targets: torch.Tensor | None = None,
     ):
         image = F.normalize(self.clip.get_image_features(pixel_values=pixel_values).pooler_output, dim=-1)
         text = F.normalize(self.clip.get_text_features(input_ids=input_ids).pooler_output, dim=-1)
@@ -215,53 +374,104 @@ class _Contrastive(nn.Module):
         logits = scale * image @ text.t()  # (b, b)
         targets = torch.arange(len(logits), device=logits.device)
         loss = (F.cross_entropy(logits, targets) + F.cross_entropy(logits.t(), targets)) / 2
-        if self.class_text_weight and class_ids is not None:
+        if self.class_text_weight and class_ids is not None and bool((class_targets >= 0).any()):
+            # images whose class has no name among class_ids (target -100) take no part
             names = F.normalize(self.clip.get_text_features(input_ids=class_ids).pooler_output, dim=-1)
             loss = loss + self.class_text_weight * F.cross_entropy(scale * image @ names.t(), class_targets)
-        if self.probe is not None and class_targets is not None:
-            loss = loss + self.label_weight * F.cross_entropy(self.probe(image * 10.0), class_targets)
+        shape_targets = class_targets if shape_targets is None else shape_targets
+        if self.probe is not None and shape_targets is not None:
+            loss = loss + self.label_weight * F.cross_entropy(self.probe(image * 10.0), shape_targets)
+        if self.pattern_probe is not None and pattern_targets is not None:
+            loss = loss + self.label_weight * F.cross_entropy(self.pattern_probe(image * 10.0), pattern_targets)
+        if self.background_probe is not None and background_targets is not None:
+            loss = loss + self.label_weight * F.cross_entropy(self.background_probe(image * 10.0), background_targets)
         return SimpleNamespace(loss=loss, logits=logits)
 
 
 @torch.no_grad()
 def zero_shot_report(
-    backbone: HFClipBackbone, n_per_class: int = 20, seed: int = 10_000, template: str = "a photo of a {}."
+    backbone: HFClipBackbone,
+    n_per_class: int = 20,
+    seed: int = 10_000,
+    template: str = "a photo of a {}.",
+    world_version: int = 1,
 ) -> dict[str, Any]:
     """Zero-shot accuracy of a backbone on freshly rendered held-out images, per class group and style.
 
-    Classes are predicted among their own group (base = first half of ``CLASSES``, new = second half, all 24,
-    cross = ``CROSS_CLASSES``), images balanced over classes and drawn uniformly over styles and backgrounds.
+    World 1: classes are predicted among their own group (base = first half of ``CLASSES``, new = second half,
+    all 24, cross = ``CROSS_CLASSES``), images balanced over classes and drawn uniformly over styles and
+    backgrounds. World 2: one group per downstream dataset (its classes drawn with its appearance), base and new
+    halves separately, in every style.
 
     Args:
         backbone: the CLIP to evaluate.
         n_per_class: images per class and style.
-        seed: seed of the held-out images (pretraining streams use other seeds).
+        seed: seed of the held-out images (pretraining streams and benchmark tasks use other seeds).
         template: the prompt.
+        world_version: which world's groups to report.
     """
-    groups = {
-        "base": world.CLASSES[: len(world.CLASSES) // 2],
-        "new": world.CLASSES[len(world.CLASSES) // 2 :],
-        "all": world.CLASSES,
-        "cross": world.CROSS_CLASSES,
-    }
+    config = (world.WorldConfig if world_version == 1 else world_v2.render_config)(image_size=backbone.image_size)
+    groups: dict[str, tuple[Any, tuple[str, ...]]] = {}
+    if world_version == 1:
+        groups = {
+            "base": (None, world.CLASSES[: len(world.CLASSES) // 2]),
+            "new": (None, world.CLASSES[len(world.CLASSES) // 2 :]),
+            "all": (None, world.CLASSES),
+            "cross": (None, world.CROSS_CLASSES),
+        }
+    else:
+        for name, spec in world_v2.DATASETS.items():
+            groups[f"{name}/base"] = (spec, spec.base_classes)
+            groups[f"{name}/new"] = (spec, spec.new_classes)
     report: dict[str, Any] = {}
-    for group, classes in groups.items():
+    for g, (group, (spec, classes)) in enumerate(groups.items()):
         text = F.normalize(backbone.encode_text(backbone.tokenize([template.format(c) for c in classes])), dim=-1)
         per_style = {}
         for s, style in enumerate(world.STYLES):
             labels = torch.arange(len(classes)).repeat_interleave(n_per_class)
-            attrs = world.sample_attributes(
-                len(labels), seed + 97 * s, classes=classes, class_idx=labels, style=torch.full_like(labels, s)
-            )
-            images = world.normalize_images(
-                world.render(attrs, world.WorldConfig(image_size=backbone.image_size)),
-                backbone.image_mean,
-                backbone.image_std,
-            )
+            if spec is None:
+                attrs = world.sample_attributes(
+                    len(labels), seed + 97 * s, classes=classes, class_idx=labels, style=torch.full_like(labels, s)
+                )
+            else:
+                full = torch.tensor([spec.classes.index(c) for c in classes])[labels]
+                attrs = spec.attributes(full, seed + 97 * s + 7919 * g, style=style)
+            images = world.normalize_images(world.render(attrs, config), backbone.image_mean, backbone.image_std)
             image = F.normalize(backbone.encode_image(images), dim=-1)
             per_style[style] = float(((image @ text.t()).argmax(-1) == labels).float().mean())
         report[group] = {"avg": sum(per_style.values()) / len(per_style), **per_style}
     return report
+
+
+def initial_backbone(config: PretrainConfig) -> HFClipBackbone:
+    """The untrained mini-CLIP of ``config``: its BPE tokenizer learned on 20,000 captions of its world (seeded),
+    and the randomly initialised towers. Pretraining starts here, and a checkpoint's weights load into it."""
+    torch.manual_seed(config.seed)
+    if config.world_version == 1:
+        classes, words = world.CLASSES + world.CROSS_CLASSES, world.corpus_words()
+        corpus = world.captions(world.sample_attributes(20_000, config.seed + 1, classes=classes), config.seed + 1)
+    else:
+        classes, words = world_v2.ALL_SHAPES, world_v2.corpus_words()
+        attrs = world.sample_attributes(
+            20_000, config.seed + 1, classes=classes, backgrounds=world_v2.ALL_BACKGROUNDS, patterns=world.PATTERNS
+        )
+        corpus = world_v2.captions(attrs, config.seed + 1)
+    tokenizer = build_clip_tokenizer([*corpus, " ".join(words)], vocab_size=config.vocab_size)
+    return tiny_clip_backbone(
+        tokenizer,
+        embed_dim=config.embed_dim,
+        width=config.width,
+        layers=config.layers,
+        heads=config.heads,
+        text_width=config.text_width,
+        text_layers=config.text_layers,
+        logit_scale=config.logit_scale,
+        image_size=config.image_size,
+        patch_size=config.patch_size,
+        context_length=config.context_length,
+        seed=config.seed,
+        name="prompt_robust-mini-clip",
+    )
 
 
 def pretrain_backbone(
@@ -297,25 +507,18 @@ def pretrain_backbone(
         raise FileExistsError(
             f"{str(out_dir)!r} already holds a model; pass overwrite=True (--overwrite) to replace it."
         )
+    if config.world_version == 1:
+        classes, collate, num_patterns, num_backgrounds = world.CLASSES + world.CROSS_CLASSES, _RenderBatch, 0, 0
+    else:
+        classes, collate = world_v2.ALL_SHAPES, _RenderBatchV2
+        num_patterns, num_backgrounds = len(world.PATTERNS), len(world_v2.ALL_BACKGROUNDS)
+    backbone = initial_backbone(config)
+    tokenizer = backbone.tokenizer
     torch.manual_seed(config.seed)
-    corpus = world.captions(
-        world.sample_attributes(20_000, config.seed + 1, classes=world.CLASSES + world.CROSS_CLASSES), config.seed + 1
-    )
-    tokenizer = build_clip_tokenizer([*corpus, " ".join(world.corpus_words())], vocab_size=config.vocab_size)
-    backbone = tiny_clip_backbone(
-        tokenizer,
-        embed_dim=config.embed_dim,
-        width=config.width,
-        layers=config.layers,
-        heads=config.heads,
-        image_size=config.image_size,
-        patch_size=config.patch_size,
-        context_length=config.context_length,
-        seed=config.seed,
-        name="prompt_robust-mini-clip",
-    )
     clip = backbone.clip.train()
-    model = _Contrastive(clip, config.class_text_weight, config.label_weight, len(world.CLASSES + world.CROSS_CLASSES))
+    model = _Contrastive(
+        clip, config.class_text_weight, config.label_weight, len(classes), num_patterns, num_backgrounds
+    )
     fit_config = FitConfig(
         steps=config.steps,
         batch_size=config.batch_size,
@@ -342,11 +545,11 @@ def pretrain_backbone(
         _Stream(config.steps * config.batch_size),
         fit_config,
         checkpoint_dir=checkpoints,
-        collate_fn=_RenderBatch(config, backbone.tokenize),
+        collate_fn=collate(config, backbone.tokenize),
     )
     seconds = time.time() - started
     clip.eval()
-    report = zero_shot_report(backbone)
+    report = zero_shot_report(backbone, world_version=config.world_version)
     out_dir.mkdir(parents=True, exist_ok=True)
     clip.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)

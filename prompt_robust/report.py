@@ -127,7 +127,8 @@ def write_outputs(
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    _io.write_json(out_dir / "results.json", {task: means[task] for task in TASKS if task in means})
+    extra = [key for key in ("base_to_new_datasets",) if key in means]
+    _io.write_json(out_dir / "results.json", {task: means[task] for task in [*TASKS, *extra] if task in means})
     _io.write_json(
         out_dir / "results_seeds.json",
         {"settings": settings, "std": stds, "per_seed": {m: {str(s): r for s, r in v.items()} for m, v in raw.items()}},
@@ -136,6 +137,8 @@ def write_outputs(
     for task in TASKS:
         if task in means:
             lines += [f"## {task}", "", format_table(task, means, stds), ""]
+        if task == "base_to_new" and "base_to_new_datasets" in means:
+            lines += ["### base_to_new per dataset", "", format_table("base_to_new_datasets", means, stds), ""]
     if "spurious_groups" in means:
         lines += ["### spurious: accuracy per group", "", format_table("spurious_groups", means, stds), ""]
     checks = sanity_checks(means)

@@ -35,20 +35,26 @@ def test_bench_writes_every_output_and_resumes(backbone_dir, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "base_to_new" in printed and "sanity checks" in printed
     results = json.loads((out / "results.json").read_text())
-    assert sorted(results) == sorted(TASKS)
+    assert sorted(results) == sorted([*TASKS, "base_to_new_datasets"])  # world 2: five datasets, averaged
+    datasets = ["objects", "polygons", "textures", "gadgets", "paints"]
+    assert set(results["base_to_new_datasets"]["coop"]) == {f"{d}/{m}" for d in datasets for m in ("base", "new", "hm")}
+    run = json.loads((out / "results_seeds.json").read_text())["per_seed"]["coop"]["1"]
+    b2n, per = run["base_to_new"], run["base_to_new_datasets"]
+    assert b2n["base"] == pytest.approx(sum(per[f"{d}/base"] for d in datasets) / 5)
+    assert b2n["hm"] == pytest.approx(2 * b2n["base"] * b2n["new"] / (b2n["base"] + b2n["new"]))
     quick = ["coop", "coop+counterfactual", "coop+debias", "coop+invariance", "coop+refiner", "zeroshot"]
     assert sorted(results["base_to_new"]) == quick
     assert set(results["base_to_new"]["coop"]) == {"base", "new", "hm"}
     assert set(results["domain_generalization"]["coop"]) >= {"sketch", "painting", "pixel", "avg"}
     assert set(results["spurious"]["zeroshot"]) == {"avg", "worst_group", "gap"}
     assert set(results["retrieval"]["zeroshot"]) == {f"{d}_r{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)}
-    assert set(results["cross_dataset"]["coop"]) == {"acc"}
+    assert set(results["cross_dataset"]["coop"]) == {"acc", *datasets[1:]}
     seeds = json.loads((out / "results_seeds.json").read_text())
     assert sorted(seeds["per_seed"]["coop"]) == ["1", "2"]
     report = (out / "report.md").read_text()
-    assert "± " in report and "## spurious" in report
+    assert "± " in report and "## spurious" in report and "### base_to_new per dataset" in report
     assert (out / "base_to_new.png").stat().st_size > 0 and (out / "spurious_groups.png").stat().st_size > 0
-    assert sorted(p.name for p in (out / "splits").iterdir())[0].startswith("base_to_new_k1_seed1")
+    assert sorted(p.name for p in (out / "splits").iterdir())[0].startswith("base_to_new_gadgets_k1_seed1")
     # zero-shot is not trained: every seed gives the same numbers
     assert seeds["per_seed"]["zeroshot"]["1"] == seeds["per_seed"]["zeroshot"]["2"]
     # a rerun reuses the saved runs (same config) and gives the same results
@@ -74,12 +80,15 @@ def test_pretrain_backbone_then_use_it(tmp_path, capsys):
     argv += ["--warmup-steps", "1", "--checkpoint-every", "1"]
     assert cli.main(argv) == 0
     record = json.loads((out / "pretrain_record.json").read_text())
-    assert record["config"]["steps"] == 2 and set(record["zero_shot"]) == {"base", "new", "all", "cross"}
+    from prompt_robust.data.world_v2 import DATASETS
+
+    groups = {f"{d}/{half}" for d in DATASETS for half in ("base", "new")}
+    assert record["config"]["steps"] == 2 and set(record["zero_shot"]) == groups
     assert "zero-shot accuracy" in capsys.readouterr().out
     from prompt_robust.backbones import load_backbone
 
     backbone = load_backbone(str(out))
-    assert backbone.image_size == 32 and backbone.embed_dim == 16
+    assert backbone.image_size == 48 and backbone.embed_dim == 16
     with pytest.raises(FileExistsError, match="--overwrite"):
         cli.main(argv)
     # resuming checkpoints of a run with other settings would mix two runs

@@ -1,4 +1,5 @@
-"""The benchmark tasks on the embedded world: determinism, disjoint splits, the spurious correlation."""
+"""The benchmark tasks on world 1: determinism, disjoint splits, the spurious correlation (world 2's datasets:
+test_world_v2.py)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from prompt_robust.data.tasks import (
 
 
 def _tasks(**kwargs) -> WorldTasks:
-    settings = {"pool_per_class": 8, "test_per_class": 4, "retrieval_size": 40, **kwargs}
+    settings = {"pool_per_class": 8, "test_per_class": 4, "retrieval_size": 40, "version": 1, **kwargs}
     return WorldTasks(32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), **settings)
 
 

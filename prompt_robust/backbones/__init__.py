@@ -27,15 +27,16 @@ def load_backbone(spec: str | Path) -> ClipBackbone:
         >>> load_backbone("hf:/models/clip-vit-b16")  # doctest: +SKIP
     """
     spec = str(spec)
-    if spec == "embedded":
-        from ..pretrain import EMBEDDED_DIR
+    if spec in ("embedded", "embedded-v1"):
+        from ..pretrain import EMBEDDED_DIR, EMBEDDED_V1_DIR
 
-        if not (EMBEDDED_DIR / "model.safetensors").is_file():
+        directory = EMBEDDED_DIR if spec == "embedded" else EMBEDDED_V1_DIR
+        if not (directory / "model.safetensors").is_file():
             raise FileNotFoundError(
-                f"the embedded mini-CLIP is missing from {EMBEDDED_DIR}; reinstall prompt_robust or recreate it with "
-                "`prompt-robust pretrain-backbone`."
+                f"the embedded mini-CLIP is missing from {directory}; reinstall prompt_robust or recreate it with "
+                "`prompt-robust pretrain-backbone` (its pretrain_record.json has the command)."
             )
-        return HFClipBackbone.from_pretrained(EMBEDDED_DIR)
+        return HFClipBackbone.from_pretrained(directory)
     if spec.startswith("open_clip:"):
         from .open_clip import OpenClipBackbone
 

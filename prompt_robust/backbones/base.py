@@ -129,8 +129,9 @@ class ClipBackbone(nn.Module, ABC):
         """``embed_dim, text_width, vision_width, image_size, context_length, vocab_size, num_*_layers``."""
 
     @abstractmethod
-    def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
-        """Token ids ``(n, context_length)`` on the backbone's device; raises if a text does not fit."""
+    def tokenize(self, texts: Sequence[str], truncate: bool = False) -> torch.Tensor:
+        """Token ids ``(n, context_length)`` on the backbone's device; raises if a text does not fit, unless
+        ``truncate`` (free captions, e.g. for retrieval: the tokens that fit, then EOT, as CLIP's tokenizer does)."""
 
     @abstractmethod
     def eot_positions(self, input_ids: torch.Tensor) -> torch.Tensor:

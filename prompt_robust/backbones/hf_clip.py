@@ -191,7 +191,7 @@ class HFClipBackbone(ClipBackbone):
                 "would read the wrong position. Set config.text_config.eos_token_id to the tokenizer's id."
             )
 
-    def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
+    def tokenize(self, texts: Sequence[str], truncate: bool = False) -> torch.Tensor:
         if isinstance(texts, str):
             texts = [texts]
         ids = self.tokenizer(list(texts), padding=False, truncation=False)["input_ids"]
@@ -199,6 +199,8 @@ class HFClipBackbone(ClipBackbone):
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         out = torch.full((len(ids), length), int(pad), dtype=torch.long)
         for row, (text, tokens) in enumerate(zip(texts, ids, strict=True)):
+            if len(tokens) > length and truncate:
+                tokens = [*tokens[: length - 1], tokens[-1]]  # the first tokens, then EOT
             if len(tokens) > length:
                 raise ValueError(
                     f"text {text!r} is {len(tokens)} tokens long, more than the context length {length}; shorten "

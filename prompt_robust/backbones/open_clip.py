@@ -296,17 +296,23 @@ class OpenClipBackbone(ClipBackbone):
                     f"the model pools at argmax(token ids) but the tokenizer's EOT id {eot} is not its largest id."
                 )
 
-    def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
+    def tokenize(self, texts: Sequence[str], truncate: bool = False) -> torch.Tensor:
         """Token ids ``(n, context_length)`` padded with 0.
 
+        Args:
+            texts: the texts.
+            truncate: cut texts that do not fit (open_clip's own behaviour: the first tokens, then EOT).
+
         Raises:
-            ValueError: a text does not fit in the context length with its EOT token (open_clip itself would
-                silently truncate it and overwrite the last token with EOT).
+            ValueError: a text does not fit in the context length with its EOT token and ``truncate`` is False
+                (open_clip itself would silently truncate it and overwrite the last token with EOT).
         """
         if isinstance(texts, str):
             texts = [texts]
         texts = list(texts)
         length = self.context_length
+        if truncate:
+            return self.tokenizer(texts, context_length=length).contiguous().to(self.device)
         # One extra position: a text that fits leaves it as padding; one that does not puts a token there.
         ids = self.tokenizer(texts, context_length=length + 1)  # (n, L + 1)
         pad = int(getattr(self.tokenizer, "pad_token_id", None) or 0)

@@ -6,6 +6,7 @@ Used for the embedded mini-CLIP (pretrained by ``prompt-robust pretrain-backbone
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Iterable
 
 import torch
@@ -108,6 +109,9 @@ def tiny_clip_backbone(
     image_size: int = 32,
     patch_size: int = 8,
     context_length: int = 24,
+    text_width: int | None = None,
+    text_layers: int | None = None,
+    logit_scale: float | None = None,
     seed: int = 0,
     initializer_factor: float = 1.0,
     name: str = "tiny-clip",
@@ -117,6 +121,8 @@ def tiny_clip_backbone(
     Args:
         tokenizer: a ``CLIPTokenizer``; by default one trained on a few generic prompt words.
         embed_dim / width / layers / heads: joint space size, tower width, depth and heads of both towers.
+        text_width / text_layers: the text tower's own width and depth (None: ``width`` / ``layers``).
+        logit_scale: initial scale of the similarities (None: transformers' default, CLIP's 1 / 0.07).
         image_size / patch_size: the vision tower's input resolution and patch size.
         context_length: text positions (every prompt must fit, EOT included).
         seed: initialisation seed.
@@ -134,11 +140,12 @@ def tiny_clip_backbone(
         tokenizer = build_clip_tokenizer(
             ["a photo of a cat dog bird fish car tree house boat plane the an itap of one small large picture"]
         )
+    text_width = width if text_width is None else text_width
     text_config = {
         "vocab_size": len(tokenizer),
-        "hidden_size": width,
-        "intermediate_size": 4 * width,
-        "num_hidden_layers": layers,
+        "hidden_size": text_width,
+        "intermediate_size": 4 * text_width,
+        "num_hidden_layers": layers if text_layers is None else text_layers,
         "num_attention_heads": heads,
         "max_position_embeddings": context_length,
         "bos_token_id": tokenizer.bos_token_id,
@@ -158,6 +165,7 @@ def tiny_clip_backbone(
         vision_config={**vision_config, "initializer_factor": initializer_factor},
         projection_dim=embed_dim,
         initializer_factor=initializer_factor,
+        **({} if logit_scale is None else {"logit_scale_init_value": math.log(logit_scale)}),
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

@@ -38,7 +38,6 @@ def counterfactual_quality_benchmark(
     """
     from .. import build_learner, wrap
     from ..config import RobustConfig
-    from ..data import world
     from ..data.tasks import WorldTasks
 
     config = config or CounterfactualConfig()
@@ -47,7 +46,8 @@ def counterfactual_quality_benchmark(
     per_seed: dict[str, dict[str, float]] = {}
     for seed in tqdm(list(seeds), desc="counterfactual quality", disable=not progress):
         torch.manual_seed(seed)
-        learner = build_learner("zeroshot", backbone, list(world.CLASSES))
+        classes = list(tasks.dg_classes())
+        learner = build_learner("zeroshot", backbone, classes)
         model = wrap(learner, RobustConfig(counterfactual=config))
         train, indices = tasks.dg_train(k, seed)
         model.prepare_addons(train, seed=seed, cache_dir=out_dir / "cache", progress=False)
@@ -55,7 +55,7 @@ def counterfactual_quality_benchmark(
         pool = tasks.dg_train(tasks.pool_per_class, seed)[0]  # the whole pool, in pool order
         held = sorted(set(range(len(pool))) - set(indices))
         probe = fit_linear_probe(
-            image_features_in_batches(learner, pool.pixel_values[held]), pool.labels[held], len(world.CLASSES)
+            image_features_in_batches(learner, pool.pixel_values[held]), pool.labels[held], len(classes)
         )
         test = tasks.dg_source_test()
         z, y = image_features_in_batches(learner, test.pixel_values), test.labels

@@ -27,7 +27,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch.utils.data import Dataset
 
-from . import world
+from . import world, world_v2
 from .fewshot import sample_few_shot
 
 __all__ = [
@@ -48,7 +48,11 @@ TARGET_STYLES: tuple[str, ...] = tuple(s for s in world.STYLES if s != SOURCE_ST
 SPURIOUS_CLASSES: tuple[str, ...] = ("flower", "tree", "drop", "diamond")
 SPURIOUS_SIZE = "small"
 #: bump when a task's definition changes: saved benchmark runs of another version are recomputed
-TASKS_VERSION = 2
+TASKS_VERSION = 3
+#: the world version the tasks are built on by default (1: the single-dataset world of the first mini-CLIP)
+WORLD_VERSION = 2
+#: world 2: the dataset domain generalisation trains on (all its classes, photo) and whose styles it tests
+DG_DATASET = "objects"
 SPURIOUS_BACKGROUNDS: tuple[str, ...] = ("grass", "water")
 #: fraction of a class's training images on its habitat background
 SPURIOUS_MAJORITY = 0.95
@@ -56,6 +60,8 @@ SPURIOUS_MAJORITY = 0.95
 # Fixed seeds of the evaluation sets and pools (a run's seed never touches them).
 _SEEDS = {"b2n_pool": 101, "b2n_base": 102, "b2n_new": 103, "dg_pool": 201, "dg_test": 202, "cross": 301}
 _SEEDS.update({"spurious_train": 401, "spurious_test": 402, "retrieval": 501})
+# world 2: each dataset's pool and test sets get their own seeds (offsets from these)
+_DATASET_SEEDS = {"objects": 1100, "polygons": 1200, "textures": 1300, "gadgets": 1400, "scenes": 1500}
 
 
 @dataclass
@@ -93,7 +99,12 @@ class TaskData(Dataset):
 
 
 class WorldTasks:
-    """Builds every task's data for one backbone (image size and normalisation) and scale.
+    """Builds every task's data for one backbone (image size and normalisation), world version and scale.
+
+    World 1 has one dataset (the 24 classes) for base-to-new and domain generalisation and the 12 cross-dataset
+    classes; world 2 has the datasets of :data:`~.world_v2.DATASETS`, base-to-new runs on each of them, domain
+    generalisation on ``DG_DATASET``, and cross-dataset transfer tests the domain-generalisation prompts on every
+    other dataset.
 
     Args:
         image_size: rendered resolution (the backbone's).
@@ -101,12 +112,15 @@ class WorldTasks:
         pool_per_class: training images rendered per class, from which ``k`` shots are drawn.
         test_per_class: evaluation images per class (per style, per group).
         retrieval_size: captioned images in the retrieval set.
+        version: the world version (1 or 2).
 
     Example:
         >>> tasks = WorldTasks(32, (0.5,) * 3, (0.5,) * 3, pool_per_class=4, test_per_class=2, retrieval_size=8)
         >>> train, indices = tasks.base_to_new_train(k=2, seed=1)
         >>> len(train), len(indices)
         (24, 24)
+        >>> WorldTasks(48, (0.5,) * 3, (0.5,) * 3, version=2).datasets()
+        ['objects', 'polygons', 'textures', 'gadgets']
     """
 
     def __init__(
@@ -118,12 +132,16 @@ class WorldTasks:
         pool_per_class: int = 32,
         test_per_class: int = 50,
         retrieval_size: int = 1000,
+        version: int = WORLD_VERSION,
     ) -> None:
-        self.config = world.WorldConfig(image_size=image_size)
+        if version not in (1, 2):
+            raise ValueError(f"version must be 1 or 2 (the world versions); got {version!r}.")
+        self.config = world.WorldConfig(image_size=image_size) if version == 1 else world_v2.render_config(image_size)
         self.mean, self.std = tuple(mean), tuple(std)
         self.pool_per_class = pool_per_class
         self.test_per_class = test_per_class
         self.retrieval_size = retrieval_size
+        self.version = version
         self._cache: dict[tuple, TaskData] = {}
 
     # -- rendering -------------------------------------------------------------------------------------------
@@ -147,40 +165,125 @@ class WorldTasks:
             self._cache[cache_key] = TaskData(self._render(attrs), labels, list(classes))
         return self._cache[cache_key]
 
+    def _dataset_set(self, name: str, classes: Sequence[str], per_class: int, style: str | None, seed: int) -> TaskData:
+        """World 2: ``per_class`` images of each of ``classes`` (a subset of dataset ``name``'s) in ``style``
+        (None: the dataset's own)."""
+        cache_key = ("v2", name, tuple(classes), per_class, style, seed)
+        if cache_key not in self._cache:
+            spec = world_v2.DATASETS[name]
+            labels = torch.arange(len(classes)).repeat_interleave(per_class)
+            full = torch.tensor([spec.classes.index(c) for c in classes])[labels]  # indices into spec.classes
+            attrs = spec.attributes(full, seed, style=style)
+            self._cache[cache_key] = TaskData(self._render(attrs), labels, list(classes))
+        return self._cache[cache_key]
+
+    def _check_dataset(self, dataset: str) -> None:
+        names = self.datasets()
+        if dataset not in names:
+            from ..config import unknown_name_error
+
+            raise unknown_name_error(f"world-{self.version} dataset", dataset, names)
+
+    def datasets(self) -> list[str]:
+        """The datasets base-to-new runs on: world 1 has one (``"objects"``), world 2 four."""
+        return ["objects"] if self.version == 1 else list(world_v2.DATASETS)
+
+    def base_classes(self, dataset: str = "objects") -> tuple[str, ...]:
+        self._check_dataset(dataset)
+        return BASE_CLASSES if self.version == 1 else world_v2.DATASETS[dataset].base_classes
+
+    def new_classes(self, dataset: str = "objects") -> tuple[str, ...]:
+        self._check_dataset(dataset)
+        return NEW_CLASSES if self.version == 1 else world_v2.DATASETS[dataset].new_classes
+
+    def template(self, dataset: str = "objects") -> str:
+        """The hand-crafted zero-shot prompt of ``dataset`` (world 1: ``"a photo of a {}."``)."""
+        if self.version == 1 or dataset == "cross":
+            return "a photo of a {}."
+        self._check_dataset(dataset)
+        return world_v2.DATASETS[dataset].template
+
+    def dg_classes(self) -> tuple[str, ...]:
+        """The classes of the domain-generalisation task."""
+        return world.CLASSES if self.version == 1 else world_v2.DATASETS[DG_DATASET].classes
+
     # -- base-to-new -------------------------------------------------------------------------------------------
-    def base_to_new_train(self, k: int, seed: int) -> tuple[TaskData, list[int]]:
-        """``k`` shots per base class (photo) and the chosen pool indices."""
-        pool = self._classes("b2n_pool", BASE_CLASSES, self.pool_per_class, SOURCE_STYLE, _SEEDS["b2n_pool"])
+    def base_to_new_train(self, k: int, seed: int, dataset: str = "objects") -> tuple[TaskData, list[int]]:
+        """``k`` shots per base class (photo) of ``dataset`` and the chosen pool indices."""
+        pool = self.base_to_new_pool(dataset)
         indices = sample_few_shot(pool.labels.tolist(), k, seed)
         return pool.subset(indices), indices
 
-    def base_to_new_test(self) -> tuple[TaskData, TaskData]:
-        """Held-out photos of the base and of the new classes."""
-        base = self._classes("b2n_base", BASE_CLASSES, self.test_per_class, SOURCE_STYLE, _SEEDS["b2n_base"])
-        new = self._classes("b2n_new", NEW_CLASSES, self.test_per_class, SOURCE_STYLE, _SEEDS["b2n_new"])
+    def base_to_new_pool(self, dataset: str = "objects") -> TaskData:
+        """The whole training pool of ``dataset``'s base classes (the shots are drawn from it; the images not drawn
+        are a validation set)."""
+        self._check_dataset(dataset)
+        if self.version == 1:
+            return self._classes("b2n_pool", BASE_CLASSES, self.pool_per_class, SOURCE_STYLE, _SEEDS["b2n_pool"])
+        seed = _DATASET_SEEDS[dataset]
+        return self._dataset_set(dataset, self.base_classes(dataset), self.pool_per_class, None, seed + 1)
+
+    def base_to_new_test(self, dataset: str = "objects") -> tuple[TaskData, TaskData]:
+        """Held-out photos of the base and of the new classes of ``dataset``."""
+        self._check_dataset(dataset)
+        if self.version == 1:
+            base = self._classes("b2n_base", BASE_CLASSES, self.test_per_class, SOURCE_STYLE, _SEEDS["b2n_base"])
+            new = self._classes("b2n_new", NEW_CLASSES, self.test_per_class, SOURCE_STYLE, _SEEDS["b2n_new"])
+            return base, new
+        seed = _DATASET_SEEDS[dataset]
+        base = self._dataset_set(dataset, self.base_classes(dataset), self.test_per_class, None, seed + 2)
+        new = self._dataset_set(dataset, self.new_classes(dataset), self.test_per_class, None, seed + 3)
         return base, new
 
     # -- domain generalisation and cross-dataset ------------------------------------------------------------------
+    def dg_pool(self) -> TaskData:
+        """The source-style (photo) training pool of the domain-generalisation classes."""
+        if self.version == 1:
+            return self._classes("dg_pool", world.CLASSES, self.pool_per_class, SOURCE_STYLE, _SEEDS["dg_pool"])
+        seed = _DATASET_SEEDS[DG_DATASET]
+        return self._dataset_set(DG_DATASET, self.dg_classes(), self.pool_per_class, SOURCE_STYLE, seed + 11)
+
     def dg_train(self, k: int, seed: int) -> tuple[TaskData, list[int]]:
-        """``k`` shots per class of all 24 classes in the source style (photo)."""
-        pool = self._classes("dg_pool", world.CLASSES, self.pool_per_class, SOURCE_STYLE, _SEEDS["dg_pool"])
+        """``k`` shots per class of the domain-generalisation classes in the source style (photo)."""
+        pool = self.dg_pool()
         indices = sample_few_shot(pool.labels.tolist(), k, seed)
         return pool.subset(indices), indices
 
     def dg_test(self) -> dict[str, TaskData]:
-        """Held-out images of the 24 classes in each unseen style."""
+        """Held-out images of the domain-generalisation classes in each unseen style."""
+        if self.version == 1:
+            return {
+                style: self._classes("dg_test", world.CLASSES, self.test_per_class, style, _SEEDS["dg_test"] + i)
+                for i, style in enumerate(TARGET_STYLES)
+            }
+        seed = _DATASET_SEEDS[DG_DATASET]
         return {
-            style: self._classes("dg_test", world.CLASSES, self.test_per_class, style, _SEEDS["dg_test"] + i)
+            style: self._dataset_set(DG_DATASET, self.dg_classes(), self.test_per_class, style, seed + 12 + i)
             for i, style in enumerate(TARGET_STYLES)
         }
 
     def dg_source_test(self) -> TaskData:
-        """Held-out photos of the 24 classes (the source domain, for reference)."""
-        return self._classes("dg_source", world.CLASSES, self.test_per_class, SOURCE_STYLE, _SEEDS["dg_test"] + 99)
+        """Held-out photos of the domain-generalisation classes (the source domain, for reference)."""
+        if self.version == 1:
+            return self._classes("dg_source", world.CLASSES, self.test_per_class, SOURCE_STYLE, _SEEDS["dg_test"] + 99)
+        seed = _DATASET_SEEDS[DG_DATASET]
+        return self._dataset_set(DG_DATASET, self.dg_classes(), self.test_per_class, SOURCE_STYLE, seed + 19)
 
-    def cross_dataset_test(self) -> TaskData:
-        """Held-out photos of the 12 cross-dataset classes."""
-        return self._classes("cross", world.CROSS_CLASSES, self.test_per_class, SOURCE_STYLE, _SEEDS["cross"])
+    def cross_datasets(self) -> list[str]:
+        """The datasets cross-dataset transfer tests on (world 1: the 12 cross-dataset classes, ``"cross"``)."""
+        return ["cross"] if self.version == 1 else [d for d in world_v2.DATASETS if d != DG_DATASET]
+
+    def cross_dataset_test(self, dataset: str | None = None) -> TaskData:
+        """Held-out photos of every class of a cross-dataset target (default: the first)."""
+        dataset = dataset or self.cross_datasets()[0]
+        if dataset not in self.cross_datasets():
+            from ..config import unknown_name_error
+
+            raise unknown_name_error("cross-dataset target", dataset, self.cross_datasets())
+        if self.version == 1:
+            return self._classes("cross", world.CROSS_CLASSES, self.test_per_class, SOURCE_STYLE, _SEEDS["cross"])
+        spec = world_v2.DATASETS[dataset]
+        return self._dataset_set(dataset, spec.classes, self.test_per_class, None, _DATASET_SEEDS[dataset] + 21)
 
     # -- spurious correlation -------------------------------------------------------------------------------------
     @staticmethod
@@ -230,11 +333,18 @@ class WorldTasks:
 
     # -- retrieval --------------------------------------------------------------------------------------------------
     def retrieval_test(self) -> TaskData:
-        """Captioned held-out images of all 36 classes in all styles (labels index the classes)."""
-        key = ("retrieval", self.retrieval_size)
+        """Captioned held-out images of every shape in every style (labels index the shapes): world 1's 36
+        classes with its captions, or world 2's 43 shapes with surface patterns and its web-like captions."""
+        key = ("retrieval", self.retrieval_size, self.version)
         if key not in self._cache:
-            classes = world.CLASSES + world.CROSS_CLASSES
-            attrs = world.sample_attributes(self.retrieval_size, _SEEDS["retrieval"], classes=classes)
-            captions = world.captions(attrs, _SEEDS["retrieval"])
+            seed = _SEEDS["retrieval"]
+            if self.version == 1:
+                classes = world.CLASSES + world.CROSS_CLASSES
+                attrs = world.sample_attributes(self.retrieval_size, seed, classes=classes)
+                captions = world.captions(attrs, seed)
+            else:
+                classes = world_v2.ALL_SHAPES
+                attrs = world.sample_attributes(self.retrieval_size, seed, classes=classes, patterns=world.PATTERNS)
+                captions = world_v2.captions(attrs, seed)
             self._cache[key] = TaskData(self._render(attrs), attrs.class_idx, list(classes), captions=captions)
         return self._cache[key]

@@ -49,6 +49,10 @@ __all__ = [
     "COLOURS",
     "COLOUR_RGB",
     "CROSS_CLASSES",
+    "FINE_CLASSES",
+    "PATTERNS",
+    "PHOTO_EFFECTS",
+    "SCENES",
     "SIZES",
     "STYLES",
     "Attributes",
@@ -60,6 +64,7 @@ __all__ = [
     "generate",
     "habitat",
     "normalize_images",
+    "photo_effect",
     "render",
     "sample_attributes",
 ]
@@ -110,6 +115,35 @@ CROSS_CLASSES: tuple[str, ...] = (
     "leaf",
 )
 
+#: 7 fine-grained shapes (regular polygons and stars told apart by their number of sides or points), for the
+#: fine-grained datasets of world v2; names that web-like captions rarely use (see :mod:`.world_v2`).
+FINE_CLASSES: tuple[str, ...] = (
+    "hexagon",
+    "heptagon",
+    "octagon",
+    "four-point star",
+    "six-point star",
+    "seven-point star",
+    "eight-point star",
+)
+
+#: Surface patterns of an object; ``"plain"`` (index 0) is a solid fill, the only pattern of world v1.
+PATTERNS: tuple[str, ...] = (
+    "plain",
+    "striped",
+    "dotted",
+    "checkered",
+    "zigzag",
+    "wavy",
+    "gridded",
+    "diagonal",
+    "ringed",
+    "spotted",
+    "speckled",
+    "two-tone",
+    "hatched",
+)
+
 #: Object colours (no white, brown or grey: they would vanish into snow, sand and sketches).
 COLOURS: tuple[str, ...] = ("red", "green", "blue", "yellow", "purple", "orange", "pink", "black")
 
@@ -130,6 +164,9 @@ COLOUR_RGB: MappingProxyType[str, tuple[float, float, float]] = MappingProxyType
 #: Background textures; ``grass`` and ``sand`` are land-like, ``water`` is water-like (for Waterbirds-like tasks).
 BACKGROUNDS: tuple[str, ...] = ("grass", "sand", "water", "snow", "sky", "brick")
 
+#: Further backgrounds of world 2, no class's habitat (the scenes of its scene dataset).
+SCENES: tuple[str, ...] = ("forest", "rock", "wood", "tiles", "lava", "field")
+
 #: Rendering styles (domains), ``photo`` first: the default domain.
 STYLES: tuple[str, ...] = ("photo", "sketch", "painting", "pixel")
 
@@ -144,6 +181,10 @@ _HABITAT: dict[str, str] = {
     **dict.fromkeys(("triangle", "bone", "rectangle", "hourglass", "cactus", "crown"), "sand"),
     **dict.fromkeys(("pentagon", "cross", "target", "arrow", "snowman", "hat"), "snow"),
     **dict.fromkeys(("house", "key", "frame", "square", "cup", "glasses"), "brick"),
+    **dict.fromkeys(("four-point star", "six-point star", "seven-point star", "eight-point star"), "sky"),
+    "hexagon": "brick",
+    "heptagon": "sand",
+    "octagon": "snow",
 }
 
 # Object half-extent as a fraction of the image half-width, per size.
@@ -188,6 +229,11 @@ class WorldConfig(ConfigMixin):
     image_size: int = help_field(32, "Side of the square images in pixels, 32 to 64.")
     noise: float = help_field(0.03, "Std of the Gaussian pixel noise of the 'photo' style (0: none).")
     pixel_grid: int = help_field(16, "Side of the coarse grid the 'pixel' style is drawn on, 4 to image_size.")
+    outline: float = help_field(
+        0.0,
+        "Darkening of the object's contour in the photo and painting styles, in [0, 1] (0: none, as in world 1). "
+        "A contour keeps the shape visible where object and background have the same brightness (grayscale).",
+    )
 
     def __post_init__(self) -> None:
         if int(self.image_size) != self.image_size or not 32 <= self.image_size <= 64:
@@ -198,11 +244,13 @@ class WorldConfig(ConfigMixin):
             raise ValueError(
                 f"pixel_grid must be an integer in [4, image_size={self.image_size}]; got {self.pixel_grid!r}."
             )
+        if not 0 <= self.outline <= 1:
+            raise ValueError(f"outline must be in [0, 1]; got {self.outline!r}.")
 
 
 # --------------------------------------------------------------------------------------------------- attributes
 
-_LONG_FIELDS = ("class_idx", "colour", "background", "style", "size", "texture_seed")
+_LONG_FIELDS = ("class_idx", "colour", "background", "style", "size", "texture_seed", "pattern")
 _FLOAT_FIELDS = ("x", "y", "angle")
 
 
@@ -219,7 +267,8 @@ class Attributes:
         x, y: (n,) float, object centre in image coordinates ([-1, 1], x right, y down).
         angle: (n,) float, object rotation in radians.
         texture_seed: (n,) long, seeds the background texture and the noise of this image.
-        classes, colours, backgrounds, styles: the names the indices refer to.
+        pattern: (n,) long, index into ``patterns`` (default: all ``"plain"``, a solid fill).
+        classes, colours, backgrounds, styles, patterns: the names the indices refer to.
 
     Example:
         >>> attrs = sample_attributes(4, seed=0)
@@ -236,14 +285,18 @@ class Attributes:
     y: Tensor
     angle: Tensor
     texture_seed: Tensor
+    pattern: Tensor | None = None
     classes: tuple[str, ...] = CLASSES
     colours: tuple[str, ...] = COLOURS
     backgrounds: tuple[str, ...] = BACKGROUNDS
     styles: tuple[str, ...] = STYLES
+    patterns: tuple[str, ...] = PATTERNS[:1]
 
     def __post_init__(self) -> None:
         idx = self.class_idx
         n = idx.shape[0] if isinstance(idx, Tensor) and idx.dim() == 1 else -1
+        if self.pattern is None and n >= 0:  # every object plain, as in world v1
+            object.__setattr__(self, "pattern", torch.zeros(n, dtype=torch.long, device=idx.device))
         for name in _LONG_FIELDS + _FLOAT_FIELDS:
             value = getattr(self, name)
             if not isinstance(value, Tensor) or value.dim() != 1 or value.shape[0] != n:
@@ -259,6 +312,7 @@ class Attributes:
             ("background", self.backgrounds),
             ("style", self.styles),
             ("size", SIZES),
+            ("pattern", self.patterns),
         ):
             value = getattr(self, name)
             if n and (int(value.min()) < 0 or int(value.max()) >= len(vocab)):
@@ -285,6 +339,7 @@ class Attributes:
             "colours": self.colours,
             "backgrounds": self.backgrounds,
             "styles": self.styles,
+            "patterns": self.patterns,
         }
 
     @classmethod
@@ -305,18 +360,18 @@ class Attributes:
         for i, part in enumerate(parts):
             if part._vocab() != vocab:
                 raise ValueError(
-                    f"Attributes.cat: part {i} names other classes/colours/backgrounds/styles than part 0; sample "
+                    f"Attributes.cat: part {i} names other classes/colours/backgrounds/styles/patterns than part 0; sample "
                     "all parts with the same vocabularies."
                 )
         values = {name: torch.cat([getattr(p, name) for p in parts]) for name in _LONG_FIELDS + _FLOAT_FIELDS}
         return cls(**values, **vocab)
 
     def describe(self, i: int) -> dict[str, str | float]:
-        """Sample ``i``'s attributes by name: class, colour, background, style, size, x, y, angle.
+        """Sample ``i``'s attributes by name: class, colour, background, style, size, pattern, x, y, angle.
 
         Example:
             >>> sorted(sample_attributes(1, seed=0).describe(0))
-            ['angle', 'background', 'class', 'colour', 'size', 'style', 'x', 'y']
+            ['angle', 'background', 'class', 'colour', 'pattern', 'size', 'style', 'x', 'y']
         """
         return {
             "class": self.classes[int(self.class_idx[i])],
@@ -324,6 +379,7 @@ class Attributes:
             "background": self.backgrounds[int(self.background[i])],
             "style": self.styles[int(self.style[i])],
             "size": SIZES[int(self.size[i])],
+            "pattern": self.patterns[int(self.pattern[i])],
             "x": float(self.x[i]),
             "y": float(self.y[i]),
             "angle": float(self.angle[i]),
@@ -367,10 +423,12 @@ def sample_attributes(
     colours: Sequence[str] = COLOURS,
     backgrounds: Sequence[str] = BACKGROUNDS,
     styles: Sequence[str] = STYLES,
+    patterns: Sequence[str] = PATTERNS[:1],
     class_background_bias: float = 0.0,
     class_idx: Tensor | Sequence[int] | None = None,
     background: Tensor | Sequence[int] | None = None,
     style: Tensor | Sequence[int] | None = None,
+    pattern: Tensor | Sequence[int] | None = None,
 ) -> Attributes:
     """Draw the attributes of ``n`` images, deterministically from ``seed``.
 
@@ -382,14 +440,16 @@ def sample_attributes(
         n: number of samples.
         seed: seed of the local ``torch.Generator`` (the global RNG is never used).
         classes: class names the indices refer to (any of :data:`CLASSES` and :data:`CROSS_CLASSES`).
-        colours / backgrounds / styles: the subsets of :data:`COLOURS` / :data:`BACKGROUNDS` / :data:`STYLES` to
-            draw from.
+        colours / backgrounds / styles / patterns: the subsets of :data:`COLOURS` / :data:`BACKGROUNDS` (and
+            :data:`SCENES`) /
+            :data:`STYLES` / :data:`PATTERNS` to draw from (patterns: ``("plain",)`` by default, as in world v1).
         class_background_bias: probability that a sample's background is its class's :func:`habitat` (else
             uniform over ``backgrounds``, which may also hit the habitat); models real-world co-occurrence.
         class_idx: (n,) explicit class indices into ``classes`` (e.g. balanced classes).
         background: (n,) explicit background indices into ``backgrounds`` (overrides ``class_background_bias``);
             lets a task set backgrounds exactly, e.g. 95% habitat in train and balanced in test.
         style: (n,) explicit style indices into ``styles``.
+        pattern: (n,) explicit pattern indices into ``patterns``.
 
     Example:
         >>> attrs = sample_attributes(100, seed=0, class_background_bias=1.0)
@@ -401,13 +461,15 @@ def sample_attributes(
     n = int(n)
     classes = _check_names("class", classes, tuple(_SHAPES))
     colours = _check_names("colour", colours, COLOURS)
-    backgrounds = _check_names("background", backgrounds, BACKGROUNDS)
+    backgrounds = _check_names("background", backgrounds, BACKGROUNDS + SCENES)
     styles = _check_names("style", styles, STYLES)
+    patterns = _check_names("pattern", patterns, PATTERNS)
     if not 0.0 <= class_background_bias <= 1.0:
         raise ValueError(f"class_background_bias must be a probability in [0, 1]; got {class_background_bias!r}.")
     explicit_class = _explicit("class_idx", class_idx, n, len(classes))
     explicit_background = _explicit("background", background, n, len(backgrounds))
     explicit_style = _explicit("style", style, n, len(styles))
+    explicit_pattern = _explicit("pattern", pattern, n, len(patterns))
 
     gen = torch.Generator().manual_seed(int(seed))
     # Every draw happens in this fixed order whatever is given explicitly.
@@ -420,6 +482,13 @@ def sample_attributes(
     offset = torch.rand(2, n, generator=gen) * 2 - 1  # (2, n) in [-1, 1]
     angle = (torch.rand(n, generator=gen) * 2 - 1) * _MAX_ANGLE
     texture_seed = torch.randint(2**31 - 1, (n,), generator=gen)
+    # drawn last (and only with several patterns), so the draws above are those of world v1
+    if explicit_pattern is not None:
+        drawn_pattern = explicit_pattern
+    elif len(patterns) > 1:
+        drawn_pattern = torch.randint(len(patterns), (n,), generator=gen)
+    else:
+        drawn_pattern = torch.zeros(n, dtype=torch.long)
 
     cls = drawn_class if explicit_class is None else explicit_class
     if explicit_background is not None:
@@ -447,10 +516,12 @@ def sample_attributes(
         y=offset[1] * reach,
         angle=angle,
         texture_seed=texture_seed,
+        pattern=drawn_pattern,
         classes=classes,
         colours=colours,
         backgrounds=backgrounds,
         styles=styles,
+        patterns=patterns,
     )
 
 
@@ -758,6 +829,32 @@ def _sdf_leaf(u: Tensor, v: Tensor) -> Tensor:
     return _union(lens, _segment(u, v, (-0.45, -0.45), (-0.85, -0.85), 0.08))
 
 
+def _register_fine_shapes() -> None:
+    """The fine-grained families of :data:`FINE_CLASSES`: regular polygons (a vertex up, like the pentagon) and
+    stars whose inner radius grows with the number of points so that every arm stays a few pixels wide."""
+
+    def polygon(sides: int) -> _Sdf:
+        pts = _regular(sides, 0.98)
+        return lambda u, v: _polygon(u, v, pts)
+
+    def star(points: int, inner: float) -> _Sdf:
+        pts = _star_points(points, 1.0, inner)
+        return lambda u, v: _polygon(u, v, pts)
+
+    for name, sides in (("hexagon", 6), ("heptagon", 7), ("octagon", 8)):
+        _shape(name)(polygon(sides))
+    for name, points, inner in (
+        ("four-point star", 4, 0.38),
+        ("six-point star", 6, 0.5),
+        ("seven-point star", 7, 0.55),
+        ("eight-point star", 8, 0.6),
+    ):
+        _shape(name)(star(points, inner))
+
+
+_register_fine_shapes()
+
+
 # ----------------------------------------------------------------------------------------------------- textures
 # Integer hashing gives every sample its own noise from its texture seed alone, vectorised and device-free.
 
@@ -877,6 +974,56 @@ def _tex_brick(seed: Tensor, X: Tensor, Y: Tensor, pix: Tensor) -> Tensor:
     return _mix(_rgb(0.62, 0.28, 0.2) * tint, _rgb(0.74, 0.71, 0.66), mortar)
 
 
+def _tex_forest(seed: Tensor, X: Tensor, Y: Tensor, pix: Tensor) -> Tensor:
+    tx, ty = (X + 1) * 4, (Y + 1) * 4
+    canopy = _value_noise(seed, 70, tx * 1.4, ty * 1.4)  # leafy blobs
+    trunks = (_value_noise(seed, 71, tx * 3.0, ty * 0.15) > 0.72).float()  # dark vertical trunks
+    shade = (0.45 + 0.7 * canopy).unsqueeze(1)
+    leaves = _mix(_rgb(0.05, 0.25, 0.08), _rgb(0.2, 0.45, 0.12), shade)
+    return _mix(leaves, _rgb(0.25, 0.15, 0.08), 0.85 * trunks.unsqueeze(1))
+
+
+def _tex_rock(seed: Tensor, X: Tensor, Y: Tensor, pix: Tensor) -> Tensor:
+    tx, ty = (X + 1) * 4, (Y + 1) * 4
+    stone = 0.6 * _value_noise(seed, 72, tx * 0.9, ty * 0.9) + 0.4 * _value_noise(seed, 73, tx * 2.5, ty * 2.5)
+    cracks = ((_value_noise(seed, 74, tx * 1.2, ty * 1.2) - 0.5).abs() < 0.03).float()
+    grey = (0.35 + 0.35 * stone - 0.2 * cracks).unsqueeze(1)
+    return _rgb(0.95, 0.92, 0.88) * grey
+
+
+def _tex_wood(seed: Tensor, X: Tensor, Y: Tensor, pix: Tensor) -> Tensor:
+    by = (Y + 1) * 2.5 + _hash01(seed, 75)
+    plank = torch.floor(by)
+    seam = ((by - plank) < 0.06).float()
+    grain = torch.sin((X + 1) * 9 + 6 * _value_noise(seed, 76, (X + 1) * 2, by * 2) + plank * 1.7)
+    tone = (0.85 + 0.1 * grain + 0.12 * (_hash01(_hash_bits(seed, 77), plank.long()) - 0.5)).unsqueeze(1)
+    return _mix(_rgb(0.55, 0.34, 0.16) * tone, _rgb(0.2, 0.12, 0.05), 0.8 * seam.unsqueeze(1))
+
+
+def _tex_tiles(seed: Tensor, X: Tensor, Y: Tensor, pix: Tensor) -> Tensor:
+    u, v = (X + 1) * 2.5 + _hash01(seed, 78), (Y + 1) * 2.5 + _hash01(seed, 79)
+    grout = (((u - torch.floor(u)) < 0.08) | ((v - torch.floor(v)) < 0.08)).float().unsqueeze(1)
+    tint = 0.9 + 0.1 * _hash01(_hash_bits(seed, 80), _pair(torch.floor(u).long(), torch.floor(v).long()))
+    return _mix(_rgb(0.62, 0.8, 0.88) * tint.unsqueeze(1), _rgb(0.92, 0.92, 0.9), grout)
+
+
+def _tex_lava(seed: Tensor, X: Tensor, Y: Tensor, pix: Tensor) -> Tensor:
+    tx, ty = (X + 1) * 4, (Y + 1) * 4
+    flow = _value_noise(seed, 81, tx * 1.1 + 0.5 * ty, ty * 0.8)
+    veins = (1 - ((flow - 0.5).abs() / 0.08)).clamp(0, 1).unsqueeze(1)  # glowing cracks
+    crust = (0.5 + 0.5 * _value_noise(seed, 82, tx * 2.2, ty * 2.2)).unsqueeze(1)
+    return _mix(_rgb(0.18, 0.06, 0.05) * crust, _rgb(1.0, 0.55, 0.1), veins)
+
+
+def _tex_field(seed: Tensor, X: Tensor, Y: Tensor, pix: Tensor) -> Tensor:
+    # crop rows seen from above, in a random direction, alternating two crops
+    theta = _hash01(seed, 83) * math.pi
+    along = X * torch.cos(theta) + Y * torch.sin(theta)
+    rows = torch.sin(along * 26 + 2 * _value_noise(seed, 84, (X + 1) * 2, (Y + 1) * 2))
+    crop = (rows > 0).float().unsqueeze(1)
+    return _mix(_rgb(0.55, 0.6, 0.2), _rgb(0.78, 0.7, 0.3), crop) * (0.9 + 0.1 * rows.unsqueeze(1))
+
+
 _TEXTURES: dict[str, Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]] = {
     "grass": _tex_grass,
     "sand": _tex_sand,
@@ -884,7 +1031,82 @@ _TEXTURES: dict[str, Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]] = {
     "snow": _tex_snow,
     "sky": _tex_sky,
     "brick": _tex_brick,
+    "forest": _tex_forest,
+    "rock": _tex_rock,
+    "wood": _tex_wood,
+    "tiles": _tex_tiles,
+    "lava": _tex_lava,
+    "field": _tex_field,
 }
+
+
+# ----------------------------------------------------------------------------------------------------- patterns
+# Each pattern maps object coordinates (u, v: (m, S, S), object units), one pixel in object units (px: (m, 1, 1))
+# and the texture seeds ((m, 1, 1)) to a mask in [0, 1] (1: the pattern's second colour), anti-aliased over about
+# a pixel. Patterns live in object coordinates, so they turn and scale with the object. The period is 0.45 object
+# units: 5 to 8 pixels at 48 px, resolved by every style but the coarsest pixel art.
+
+_PERIOD = 0.45
+
+
+def _soft(signed: Tensor, px: Tensor) -> Tensor:
+    """Anti-aliased step: 1 where ``signed`` (a distance-like value in object units) is positive."""
+    return (0.5 + signed / px).clamp(0, 1)
+
+
+def _stripes(t: Tensor, px: Tensor, duty: float = 0.5) -> Tensor:
+    """Bands across the coordinate ``t``: the mask covers a fraction ``duty`` of each period."""
+    phase = t / _PERIOD - torch.floor(t / _PERIOD)  # [0, 1)
+    dist = (phase - 0.5).abs() * _PERIOD  # 0 at the band centre
+    return _soft(duty * _PERIOD / 2 - dist, px)
+
+
+def _lines(t: Tensor, px: Tensor, width: float = 0.09) -> Tensor:
+    """Thin lines (``width`` object units) at the multiples of the period along ``t``."""
+    dist = (t / _PERIOD - torch.round(t / _PERIOD)).abs() * _PERIOD
+    return _soft(width / 2 - dist, px)
+
+
+def _pattern_mask(name: str, u: Tensor, v: Tensor, px: Tensor, seed: Tensor) -> Tensor:
+    diag = math.sqrt(0.5)
+    if name == "striped":
+        return _stripes(v, px)
+    if name == "diagonal":
+        return _stripes((u + v) * diag, px)
+    if name == "checkered":
+        a = _stripes(u, px) * 2 - 1
+        b = _stripes(v, px) * 2 - 1
+        return (0.5 + 0.5 * a * b).clamp(0, 1)
+    if name == "dotted":
+        du = (u / _PERIOD - torch.round(u / _PERIOD)) * _PERIOD
+        dv = (v / _PERIOD - torch.round(v / _PERIOD)) * _PERIOD
+        return _soft(0.16 - torch.hypot(du, dv), px)
+    if name == "gridded":
+        return torch.maximum(_lines(u, px), _lines(v, px))
+    if name == "hatched":
+        return torch.maximum(_lines((u + v) * diag, px), _lines((u - v) * diag, px))
+    if name == "wavy":
+        return _stripes(v + 0.12 * torch.sin(u * (2 * math.pi / (1.6 * _PERIOD))), px)
+    if name == "zigzag":
+        tri = (u / (1.2 * _PERIOD) - torch.floor(u / (1.2 * _PERIOD)) - 0.5).abs() * 2  # triangle wave in [0, 1]
+        return _stripes(v + 0.3 * tri, px)
+    if name == "ringed":
+        return _stripes(torch.hypot(u, v) + _PERIOD / 4, px)
+    if name == "spotted":
+        blobs = _value_noise(seed, 50, u * (1.6 / _PERIOD) + 50, v * (1.6 / _PERIOD) + 50)
+        return _soft((blobs - 0.62) * 0.6, px)
+    if name == "speckled":
+        cells = _hash01(_hash_bits(seed, 51), _pair(torch.floor(u / px).long(), torch.floor(v / px).long()))
+        return (cells > 0.72).float()
+    if name == "two-tone":
+        return _soft(u, px)
+    raise unknown_name_error("pattern", name, PATTERNS)
+
+
+def _second_colour(colour: Tensor) -> Tensor:
+    """A pattern's second colour: near-white on dark objects, near-black on light ones ((m, 3, 1, 1))."""
+    light = _luma(colour) < 0.55
+    return torch.where(light, torch.full_like(colour, 0.95), torch.full_like(colour, 0.08))
 
 
 # ---------------------------------------------------------------------------------------------------- rendering
@@ -927,6 +1149,8 @@ class _Scene:
     cover: Tensor  # (m, 1, S, S) anti-aliased object coverage in [0, 1]
     colour: Tensor  # (m, 3, 1, 1) object RGB
     background: Tensor  # (m, 3, S, S) background texture
+    pattern: Tensor  # (m, 1, S, S) pattern mask in [0, 1], or (m, 1, 1, 1) zeros when every object is plain
+    fill: Tensor  # (m, 3, S, S) object surface colour with its pattern, or the colour itself when plain
 
     def subset(self, idx: Tensor) -> _Scene:
         keep = {"X", "Y", "pix"}
@@ -935,11 +1159,21 @@ class _Scene:
         )
 
 
-def _shaded(scene: _Scene, size: int) -> Tensor:
+def _shaded(scene: _Scene, config: WorldConfig) -> Tensor:
     """The lit object over its shadow on the background: (m, 3, S, S), no noise."""
+    size = config.image_size
     light = (0.86 - 0.2 * (scene.dx + scene.dy)).unsqueeze(1)  # light from the top left
     rim = (0.78 + 0.22 * (-scene.sdf / 0.25).clamp(0, 1)).unsqueeze(1)  # darker towards the outline
-    obj = (scene.colour * light * rim).clamp(0, 1)
+    obj = (scene.fill * light * rim).clamp(0, 1)
+    if config.outline > 0:
+        # a dark contour about 1.5 pixels wide, inside and just outside the shape's edge
+        contour = (1 - (scene.sdf / scene.px + 0.25).abs() / 1.5).clamp(0, 1).unsqueeze(1)  # (m, 1, S, S)
+        obj = obj * (1 - config.outline * contour)
+        cover = torch.maximum(scene.cover, contour)
+        k = max(1, round(size / 24))
+        shadow = _blur(_shift(cover, k), 0.8 * k)
+        ground = scene.background.clamp(0, 1) * (1 - 0.45 * shadow)
+        return _mix(ground, obj, cover)
     k = max(1, round(size / 24))
     shadow = _blur(_shift(scene.cover, k), 0.8 * k)
     ground = scene.background.clamp(0, 1) * (1 - 0.45 * shadow)
@@ -947,7 +1181,7 @@ def _shaded(scene: _Scene, size: int) -> Tensor:
 
 
 def _style_photo(scene: _Scene, config: WorldConfig) -> Tensor:
-    img = _shaded(scene, config.image_size)
+    img = _shaded(scene, config)
     if config.noise > 0:
         size = config.image_size
         key = torch.arange(3).view(1, 3, 1, 1) * size * size + scene.pix.unsqueeze(1)  # (1, 3, S, S)
@@ -969,13 +1203,13 @@ def _style_sketch(scene: _Scene, config: WorldConfig) -> Tensor:
     outline = (width - (scene.sdf / scene.px + wobble).abs()).clamp(0, 1).unsqueeze(1)
     stripes = torch.sin((scene.X + scene.Y) * (size / 2) * (2 * math.pi / 3.0 * 32 / size))
     hatch = (stripes > 0.3).float() * scene.cover
-    ink = (0.8 * outline + 0.22 * hatch + 0.3 * edges).clamp(0, 1)
+    ink = (0.8 * outline + 0.22 * hatch + 0.3 * edges + 0.45 * scene.pattern * scene.cover).clamp(0, 1)
     return _mix(paper, torch.full_like(paper, 0.12), ink).expand(-1, 3, -1, -1)
 
 
 def _style_painting(scene: _Scene, config: WorldConfig) -> Tensor:
     size = config.image_size
-    img = _blur(_shaded(scene, size), 0.028 * size)
+    img = _blur(_shaded(scene, config), 0.028 * size)
     # Brush strokes: noise stretched along a random direction per image.
     theta = _hash01(scene.seed, 40) * math.pi  # (m, 1, 1)
     along = scene.X * torch.cos(theta) + scene.Y * torch.sin(theta)
@@ -1002,7 +1236,8 @@ def _style_pixel(scene: _Scene, config: WorldConfig) -> Tensor:
     rim = (F.max_pool2d(body.float(), 3, stride=1, padding=1) > 0) & ~body
     dark = _luma(scene.colour) < 0.3  # (m, 1, 1, 1): a black object gets a light outline
     outline = torch.where(dark, torch.full_like(scene.colour, 0.75), 0.4 * scene.colour)
-    coarse = torch.where(body, scene.colour, torch.where(rim, outline, ground))
+    fill = scene.fill if scene.fill.shape[-1] == 1 else F.adaptive_avg_pool2d(scene.fill, grid)  # (m, 3, g | 1, g | 1)
+    coarse = torch.where(body, fill, torch.where(rim, outline, ground))
     coarse = torch.round(coarse * 3) / 3  # four levels per channel
     return F.interpolate(coarse, size=size, mode="nearest")
 
@@ -1041,13 +1276,61 @@ def _render_chunk(attrs: Attributes, config: WorldConfig, class_names: tuple[str
         idx = (attrs.background == k).nonzero().squeeze(1)
         background[idx] = _TEXTURES[attrs.backgrounds[k]](seed[idx], X, Y, pix)
     rgb = torch.tensor([COLOUR_RGB[c] for c in attrs.colours])[attrs.colour].view(m, 3, 1, 1)
-    scene = _Scene(seed, X, Y, pix, dx, dy, sdf, px, cover, rgb, background)
+    pattern, fill = torch.zeros(m, 1, 1, 1), rgb
+    if bool((attrs.pattern > 0).any()) or attrs.patterns[0] != "plain":
+        pattern = torch.zeros(m, 1, size, size)
+        for k in attrs.pattern.unique().tolist():
+            if attrs.patterns[k] != "plain":
+                idx = (attrs.pattern == k).nonzero().squeeze(1)
+                pattern[idx, 0] = _pattern_mask(attrs.patterns[k], u[idx], v[idx], px[idx], seed[idx])
+        fill = _mix(rgb, _second_colour(rgb), pattern)  # (m, 3, S, S)
+    scene = _Scene(seed, X, Y, pix, dx, dy, sdf, px, cover, rgb, background, pattern, fill)
 
     out = torch.empty(m, 3, size, size)
     for k in attrs.style.unique().tolist():
         idx = (attrs.style == k).nonzero().squeeze(1)
         out[idx] = _STYLE_FNS[attrs.styles[k]](scene.subset(idx), config)
     return out.clamp_(0, 1)
+
+
+#: Effects a photo found on the web may carry: black and white, out of focus, over- or under-exposed.
+PHOTO_EFFECTS: tuple[str, ...] = ("grayscale", "blur", "jitter")
+
+
+def photo_effect(images: Tensor, effect: str, seed: Tensor) -> Tensor:
+    """Apply a web-photo effect to rendered ``(m, 3, S, S)`` images in [0, 1], each drawn from its ``seed`` (m,).
+
+    ``grayscale``: luma in every channel; ``blur``: Gaussian blur of 2%, 2.5% or 3% of the image side; ``jitter``:
+    brightness and contrast scaled by 0.65 to 1.35 and saturation by 0.5 to 1.5.
+
+    Example:
+        >>> x = render(sample_attributes(2, seed=0))
+        >>> gray = photo_effect(x, "grayscale", torch.tensor([1, 2]))
+        >>> torch.equal(gray[:, 0], gray[:, 1])
+        True
+    """
+    if effect == "grayscale":
+        return _luma(images).expand(-1, 3, -1, -1).contiguous()
+    m, size = images.shape[0], images.shape[-1]
+    seed = seed.view(m, 1, 1, 1)
+    if effect == "blur":
+        # three levels, so each level's images are blurred in one batched call; the seed picks the level
+        level = torch.floor(_hash01(seed.view(m), 60) * 3).long()  # (m,)
+        out = images.clone()
+        for k in level.unique().tolist():
+            idx = (level == k).nonzero().squeeze(1)
+            out[idx] = _blur(images[idx], size * (0.02 + 0.005 * k)).clamp(0, 1)
+        return out
+    if effect == "jitter":
+        brightness = 0.65 + 0.7 * _hash01(seed, 61)
+        contrast = 0.65 + 0.7 * _hash01(seed, 62)
+        saturation = 0.5 + _hash01(seed, 63)
+        out = images * brightness
+        mean = _luma(out).mean((2, 3), keepdim=True)
+        out = mean + (out - mean) * contrast
+        grey = _luma(out)
+        return (grey + (out - grey) * saturation).clamp(0, 1)
+    raise unknown_name_error("photo effect", effect, PHOTO_EFFECTS)
 
 
 def render(attrs: Attributes, config: WorldConfig = WorldConfig(), class_names: Sequence[str] | None = None) -> Tensor:

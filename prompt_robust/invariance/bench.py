@@ -33,15 +33,15 @@ class _DGSetup:
 
     def __init__(self, backbone: ClipBackbone, config: InvarianceConfig, out_dir: Path, k: int, test_per_class: int):
         from .. import build_learner
-        from ..data import world
         from ..data.tasks import WorldTasks
 
         self.backbone, self.config, self.out_dir, self.k = backbone, config, out_dir, k
         self.tasks = WorldTasks(
             backbone.image_size, backbone.image_mean, backbone.image_std, test_per_class=test_per_class
         )
-        self.learner = build_learner("zeroshot", backbone, list(world.CLASSES))
-        self.text = self.learner.fixed_text_features([f"a photo of a {c}." for c in world.CLASSES])  # (24, d)
+        classes = list(self.tasks.dg_classes())
+        self.learner = build_learner("zeroshot", backbone, classes)
+        self.text = self.learner.fixed_text_features([f"a photo of a {c}." for c in classes])  # (n_cls, d)
         self.tests = {
             style: (image_features_in_batches(self.learner, data.pixel_values), data.labels)
             for style, data in self.tasks.dg_test().items()
@@ -53,7 +53,7 @@ class _DGSetup:
             def encode(texts: list[str]) -> torch.Tensor:
                 return backbone.encode_text(backbone.tokenize(texts))
 
-            pairs = text_pairs(list(world.CLASSES), config.text_base_template, config.text_templates)
+            pairs = text_pairs(classes, config.text_base_template, config.text_templates)
             self.text_deltas = text_deltas(encode, pairs)
 
     def fit(self, feats, seed: int, **fixed: Any):

@@ -54,30 +54,40 @@ def steps_sweep(
         ``{"rows": [{method, steps, evaluations, base, new, hm, ms_per_image (mean over seeds), *_std}], ...}``.
     """
     from ..benchmark import BenchConfig, _Runner
-    from ..data.tasks import BASE_CLASSES, NEW_CLASSES
     from ..eval.metrics import harmonic_mean
 
     config = bench_config or BenchConfig(methods=[f"{learner}+refiner"], seeds=list(seeds), tasks=["base_to_new"])
     out_dir = Path(out_dir)
     runner = _Runner(backbone, config, out_dir)
+    datasets = config.datasets or runner.tasks.datasets()
     per_seed: dict[tuple[str, int], list[dict[str, float]]] = {}
     for seed in tqdm(list(seeds), desc="refiner sweep", disable=not progress):
-        train, indices = runner.tasks.base_to_new_train(config.k, seed)
-        runner._save_split("base_to_new", seed, indices)
-        model = runner._model(learner, ["refiner"], BASE_CLASSES, seed)
-        runner._train(model, train, seed)
-        refiner = model.addons["refiner"]
-        base_test, new_test = runner.tasks.base_to_new_test()
-        for method in methods:
-            for n in steps:
-                refiner.set_sampler(n, method)
-                model.learner.set_classnames(BASE_CLASSES)
-                base, t_base = _accuracy_and_time(model, base_test)
-                model.learner.set_classnames(NEW_CLASSES)
-                new, t_new = _accuracy_and_time(model, new_test)
-                per_seed.setdefault((method, n), []).append(
-                    {"base": base, "new": new, "hm": harmonic_mean(base, new), "ms_per_image": 500 * (t_base + t_new)}
-                )
+        # {(solver, steps): {metric: [value per dataset]}}: base-to-new is averaged over the datasets
+        scores: dict[tuple[str, int], dict[str, list[float]]] = {}
+        for dataset in datasets:
+            train, indices = runner.tasks.base_to_new_train(config.k, seed, dataset)
+            runner._save_split("base_to_new" if len(datasets) == 1 else f"base_to_new_{dataset}", seed, indices)
+            model = runner._model(learner, ["refiner"], runner.tasks.base_classes(dataset), seed)
+            runner._train(model, train, seed)
+            refiner = model.addons["refiner"]
+            base_test, new_test = runner.tasks.base_to_new_test(dataset)
+            for method in methods:
+                for n in steps:
+                    refiner.set_sampler(n, method)
+                    model.learner.set_classnames(runner.tasks.base_classes(dataset))
+                    base, t_base = _accuracy_and_time(model, base_test)
+                    model.learner.set_classnames(runner.tasks.new_classes(dataset))
+                    new, t_new = _accuracy_and_time(model, new_test)
+                    entry = scores.setdefault((method, n), {"base": [], "new": [], "seconds": []})
+                    entry["base"].append(base)
+                    entry["new"].append(new)
+                    entry["seconds"].append(t_base + t_new)
+        for key, entry in scores.items():
+            base, new = statistics.fmean(entry["base"]), statistics.fmean(entry["new"])
+            ms = 500 * statistics.fmean(entry["seconds"])
+            per_seed.setdefault(key, []).append(
+                {"base": base, "new": new, "hm": harmonic_mean(base, new), "ms_per_image": ms}
+            )
     rows = []
     for (method, n), runs in per_seed.items():
         row: dict[str, Any] = {"method": method, "steps": n, "evaluations": n * SOLVER_ORDERS[method][1]}
