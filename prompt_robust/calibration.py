@@ -117,7 +117,7 @@ def intervention_preservation(
     retune: bool = False,
 ) -> dict[str, dict[str, Any]]:
     """Zero-shot accuracy on the domain-generalisation training pool, clean and under each image intervention at
-    its default strength, and the ratio (intervened / clean): ``{name: {"clean", "intervened", "ratio"}}``.
+    its default strength (``InvarianceConfig().intervention_params``, else its function's), and the ratio (intervened / clean): ``{name: {"clean", "intervened", "ratio"}}``.
 
     With ``retune``, an intervention below :data:`PRESERVATION` also gets ``"retuned"``: the strongest setting of
     :data:`RETUNE_GRID` that reaches it (``{"params", "ratio"}``), or None when none does (or it has no strength
@@ -129,6 +129,7 @@ def intervention_preservation(
     from .learners.base import image_features_in_batches
 
     names = list(interventions or InvarianceConfig.INTERVENTIONS)
+    defaults = InvarianceConfig().intervention_params  # the shipped strength of each intervention
     pool = tasks.dg_pool()
     learner = build_learner("zeroshot", backbone, list(tasks.dg_classes()))
     text = learner.fixed_text_features([f"a photo of a {c}." for c in tasks.dg_classes()])  # (n_cls, d)
@@ -149,7 +150,7 @@ def intervention_preservation(
 
     out: dict[str, dict[str, Any]] = {}
     for name in names:
-        value = intervened(name, {})
+        value = intervened(name, defaults.get(name, {}))
         out[name] = {"clean": clean, "intervened": value, "ratio": value / clean if clean else 0.0}
         if retune and out[name]["ratio"] < PRESERVATION:
             # the strongest milder setting that keeps the class (None: the intervention cannot: drop it)

@@ -6,8 +6,10 @@ validates values; ``to_dict``/``from_dict`` round-trip through JSON and reject u
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
+import inspect
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, TypeVar
 
@@ -28,7 +30,7 @@ def help_field(default: Any = dataclasses.MISSING, help: str = "", **kwargs) -> 
     """A dataclass field with a help text (used by the docs and the CLI)."""
     if isinstance(default, (list, dict, set)):
         value = default
-        return field(default_factory=lambda: type(value)(value), metadata={"help": help}, **kwargs)
+        return field(default_factory=lambda: copy.deepcopy(value), metadata={"help": help}, **kwargs)
     return field(default=default, metadata={"help": help}, **kwargs)
 
 
@@ -87,8 +89,10 @@ class RefinerConfig(ConfigMixin):
 
     Sampling: ``num_steps`` fixed-grid steps of ``method``; ``noise_seed`` fixes the starting noise (the same
     for every image, so a prompt depends on its image only); ``num_samples`` prompts are averaged.
-    Targets: ``inner_steps`` normalised gradient steps per training sample, each of length ``inner_lr`` times
-    the RMS of the learned prompt. Generator training: ``train_steps`` of flow matching, then optionally
+    Targets (``targets``): ``inner_steps`` normalised gradient steps, each of length ``inner_lr`` times the RMS of
+    the learned prompt, of one prompt per training sample on its own loss (``"overfit"``, the paper's) or of one
+    prompt per label-free group of training images (``"group"``, ``num_groups`` k-means groups of the image
+    features minus their class mean). Generator training: ``train_steps`` of flow matching, then optionally
     ``joint_steps`` with the task loss through the sampler (plus ``fm_weight`` x flow matching).
     """
 
@@ -102,8 +106,14 @@ class RefinerConfig(ConfigMixin):
     hidden_dim: int = help_field(128, "Width of the velocity network.")
     layers: int = help_field(2, "Transformer blocks of the velocity network.")
     heads: int = help_field(4, "Attention heads of the velocity network.")
-    inner_steps: int = help_field(5, "Gradient steps used to overfit one prompt per training sample.")
-    inner_lr: float = help_field(0.05, "Length of each overfitting step, relative to the prompt's RMS.")
+    targets: str = help_field(
+        "overfit",
+        "How a training sample's target prompt is made: overfit (its own prompt, steps on its own loss: the "
+        "paper's) or group (one prompt per label-free group of similar-looking training images).",
+    )
+    num_groups: int = help_field(4, "Groups of training images of targets='group' (k-means, seeded).")
+    inner_steps: int = help_field(5, "Gradient steps of each target prompt (per sample or per group).")
+    inner_lr: float = help_field(0.05, "Length of each target-prompt step, relative to the prompt's RMS.")
     target_batch_size: int = help_field(32, "Samples per batch when computing the overfitted targets.")
     train_steps: int = help_field(2000, "Flow-matching steps of the generator.")
     train_lr: float = help_field(3e-3, "AdamW learning rate of the generator.")
@@ -114,6 +124,7 @@ class RefinerConfig(ConfigMixin):
     fm_weight: float = help_field(1.0, "Weight of the flow-matching term in the joint stage.")
 
     SOLVERS: ClassVar[tuple[str, ...]] = ("euler", "midpoint", "rk4")
+    TARGETS: ClassVar[tuple[str, ...]] = ("overfit", "group")
 
     def __post_init__(self) -> None:
         _check(
@@ -122,7 +133,9 @@ class RefinerConfig(ConfigMixin):
         )
         if self.method not in self.SOLVERS:
             raise unknown_name_error("ODE method", self.method, self.SOLVERS)
-        for name in ("num_samples", "hidden_dim", "layers", "heads", "inner_steps", "target_batch_size"):
+        if self.targets not in self.TARGETS:
+            raise unknown_name_error("refiner target rule", self.targets, self.TARGETS)
+        for name in ("num_samples", "hidden_dim", "layers", "heads", "inner_steps", "target_batch_size", "num_groups"):
             _check(getattr(self, name) >= 1, f"{name} must be >= 1; got {getattr(self, name)!r}.")
         _check(self.hidden_dim % self.heads == 0, f"hidden_dim ({self.hidden_dim}) must be a multiple of heads.")
         for name in ("train_steps", "joint_steps"):
@@ -295,6 +308,11 @@ class InvarianceConfig(ConfigMixin):
         ["color_jitter", "grayscale", "gaussian_blur", "invert", "posterize", "solarize", "equalize"],
         "Image interventions used to build pairs.",
     )
+    intervention_params: dict[str, dict[str, Any]] = help_field(
+        {},
+        'Strength overrides per intervention, e.g. {"color_jitter": {"brightness": 0.2}}: the keyword '
+        "arguments of its function in prompt_robust.invariance.interventions (unset: that function's defaults).",
+    )
     pairs_per_image: int = help_field(
         1, "Draws per training image of every random intervention (color_jitter, gaussian_blur); others: one."
     )
@@ -363,6 +381,32 @@ class InvarianceConfig(ConfigMixin):
                 raise unknown_name_error("intervention", name, self.INTERVENTIONS)
         repeated = sorted({n for n in self.interventions if list(self.interventions).count(n) > 1})
         _check(not repeated, f"interventions must be distinct; repeated: {repeated}. Use pairs_per_image for more.")
+        _check(
+            isinstance(self.intervention_params, dict)
+            and all(isinstance(v, dict) for v in self.intervention_params.values()),
+            "intervention_params must map intervention names to dicts of keyword arguments, e.g. "
+            f'{{"posterize": {{"bits": 5}}}}; got {self.intervention_params!r}.',
+        )
+        unused = sorted(set(self.intervention_params) - set(self.interventions))
+        _check(
+            not unused,
+            f"intervention_params names {unused}, which are not in interventions {list(self.interventions)}: "
+            "add them to interventions or remove their parameters.",
+        )
+        from .invariance.interventions import IMAGE_INTERVENTIONS  # a lazy import: that module imports this one
+
+        for name, params in self.intervention_params.items():
+            accepted = [
+                p.name
+                for p in inspect.signature(IMAGE_INTERVENTIONS[name].fn).parameters.values()
+                if p.kind is inspect.Parameter.KEYWORD_ONLY
+            ]
+            bad = sorted(set(params) - set(accepted))
+            _check(
+                not bad,
+                f"intervention_params[{name!r}] has unknown parameters {bad}; {name} accepts "
+                f"{accepted or 'no parameters'}.",
+            )
         _check(
             is_int(self.pairs_per_image) and self.pairs_per_image >= 1,
             f"pairs_per_image must be an integer >= 1; got {self.pairs_per_image!r}.",

@@ -391,11 +391,47 @@ def test_addon_errors(hf_backbone, images):
         ({"selection": "zeroshot"}, "Did you mean 'zero_shot'"),
         ({"probe_reg": -1.0}, "probe_reg"),
         ({"feature_batch_size": 0}, "feature_batch_size"),
+        ({"intervention_params": {"posterize": 5}}, "map intervention names to dicts"),
+        ({"interventions": ["invert"], "intervention_params": {"posterize": {"bits": 5}}}, "not in interventions"),
+        ({"intervention_params": {"posterize": {"bit": 5}}}, r"unknown parameters \['bit'\]; posterize accepts"),
+        ({"intervention_params": {"invert": {"strength": 1}}}, "invert accepts no parameters"),
     ],
 )
 def test_config_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):
         pr.InvarianceConfig(**kwargs)
+
+
+def test_intervention_params_set_the_strength_of_the_pairs(hf_backbone, tmp_path, monkeypatch):
+    learner = pr.build_learner("zeroshot", hf_backbone, CLASSNAMES)
+    data = _train_data(hf_backbone)
+    kwargs = {"mean": hf_backbone.image_mean, "std": hf_backbone.image_std, "progress": False}
+    default = inv.interventional_features(learner, data, ["posterize", "solarize"], **kwargs)
+    # posterize with 8 bits keeps every 8-bit level and solarize at threshold 1 inverts nothing: exact identities
+    identity = {"posterize": {"bits": 8}, "solarize": {"threshold": 1.0}}
+    kept = inv.interventional_features(learner, data, ["posterize", "solarize"], params=identity, **kwargs)
+    torch.testing.assert_close(kept.intervened[:, 1], kept.clean, atol=1e-5, rtol=0)
+    assert not torch.allclose(default.intervened[:, 1], default.clean, atol=1e-3)
+    # the parameters are part of the cache key: another strength is never served from the cache
+    cached = inv.interventional_features(learner, data, ["posterize"], cache_dir=tmp_path, **kwargs)
+    milder = inv.interventional_features(
+        learner, data, ["posterize"], params={"posterize": {"bits": 7}}, cache_dir=tmp_path, **kwargs
+    )
+    assert len(list(tmp_path.glob("invariance-features-*.safetensors"))) == 2
+    assert not torch.equal(cached.intervened, milder.intervened)
+    # the add-on passes the config's parameters on
+    seen = {}
+
+    def spy(*args, **kw):
+        seen.update(kw["params"])
+        return inv.interventional_features(*args, **kw)
+
+    monkeypatch.setattr(inv.addon, "interventional_features", spy)
+    config = pr.InvarianceConfig(
+        lam=1.0, dim=8, interventions=["posterize"], intervention_params={"posterize": {"bits": 7}}
+    )
+    pr.wrap(learner, pr.RobustConfig(invariance=config)).prepare_addons(data, progress=False)
+    assert seen == {"posterize": {"bits": 7}}
 
 
 def test_config_round_trip():

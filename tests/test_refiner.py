@@ -526,3 +526,99 @@ def test_stage_errors_name_the_way_out(bb, train_data):
     with pytest.raises(ValueError, match="build_targets") as err:
         model(**batch)
     assert "fit_addons" in str(err.value)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# label-free group targets
+
+
+def test_kmeans_recovers_separated_clusters_and_is_seeded():
+    g = torch.Generator().manual_seed(0)
+    centers = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
+    truth = torch.arange(3).repeat_interleave(20)
+    points = centers[truth] + 0.5 * torch.randn(60, 2, generator=g)
+    assignment, found = targets_module.kmeans(points, 3, seed=1)
+    # the same partition up to the cluster numbering
+    assert all(len(set(assignment[truth == c].tolist())) == 1 for c in range(3))
+    assert len(set(assignment.tolist())) == 3
+    torch.testing.assert_close(found[assignment], centers[truth], atol=0.5, rtol=0)
+    assert torch.equal(targets_module.kmeans(points, 3, seed=1)[0], assignment)
+    with pytest.raises(ValueError, match="k must be between 1 and the number of points"):
+        targets_module.kmeans(points, 61)
+
+
+def test_discover_groups_cut_across_classes():
+    """Features = class direction + style direction: the groups are the styles, not the classes."""
+    g = torch.Generator().manual_seed(0)
+    basis = torch.linalg.qr(torch.randn(16, 16, generator=g))[0]
+    labels = torch.arange(4).repeat(12)  # 4 classes
+    styles = torch.arange(3).repeat_interleave(16)  # 3 styles, every class in every style
+    features = 3 * basis[labels] + 1.0 * basis[4 + styles] + 0.05 * torch.randn(48, 16, generator=g)
+    groups = targets_module.discover_groups(features, labels, 3, seed=0)
+    assert all(len(set(groups[styles == s].tolist())) == 1 for s in range(3))
+    assert len(set(groups.tolist())) == 3
+    # without removing the class means the same k-means would split by class
+    plain = targets_module.kmeans(torch.nn.functional.normalize(features, dim=-1), 3, seed=0)[0]
+    assert not all(len(set(plain[styles == s].tolist())) == 1 for s in range(3))
+
+
+def test_group_prompts_are_the_normalised_summed_gradient_step(bb, train_data):
+    """Ground truth: copy j moves by -lr RMS(p) g_j / RMS(g_j), g_j the gradient of its samples' summed loss
+    with one shared prompt; a copy without samples stays."""
+    learner, _ = build(bb, "coop")
+    batch = collate([{"pixel_values": x, "labels": y} for x, y in train_data[:6]])
+    x, y = batch["pixel_values"], batch["labels"]
+    assignment = torch.tensor([0, 1, 0, 1, 1, 0])
+    lr = 0.05
+    # two batches: gradients add up across them
+    batches = [(x[:4], y[:4], assignment[:4]), (x[4:], y[4:], assignment[4:])]
+    prompts, before, after = targets_module.descend_prompts(learner, batches, 3, steps=1, lr=lr)
+    base = learner.prompt_tokens()["text"].detach()
+    for j in range(2):
+        p = base.clone().requires_grad_(True)
+        members = assignment == j
+        loss = F.cross_entropy(_logits_with(learner, x[members], p), y[members], reduction="sum")
+        (grad,) = torch.autograd.grad(loss, p)
+        expected = base - lr * base.pow(2).mean().sqrt() * grad / grad.pow(2).mean().sqrt()
+        torch.testing.assert_close(prompts["text"][j], expected, rtol=0, atol=1e-6)
+    assert torch.equal(prompts["text"][2], base)  # no sample: no move
+    assert before.shape == after.shape == (6,)
+    torch.testing.assert_close(before, F.cross_entropy(learner(x).logits, y, reduction="none"), rtol=0, atol=1e-5)
+
+
+def _logits_with(learner, x, prompt):
+    return learner(x, prompt_override={"text": prompt.unsqueeze(0).expand(x.shape[0], *prompt.shape)}).logits
+
+
+def test_group_targets_share_one_offset_per_group_and_are_cached(bb, train_data, tmp_path, monkeypatch):
+    from prompt_robust.refiner.diagnostics import label_decodability
+
+    _, model = build(bb, "coop", targets="group", num_groups=3, inner_steps=3)
+    refiner = model.addons["refiner"]
+    targets = refiner.build_targets(train_data, cache_dir=tmp_path, progress=False, seed=0)
+    groups = targets.groups
+    assert groups.shape == (N_TRAIN,) and set(groups.tolist()) <= {0, 1, 2}
+    delta = targets.deltas["text"]
+    for j in set(groups.tolist()):
+        members = delta[groups == j]
+        assert torch.equal(members, members[:1].expand_as(members))  # one offset per group
+    assert float(delta.abs().sum()) > 0
+    # the group prompts lower their groups' summed loss
+    assert targets.loss_after.sum() < targets.loss_before.sum()
+    # offsets shared across classes carry less of the label than per-sample ones
+    overfit = build(bb, "coop", inner_steps=3)[1].addons["refiner"].build_targets(train_data, progress=False)
+    labels = torch.tensor([y for _, y in train_data])
+    assert label_decodability(delta, labels) < label_decodability(overfit.deltas["text"], labels)
+    # cached: a rerun reads the file, another seed or group count gets its own folder
+    monkeypatch.setattr(targets_module, "descend_prompts", _refuse)
+    again = refiner.build_targets(train_data, cache_dir=tmp_path, progress=False, seed=0)
+    assert torch.equal(again.deltas["text"], delta) and torch.equal(again.groups, groups)
+    monkeypatch.undo()
+    refiner.build_targets(train_data, cache_dir=tmp_path, progress=False, seed=1)
+    assert len(_folders(tmp_path)) == 2
+    with pytest.raises(ValueError, match="Did you mean 'group'"):
+        pr.RefinerConfig(targets="groups")
+
+
+def _refuse(*args, **kwargs):
+    raise AssertionError("the cached group targets were recomputed")

@@ -241,6 +241,7 @@ class InvariantProjection(RobustAddon):
             batch_size=config.feature_batch_size,
             cache_dir=cache_dir,
             progress=progress,
+            params=config.intervention_params,
         )
         if feats.dim != self.feature_dim:
             raise ValueError(

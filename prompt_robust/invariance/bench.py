@@ -81,6 +81,7 @@ class _DGSetup:
             batch_size=config.feature_batch_size,
             cache_dir=self.out_dir / "cache",
             progress=False,
+            params=config.intervention_params,
         )
 
 

@@ -165,6 +165,7 @@ def interventional_features(
     batch_size: int = 64,
     cache_dir: str | Path | None = None,
     progress: bool = True,
+    params: dict[str, dict[str, Any]] | None = None,
 ) -> InterventionalFeatures:
     """Encode every training image and its intervened copies with ``learner.image_features``.
 
@@ -184,6 +185,7 @@ def interventional_features(
         batch_size: images per batch.
         cache_dir: cache folder; None: no cache.
         progress: show a progress bar.
+        params: strength overrides per intervention (``InvarianceConfig.intervention_params``).
 
     Example:
         >>> feats = interventional_features(learner, train_data, ["grayscale", "invert"],  # doctest: +SKIP
@@ -208,6 +210,8 @@ def interventional_features(
             "mean": [float(v) for v in mean],
             "std": [float(v) for v in std],
         }
+        if params:  # only when set, so caches written before strength overrides existed stay valid
+            meta["params"] = {name: params[name] for name in sorted(params)}
         path = Path(cache_dir) / f"invariance-features-{_fingerprint(learner, dataset, meta)}.safetensors"
         if path.is_file():
             tensors = _io.read_safetensors(path, "cached interventional features")
@@ -233,7 +237,9 @@ def interventional_features(
                 clean.append(learner.image_features(pixel_values).float().cpu())  # (b, d)
                 row = []
                 for _, name in columns:
-                    changed = intervene(pixel_values, name, mean=mean, std=std, generator=generator)
+                    changed = intervene(
+                        pixel_values, name, mean=mean, std=std, generator=generator, **(params or {}).get(name, {})
+                    )
                     row.append(learner.image_features(changed).float().cpu())  # (b, d)
                 intervened.append(torch.stack(row, dim=1))  # (b, m, d)
                 labels.append(label)

@@ -219,10 +219,11 @@ class PromptRefiner(RobustAddon):
 
     # -- training ----------------------------------------------------------------------------------------------
     def build_targets(
-        self, dataset: Any, *, cache_dir: str | Path | None = None, progress: bool = True
+        self, dataset: Any, *, cache_dir: str | Path | None = None, progress: bool = True, seed: int = 0
     ) -> RefinerTargets:
-        """Overfitted prompts of every training sample (see :func:`prompt_robust.refiner.build_targets`); also
-        sets the per-site normalisation ``sigma`` from their offsets."""
+        """Target prompts of every training sample by ``config.targets`` (see
+        :func:`prompt_robust.refiner.build_targets`; ``seed`` seeds the groups of ``"group"``); also sets the
+        per-site normalisation ``sigma`` from their offsets."""
         targets = build_targets(
             self.learner,
             dataset,
@@ -231,6 +232,9 @@ class PromptRefiner(RobustAddon):
             batch_size=self.config.target_batch_size,
             cache_dir=cache_dir,
             progress=progress,
+            rule=self.config.targets,
+            n_groups=self.config.num_groups,
+            seed=seed,
         )
         with torch.no_grad():
             for site, delta in targets.deltas.items():
@@ -257,7 +261,7 @@ class PromptRefiner(RobustAddon):
         from ..training import FitConfig, fit
 
         config = self.config
-        targets = self.build_targets(dataset, cache_dir=cache_dir, progress=progress)
+        targets = self.build_targets(dataset, cache_dir=cache_dir, progress=progress, seed=seed)
         logs = {f"refiner/targets_{k}": v for k, v in targets.summary().items()}
         batch = min(config.train_batch_size, len(targets))
         for stage, steps, lr in (

@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +27,15 @@ from tqdm.auto import tqdm
 from .. import _io
 from ..data.items import collate_images_labels, hash_items
 
-__all__ = ["RefinerTargets", "build_targets", "overfit_prompts"]
+__all__ = [
+    "TARGET_RULES",
+    "RefinerTargets",
+    "build_targets",
+    "descend_prompts",
+    "discover_groups",
+    "kmeans",
+    "overfit_prompts",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +53,76 @@ def _rms(x: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
     return x.pow(2).mean(dim=dims, keepdim=True).sqrt()
 
 
+def descend_prompts(
+    learner: nn.Module,
+    batches: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    n_prompts: int,
+    *,
+    steps: int,
+    lr: float,
+    progress: bool = False,
+) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+    """Move ``n_prompts`` copies of the learned prompt, copy ``j`` against the gradient of the summed cross-entropy
+    of the samples assigned to it.
+
+    Each step goes over every batch (gradients add up), then moves copy ``j`` (every site) by
+    ``lr x RMS(learned prompt)`` along its gradient normalised per copy and site, so ``lr`` means the same on every
+    backbone whatever the scale of its token embeddings. A copy with no sample does not move. One backward pass
+    serves a batch: sample ``i``'s logits depend only on its own copy, so the gradient of the summed loss w.r.t.
+    copy ``j`` is exactly the sum of its samples' gradients.
+
+    Args:
+        learner: a learner implementing the contract.
+        batches: ``(pixel_values (b, 3, H, W), labels (b,), assignment (b,))``, ``assignment`` the copy index of
+            each sample.
+        n_prompts: number of copies.
+        steps: gradient steps.
+        lr: relative step length.
+        progress: show a progress bar over the steps.
+
+    Returns:
+        ``({site: (n_prompts, n_tokens, dim)}, loss_before (N,), loss_after (N,))`` with ``N`` the samples of all
+        batches, in order.
+    """
+    base = {site: p.detach() for site, p in learner.prompt_tokens().items()}
+    if not base:
+        raise ValueError(f"{type(learner).__name__}.prompt_tokens() is empty: there is no prompt to overfit.")
+    scale = {}
+    for site, p in base.items():
+        rms = float(_rms(p.float(), (0, 1)))
+        if rms < 1e-6:  # an all-zero prompt (e.g. a bias initialised at 0) has no scale: take absolute steps
+            logger.warning("the learned prompt of site %r is ~0; overfitting steps have absolute length %g", site, lr)
+            rms = 1.0
+        scale[site] = rms
+    prompts = {site: p.unsqueeze(0).expand(n_prompts, *p.shape).clone() for site, p in base.items()}  # (P, n, d)
+    losses = []
+    for step in tqdm(range(steps + 1), desc="target prompts", disable=not progress):
+        grads = {site: torch.zeros_like(p) for site, p in prompts.items()}
+        per_sample = []
+        for pixel_values, labels, assignment in batches:
+            with torch.enable_grad():
+                leaves = {site: p.detach().requires_grad_(True) for site, p in prompts.items()}
+                override = {site: leaf[assignment] for site, leaf in leaves.items()}  # (b, n, d)
+                loss = F.cross_entropy(
+                    _logits(learner(pixel_values, prompt_override=override)), labels, reduction="none"
+                )
+                per_sample.append(loss.detach())
+                if step < steps:
+                    # the sum couples nothing: d(sum)/d(copy_j) = sum of d(loss_i)/d(copy_j) over its samples
+                    for site, g in zip(leaves, torch.autograd.grad(loss.sum(), list(leaves.values())), strict=True):
+                        grads[site] += g
+        losses.append(torch.cat(per_sample))
+        if step == steps:
+            break
+        moved = {}
+        for site, p in prompts.items():
+            g = grads[site]
+            direction = g / _rms(g, (1, 2)).clamp_min(1e-12)  # (P, n, d), unit RMS per copy (0 when unused)
+            moved[site] = (p - lr * scale[site] * direction).detach()
+        prompts = moved
+    return prompts, losses[0], losses[-1]
+
+
 def overfit_prompts(
     learner: nn.Module,
     pixel_values: torch.Tensor,
@@ -53,11 +131,8 @@ def overfit_prompts(
     steps: int,
     lr: float,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
-    """Overfit one prompt per sample, vectorised over the batch.
-
-    Each step moves sample ``i``'s prompt (every site) against the gradient of its own cross-entropy, by
-    ``lr x RMS(learned prompt)`` along the gradient normalised per sample and site, so ``lr`` means the same
-    on every backbone whatever the scale of its token embeddings.
+    """Overfit one prompt per sample, vectorised over the batch (:func:`descend_prompts` with one copy per
+    sample): each step moves sample ``i``'s prompt against the gradient of its own cross-entropy.
 
     Args:
         learner: a learner implementing the contract.
@@ -69,58 +144,98 @@ def overfit_prompts(
     Returns:
         ``({site: (b, n_tokens, dim)}, loss_before (b,), loss_after (b,))``.
     """
-    base = {site: p.detach() for site, p in learner.prompt_tokens().items()}
-    if not base:
-        raise ValueError(f"{type(learner).__name__}.prompt_tokens() is empty: there is no prompt to overfit.")
     batch = pixel_values.shape[0]
-    scale = {}
-    for site, p in base.items():
-        rms = float(_rms(p.float(), (0, 1)))
-        if rms < 1e-6:  # an all-zero prompt (e.g. a bias initialised at 0) has no scale: take absolute steps
-            logger.warning("the learned prompt of site %r is ~0; overfitting steps have absolute length %g", site, lr)
-            rms = 1.0
-        scale[site] = rms
-    prompts = {site: p.unsqueeze(0).expand(batch, *p.shape).clone() for site, p in base.items()}  # (b, n, d)
-    losses = []
-    for step in range(steps + 1):
-        with torch.enable_grad():
-            for p in prompts.values():
-                p.requires_grad_(True)
-            per_sample = F.cross_entropy(
-                _logits(learner(pixel_values, prompt_override=prompts)), labels, reduction="none"
-            )
-            losses.append(per_sample.detach())
-            if step == steps:
-                break
-            # the sum couples nothing: d(sum)/d(prompt_i) = d(loss_i)/d(prompt_i)
-            grads = torch.autograd.grad(per_sample.sum(), list(prompts.values()))
-        moved = {}
-        for (site, p), g in zip(prompts.items(), grads, strict=True):
-            direction = g / _rms(g, (1, 2)).clamp_min(1e-12)  # (b, n, d), unit RMS per sample
-            moved[site] = (p - lr * scale[site] * direction).detach()
-        prompts = moved
-    return {site: p.detach() for site, p in prompts.items()}, losses[0], losses[-1]
+    assignment = torch.arange(batch, device=pixel_values.device)
+    return descend_prompts(learner, [(pixel_values, labels, assignment)], batch, steps=steps, lr=lr)
+
+
+def kmeans(x: torch.Tensor, k: int, *, seed: int = 0, iters: int = 100) -> tuple[torch.Tensor, torch.Tensor]:
+    """Seeded k-means (k-means++ initialisation, Lloyd iterations until no point changes cluster).
+
+    Args:
+        x: ``(N, D)`` points.
+        k: clusters (at most ``N``).
+        seed: seed of the initialisation.
+        iters: maximum Lloyd iterations.
+
+    Returns:
+        ``(assignment (N,), centers (k, D))``.
+
+    Example:
+        >>> points = torch.tensor([[0.0], [0.1], [5.0], [5.1]])
+        >>> kmeans(points, 2)[0].tolist() in ([0, 0, 1, 1], [1, 1, 0, 0])
+        True
+    """
+    if not 1 <= k <= x.shape[0]:
+        raise ValueError(f"k must be between 1 and the number of points ({x.shape[0]}); got {k}.")
+    x = x.float()
+    generator = torch.Generator().manual_seed(int(seed))
+    centers = x[torch.randint(x.shape[0], (1,), generator=generator)]  # (1, D)
+    for _ in range(k - 1):
+        d2 = torch.cdist(x, centers).min(1).values.pow(2)  # (N,)
+        probs = d2 / d2.sum() if float(d2.sum()) > 0 else torch.full_like(d2, 1 / len(d2))
+        centers = torch.cat([centers, x[torch.multinomial(probs, 1, generator=generator)]])
+    assignment = torch.cdist(x, centers).argmin(1)
+    for _ in range(iters):
+        for j in range(k):
+            members = assignment == j
+            if members.any():  # an emptied cluster keeps its center
+                centers[j] = x[members].mean(0)
+        new = torch.cdist(x, centers).argmin(1)
+        if torch.equal(new, assignment):
+            break
+        assignment = new
+    return assignment, centers
+
+
+def discover_groups(features: torch.Tensor, labels: torch.Tensor, n_groups: int, *, seed: int = 0) -> torch.Tensor:
+    """Label-free image groups of a training set: k-means on the image features minus their class's mean.
+
+    Removing the class mean leaves what varies *within* classes (style, background, colour, ...), so the groups
+    cut across classes; a prompt trained per group then adapts to the image's appearance, not to its label.
+
+    Args:
+        features: ``(N, d)`` image features.
+        labels: ``(N,)`` classes (used only to remove the class means).
+        n_groups: number of groups (capped at ``N``).
+        seed: k-means seed.
+
+    Returns:
+        ``(N,)`` group ids in ``[0, n_groups)``.
+    """
+    z = F.normalize(features.float(), dim=-1)  # (N, d)
+    n_classes = int(labels.max()) + 1
+    sums = torch.zeros(n_classes, z.shape[1]).index_add_(0, labels.cpu(), z.cpu())
+    counts = torch.bincount(labels.cpu(), minlength=n_classes).clamp_min(1).unsqueeze(1)
+    residual = z.cpu() - (sums / counts)[labels.cpu()]  # (N, d)
+    return kmeans(residual, min(n_groups, len(z)), seed=seed)[0]
+
+
+#: how a training sample's target prompt is made (``RefinerConfig.targets``)
+TARGET_RULES: tuple[str, ...] = ("overfit", "group")
 
 
 @dataclass
 class _Computed:
     cond: torch.Tensor  # (N, d)
-    deltas: dict[str, torch.Tensor]  # site -> (N, n, w): overfitted - learned prompt
+    deltas: dict[str, torch.Tensor]  # site -> (N, n, w): target - learned prompt
     loss_before: torch.Tensor  # (N,)
     loss_after: torch.Tensor  # (N,)
+    groups: torch.Tensor | None = None  # (N,) group of each sample (rule "group")
 
 
 class RefinerTargets(Dataset):
-    """A training set plus, per sample, the conditioning feature and the overfitted-prompt offsets.
+    """A training set plus, per sample, the conditioning feature and the target-prompt offsets.
 
     Items are the dataset's own items (as dicts) plus ``"refiner_cond"`` ``(embed_dim,)`` and
-    ``"refiner_delta_<site>"`` ``(n_tokens, dim)`` (overfitted prompt minus the learned prompt). Feed it to
+    ``"refiner_delta_<site>"`` ``(n_tokens, dim)`` (target prompt minus the learned prompt). Feed it to
     :func:`prompt_robust.fit` with the wrapped model in the ``"refiner"`` stage.
 
     Attributes:
         cond: ``(N, embed_dim)``.
         deltas: ``{site: (N, n_tokens, dim)}``.
-        loss_before / loss_after: ``(N,)`` per-sample losses with the learned and the overfitted prompt.
+        loss_before / loss_after: ``(N,)`` per-sample losses with the learned and the target prompt.
+        groups: ``(N,)`` each sample's group (rule ``"group"``), else None.
         cache_path: where the targets were cached (None without a cache).
     """
 
@@ -130,6 +245,7 @@ class RefinerTargets(Dataset):
         self.deltas = computed.deltas
         self.loss_before = computed.loss_before
         self.loss_after = computed.loss_after
+        self.groups = computed.groups
         self.cache_path = cache_path
 
     def __len__(self) -> int:
@@ -154,7 +270,7 @@ class RefinerTargets(Dataset):
         return out
 
 
-def _fingerprint(learner: nn.Module, dataset: Dataset, steps: int, lr: float) -> str:
+def _fingerprint(learner: nn.Module, dataset: Dataset, steps: int, lr: float, rule: dict[str, Any]) -> str:
     """What the targets depend on: the learned prompt, the learner's weights that shape the logits, the
     classes, the overfitting settings and the dataset (its size, and the images and labels of up to 16
     evenly spaced items — hashing every image would cost as much as recomputing)."""
@@ -167,6 +283,8 @@ def _fingerprint(learner: nn.Module, dataset: Dataset, steps: int, lr: float) ->
         "lr": lr,
         "n": len(dataset),
     }
+    if rule["targets"] != "overfit":  # only then, so caches of per-sample targets keep their keys
+        meta.update(rule)
     digest.update(json.dumps(meta, sort_keys=True).encode())
     backbone_fp = getattr(getattr(learner, "backbone", None), "fingerprint", None)
     if callable(backbone_fp):
@@ -193,63 +311,125 @@ def build_targets(
     batch_size: int = 32,
     cache_dir: str | Path | None = None,
     progress: bool = True,
+    rule: str = "overfit",
+    n_groups: int = 4,
+    seed: int = 0,
 ) -> RefinerTargets:
-    """Overfitted-prompt offsets and conditioning features of every sample of ``dataset``.
+    """Target-prompt offsets and conditioning features of every sample of ``dataset``.
 
-    With ``cache_dir`` each batch is written as a safetensors shard under
-    ``cache_dir/refiner-targets-<fingerprint>/`` as soon as it is computed; a rerun with the same learner,
-    data and settings loads the finished shards and computes only the missing ones (so an interrupted pass
-    resumes). Different settings get a different folder: nothing is overwritten.
+    Rules (:data:`TARGET_RULES`):
+
+    * ``"overfit"`` (the paper's): each sample's own prompt, ``steps`` steps on its own cross-entropy
+      (:func:`overfit_prompts`). Such offsets encode the sample's label;
+    * ``"group"``: the training set is split into ``n_groups`` label-free groups (:func:`discover_groups`, seeded
+      by ``seed``) and every group gets one prompt, ``steps`` steps on its samples' summed cross-entropy
+      (:func:`descend_prompts`); a sample's target is its group's prompt, which a test image of the same
+      appearance can use.
+
+    With ``cache_dir`` the result is stored under ``cache_dir/refiner-targets-<fingerprint>/`` (per-sample
+    targets: one safetensors shard per batch, written as soon as it is computed, so an interrupted pass
+    resumes; group targets: one file). A rerun with the same learner, data and settings loads them; different
+    settings get a different folder: nothing is overwritten.
 
     Args:
         learner: the trained learner (its prompt is the starting point).
         dataset: items ``{"pixel_values", "labels", ...}`` or ``(pixel_values, label)`` pairs.
-        steps / lr: see :func:`overfit_prompts`.
-        batch_size: samples per overfitting batch (bounds memory: ``batch_size x n_classes`` text sequences).
-        cache_dir: folder for the shards; None: no cache.
+        steps / lr: see :func:`descend_prompts`.
+        batch_size: samples per batch (bounds memory: ``batch_size x n_classes`` text sequences).
+        cache_dir: folder for the cache; None: no cache.
         progress: show a progress bar.
+        rule: ``"overfit"`` or ``"group"``.
+        n_groups / seed: groups of the ``"group"`` rule and their k-means seed.
     """
+    if rule not in TARGET_RULES:
+        from ..config import unknown_name_error
+
+        raise unknown_name_error("refiner target rule", rule, TARGET_RULES)
     if len(dataset) == 0:
         raise ValueError("the dataset is empty: the refiner needs training samples to overfit prompts on.")
     device = next((p.device for p in learner.parameters()), torch.device("cpu"))
     folder = None
     if cache_dir is not None:
-        folder = Path(cache_dir) / f"refiner-targets-{_fingerprint(learner, dataset, steps, lr)}"
+        key = {"targets": rule} if rule == "overfit" else {"targets": rule, "n_groups": n_groups, "seed": seed}
+        folder = Path(cache_dir) / f"refiner-targets-{_fingerprint(learner, dataset, steps, lr, key)}"
         folder.mkdir(parents=True, exist_ok=True)
     batches = [range(s, min(s + batch_size, len(dataset))) for s in range(0, len(dataset), batch_size)]
-    parts: list[dict[str, torch.Tensor]] = []
     was_training = learner.training
     learner.eval()
     try:
-        for number, indices in enumerate(tqdm(batches, desc="refiner targets", disable=not progress)):
-            shard = folder / f"shard-{number:05d}.safetensors" if folder is not None else None
-            if shard is not None and shard.is_file():  # cached: the batch's images are not even read
-                parts.append(_io.read_safetensors(shard))
-                continue
-            batch = collate_images_labels([dataset[i] for i in indices])
-            pixel_values, labels = batch["pixel_values"].to(device), batch["labels"].to(device)
-            prompts, before, after = overfit_prompts(learner, pixel_values, labels, steps=steps, lr=lr)
-            base = {site: p.detach() for site, p in learner.prompt_tokens().items()}
-            with torch.no_grad():
-                cond = learner.image_features(pixel_values)
-            part = {"cond": cond.float().cpu(), "loss_before": before.cpu(), "loss_after": after.cpu()}
-            for site, p in prompts.items():
-                part[f"delta.{site}"] = (p - base[site]).float().cpu()
-            if shard is not None:
-                _io.write_safetensors(shard, part)
-            parts.append(part)
+        if rule == "group":
+            computed = _group_targets(learner, dataset, batches, device, folder, steps, lr, n_groups, seed, progress)
+        else:
+            computed = _sample_targets(learner, dataset, batches, device, folder, steps, lr, progress)
     finally:
         learner.train(was_training)
-    sites = [key[len("delta.") :] for key in parts[0] if key.startswith("delta.")]
-    computed = _Computed(
-        cond=torch.cat([p["cond"] for p in parts]),
-        deltas={site: torch.cat([p[f"delta.{site}"] for p in parts]) for site in sites},
-        loss_before=torch.cat([p["loss_before"] for p in parts]),
-        loss_after=torch.cat([p["loss_after"] for p in parts]),
-    )
     if len(computed.cond) != len(dataset):
         raise RuntimeError(
             f"the cached targets in {folder} hold {len(computed.cond)} samples for a dataset of {len(dataset)}; "
             "delete that folder to recompute them."
         )
     return RefinerTargets(dataset, computed, folder)
+
+
+def _batch(dataset: Dataset, indices: range, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    batch = collate_images_labels([dataset[i] for i in indices])
+    return batch["pixel_values"].to(device), batch["labels"].to(device)
+
+
+def _sample_targets(learner, dataset, batches, device, folder, steps, lr, progress) -> _Computed:
+    parts: list[dict[str, torch.Tensor]] = []
+    for number, indices in enumerate(tqdm(batches, desc="refiner targets", disable=not progress)):
+        shard = folder / f"shard-{number:05d}.safetensors" if folder is not None else None
+        if shard is not None and shard.is_file():  # cached: the batch's images are not even read
+            parts.append(_io.read_safetensors(shard))
+            continue
+        pixel_values, labels = _batch(dataset, indices, device)
+        prompts, before, after = overfit_prompts(learner, pixel_values, labels, steps=steps, lr=lr)
+        base = {site: p.detach() for site, p in learner.prompt_tokens().items()}
+        with torch.no_grad():
+            cond = learner.image_features(pixel_values)
+        part = {"cond": cond.float().cpu(), "loss_before": before.cpu(), "loss_after": after.cpu()}
+        for site, p in prompts.items():
+            part[f"delta.{site}"] = (p - base[site]).float().cpu()
+        if shard is not None:
+            _io.write_safetensors(shard, part)
+        parts.append(part)
+    sites = [key[len("delta.") :] for key in parts[0] if key.startswith("delta.")]
+    return _Computed(
+        cond=torch.cat([p["cond"] for p in parts]),
+        deltas={site: torch.cat([p[f"delta.{site}"] for p in parts]) for site in sites},
+        loss_before=torch.cat([p["loss_before"] for p in parts]),
+        loss_after=torch.cat([p["loss_after"] for p in parts]),
+    )
+
+
+def _group_targets(learner, dataset, batches, device, folder, steps, lr, n_groups, seed, progress) -> _Computed:
+    path = folder / "group-targets.safetensors" if folder is not None else None
+    if path is not None and path.is_file():
+        part = _io.read_safetensors(path, "cached refiner targets")
+    else:
+        loaded = [_batch(dataset, indices, device) for indices in batches]
+        with torch.no_grad():
+            cond = torch.cat([learner.image_features(x).float().cpu() for x, _ in loaded])  # (N, d)
+        labels = torch.cat([y.cpu() for _, y in loaded])
+        groups = discover_groups(cond, labels, n_groups, seed=seed)  # (N,)
+        assigned = [
+            (x, y, groups[indices.start : indices.stop].to(device))
+            for (x, y), indices in zip(loaded, batches, strict=True)
+        ]
+        prompts, before, after = descend_prompts(learner, assigned, n_groups, steps=steps, lr=lr, progress=progress)
+        base = {site: p.detach() for site, p in learner.prompt_tokens().items()}
+        part = {"cond": cond, "loss_before": before.cpu(), "loss_after": after.cpu(), "groups": groups}
+        for site, p in prompts.items():
+            part[f"group_delta.{site}"] = (p - base[site]).float().cpu()  # (G, n, w)
+        if path is not None:
+            _io.write_safetensors(path, part)
+    groups = part["groups"].long()
+    sites = [key[len("group_delta.") :] for key in part if key.startswith("group_delta.")]
+    return _Computed(
+        cond=part["cond"],
+        deltas={site: part[f"group_delta.{site}"][groups] for site in sites},  # (N, n, w)
+        loss_before=part["loss_before"],
+        loss_after=part["loss_after"],
+        groups=groups,
+    )
