@@ -187,6 +187,8 @@ def _bench(args: argparse.Namespace) -> int:
         return _bench_refiner(args, refiner, seeds)
     if args.suite == "calibration":
         return _bench_calibration(args, seeds)
+    if args.suite == "mechanisms":
+        return _bench_mechanisms(args, refiner, seeds)
     others = {name: _json_option(getattr(args, f"{name}_config"), f"--{name}-config") for name in _JSON_ADDONS}
     if args.suite in _FEATURE_SUITES:
         return _bench_features(args, others, seeds)
@@ -251,6 +253,30 @@ def _bench_calibration(args: argparse.Namespace, seeds: list[int]) -> int:
     )
     print(
         f"wrote calibration.json, calibration.md to {args.out} ({time.time() - started:.0f} s); command: {_command_line()}"
+    )
+    return 0
+
+
+def _bench_mechanisms(args: argparse.Namespace, refiner: dict[str, Any], seeds: list[int]) -> int:
+    """Each add-on on a task where its premise holds: oracle headroom, learner, learner + add-on."""
+    from .benchmark import BenchConfig
+    from .mechanisms import format_mechanisms, mechanisms_benchmark
+
+    started = time.time()
+    refiner.pop("targets", None)  # the suite compares every target rule
+    result = mechanisms_benchmark(
+        _embedded_or_given(args.backbone),
+        args.out,
+        seeds=seeds,
+        bench=dataclass_from_args(BenchConfig, args, seeds=seeds),
+        learner=args.learner,
+        refiner=refiner,
+        progress=not args.quiet,
+        command=_command_line(),
+    )
+    print(format_mechanisms(result))
+    print(
+        f"wrote mechanisms.json, mechanisms.md to {args.out} ({time.time() - started:.0f} s); command: {_command_line()}"
     )
     return 0
 
@@ -428,16 +454,17 @@ def build_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser("bench", help="Every learner x add-on x task, mean ± std over seeds.")
     bench.add_argument(
         "--suite",
-        choices=["quick", "full", "calibration", "refiner-sweep", "refiner-cost", *_FEATURE_SUITES],
+        choices=["quick", "full", "calibration", "mechanisms", "refiner-sweep", "refiner-cost", *_FEATURE_SUITES],
         default="quick",
         help="quick: zero-shot, CoOp, CoOp+each add-on; full: every learner x add-on; calibration: does the world "
-        "reproduce real CLIP's baseline behaviour (zero-shot, linear probe, CoOp, CoCoOp vs targets); refiner-sweep: sampler "
+        "reproduce real CLIP's baseline behaviour (zero-shot, linear probe, CoOp, CoCoOp vs targets); mechanisms: each "
+        "add-on where its premise holds, against an oracle (LEARNER, default coop); refiner-sweep: sampler "
         "steps x solver for LEARNER+refiner; refiner-cost: images/s of CoOp, CoOp+refiner, CoCoOp on a real-size "
         "architecture (default backbone open_clip:ViT-B-16, random weights); icm: zero-shot / ICM zero-shot / linear "
         "probe / ICM linear probe on the DG task; icm-grid: every (λ, k) of the ICM rule's grid scored on the test "
         "styles (a diagnostic); counterfactual-quality: validity and proximity of counterfactuals.",
     )
-    bench.add_argument("--learner", default="coop", help="Learner of the refiner sweep.")
+    bench.add_argument("--learner", default="coop", help="Learner of the refiner sweep and the mechanism suites.")
     for name in _JSON_ADDONS:
         bench.add_argument(
             f"--{name}-config", help=f"Settings of the +{name} methods as a JSON object of config fields."

@@ -120,7 +120,7 @@ class WorldTasks:
         >>> len(train), len(indices)
         (24, 24)
         >>> WorldTasks(48, (0.5,) * 3, (0.5,) * 3, version=2).datasets()
-        ['objects', 'polygons', 'textures', 'gadgets']
+        ['objects', 'polygons', 'textures', 'gadgets', 'scenes']
     """
 
     def __init__(
@@ -185,7 +185,7 @@ class WorldTasks:
             raise unknown_name_error(f"world-{self.version} dataset", dataset, names)
 
     def datasets(self) -> list[str]:
-        """The datasets base-to-new runs on: world 1 has one (``"objects"``), world 2 four."""
+        """The datasets base-to-new runs on: world 1 has one (``"objects"``), world 2 five."""
         return ["objects"] if self.version == 1 else list(world_v2.DATASETS)
 
     def base_classes(self, dataset: str = "objects") -> tuple[str, ...]:
@@ -284,6 +284,46 @@ class WorldTasks:
             return self._classes("cross", world.CROSS_CLASSES, self.test_per_class, SOURCE_STYLE, _SEEDS["cross"])
         spec = world_v2.DATASETS[dataset]
         return self._dataset_set(dataset, spec.classes, self.test_per_class, None, _DATASET_SEEDS[dataset] + 21)
+
+    # -- mixed styles (the refiner's mechanism task) -----------------------------------------------------------------
+    def _styled(self, per_class: int, seed: int) -> TaskData:
+        """World 2: ``per_class`` images of every domain-generalisation class in *each* style, group = style."""
+        if self.version == 1:
+            raise ValueError("the mixed-style task exists on world 2 only; pass version=2 (world_version=2).")
+        parts = [
+            self._dataset_set(DG_DATASET, self.dg_classes(), per_class, style, seed + i)
+            for i, style in enumerate(world.STYLES)
+        ]
+        groups = torch.arange(len(parts)).repeat_interleave(torch.tensor([len(p) for p in parts]))
+        return TaskData(
+            torch.cat([p.pixel_values for p in parts]),
+            torch.cat([p.labels for p in parts]),
+            list(self.dg_classes()),
+            groups,
+            list(world.STYLES),
+        )
+
+    def styled_pool(self) -> TaskData:
+        """Training pool of the mixed-style task: every domain-generalisation class in every style (groups: the
+        styles). The best prompt depends on the image's style, so a per-image prompt has something to gain."""
+        key = ("styled_pool", self.pool_per_class)
+        if key not in self._cache:
+            self._cache[key] = self._styled(self.pool_per_class, _DATASET_SEEDS[DG_DATASET] + 31)
+        return self._cache[key]
+
+    def styled_train(self, k: int, seed: int) -> tuple[TaskData, list[int]]:
+        """``k`` shots per class *and style* of the mixed-style pool, and the chosen pool indices."""
+        pool = self.styled_pool()
+        strata = (pool.labels * len(world.STYLES) + pool.groups).tolist()  # one stratum per (class, style)
+        indices = sample_few_shot(strata, k, seed)
+        return pool.subset(indices), indices
+
+    def styled_test(self) -> TaskData:
+        """Held-out images of the mixed-style task: ``test_per_class`` per class and style."""
+        key = ("styled_test", self.test_per_class)
+        if key not in self._cache:
+            self._cache[key] = self._styled(self.test_per_class, _DATASET_SEEDS[DG_DATASET] + 41)
+        return self._cache[key]
 
     # -- spurious correlation -------------------------------------------------------------------------------------
     @staticmethod

@@ -1,0 +1,76 @@
+"""Mechanism suites: the mixed-style task's data, the group-purity diagnostic on known partitions, and the
+refiner's suite end to end on a tiny backbone (structure, caching, refusal of changed settings)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import make_backbone
+
+from prompt_robust import mechanisms
+from prompt_robust.benchmark import BenchConfig
+from prompt_robust.data import world
+from prompt_robust.data.tasks import WorldTasks
+
+
+def test_group_purity_on_known_partitions():
+    truth = torch.arange(4).repeat_interleave(5)
+    assert mechanisms.group_purity(truth.clone(), truth) == 1.0
+    assert mechanisms.group_purity((truth + 1) % 4, truth) == 1.0  # the numbering does not matter
+    assert mechanisms.group_purity(torch.zeros(20, dtype=torch.long), truth) == 0.25
+    # splitting a true group keeps purity 1; merging two halves of them costs the smaller half
+    assert mechanisms.group_purity(torch.arange(20), truth) == 1.0
+    merged = truth.clone()
+    merged[truth == 1] = 0
+    assert mechanisms.group_purity(merged, truth) == 0.75
+    with pytest.raises(ValueError, match="same shape"):
+        mechanisms.group_purity(truth[:3], truth)
+
+
+def test_styled_task_has_every_class_in_every_style():
+    tasks = WorldTasks(32, (0.5,) * 3, (0.5,) * 3, pool_per_class=3, test_per_class=2, version=2)
+    train, indices = tasks.styled_train(2, seed=1)
+    n_cls, n_styles = len(tasks.dg_classes()), len(world.STYLES)
+    assert len(train) == 2 * n_cls * n_styles and train.group_names == list(world.STYLES)
+    counts = torch.bincount(train.labels * n_styles + train.groups, minlength=n_cls * n_styles)
+    assert (counts == 2).all()
+    assert tasks.styled_train(2, seed=1)[1] == indices and tasks.styled_train(2, seed=2)[1] != indices
+    test = tasks.styled_test()
+    assert len(test) == 2 * n_cls * n_styles
+    # training and test images differ (other seeds)
+    assert not torch.equal(test.pixel_values[:2], tasks.styled_pool().pixel_values[:2])
+    with pytest.raises(ValueError, match="world 2 only"):
+        WorldTasks(32, (0.5,) * 3, (0.5,) * 3, version=1).styled_pool()
+
+
+def test_refiner_mechanism_suite_end_to_end(tmp_path):
+    backbone = make_backbone("hf")
+    bench = BenchConfig(steps=2, k=1, pool_per_class=3, test_per_class=1, world_version=2, batch_size=8)
+    refiner = {"hidden_dim": 16, "layers": 1, "heads": 2, "inner_steps": 1, "train_steps": 3, "train_batch_size": 8}
+    result = mechanisms.mechanisms_benchmark(
+        backbone, tmp_path, seeds=[1], bench=bench, k=1, refiner=refiner, progress=False
+    )
+    ref = result["refiner"]
+    assert set(ref["summary"]) == {"learner", "oracle", "refiner:overfit", "refiner:group"}
+    run = ref["seeds"]["1"]
+    for method in ref["summary"]:
+        assert set(run[method]["groups"]) == set(world.STYLES)
+        assert 0.0 <= run[method]["test"] <= 1.0
+    assert ref["choice"] in mechanisms.REFINER_RULES
+    assert set(ref["diagnostics"]["group"]) == {"label_decodability", "prediction_agreement", "chance", "group_purity"}
+    assert "group_purity" not in ref["diagnostics"]["overfit"]
+    text = (tmp_path / "mechanisms.md").read_text()
+    assert "| oracle |" in text and "label_decodability" in text
+    # a rerun with the same settings reads the saved seed; other settings are refused, not silently reused
+    saved = (tmp_path / "runs" / "mechanisms_refiner_seed1.json").read_text()
+    again = mechanisms.mechanisms_benchmark(
+        backbone, tmp_path, seeds=[1], bench=bench, k=1, refiner=refiner, progress=False
+    )
+    assert json.dumps(again["refiner"]["summary"]) == json.dumps(ref["summary"])
+    assert (tmp_path / "runs" / "mechanisms_refiner_seed1.json").read_text() == saved
+    with pytest.raises(ValueError, match="other settings"):
+        mechanisms.mechanisms_benchmark(
+            backbone, tmp_path, seeds=[1], bench=bench, k=2, refiner=refiner, progress=False
+        )
