@@ -205,21 +205,26 @@ def check_world(backbone: ClipBackbone, world_version: int) -> None:
         )
 
 
+def world_tasks(backbone: ClipBackbone, config: BenchConfig) -> WorldTasks:
+    """The tasks of ``config``'s world, rendered for ``backbone`` (its image size and normalisation)."""
+    return WorldTasks(
+        backbone.image_size,
+        backbone.image_mean,
+        backbone.image_std,
+        pool_per_class=config.pool_per_class,
+        test_per_class=config.test_per_class,
+        retrieval_size=config.retrieval_size,
+        version=config.world_version,
+    )
+
+
 class _Runner:
     def __init__(self, backbone: ClipBackbone, config: BenchConfig, out_dir: Path) -> None:
         check_world(backbone, config.world_version)
         self.backbone = backbone
         self.config = config
         self.out_dir = out_dir
-        self.tasks = WorldTasks(
-            backbone.image_size,
-            backbone.image_mean,
-            backbone.image_std,
-            pool_per_class=config.pool_per_class,
-            test_per_class=config.test_per_class,
-            retrieval_size=config.retrieval_size,
-            version=config.world_version,
-        )
+        self.tasks = world_tasks(backbone, config)
 
     def _model(
         self,

@@ -26,7 +26,7 @@ import torch
 
 from . import _io
 from .backbones.base import ClipBackbone
-from .benchmark import BenchConfig, run_benchmark, summarize
+from .benchmark import BenchConfig, run_benchmark, summarize, world_tasks
 from .data.tasks import TARGET_STYLES, WorldTasks
 
 __all__ = [
@@ -259,14 +259,7 @@ def calibration_benchmark(
     )
     raw = run_benchmark(backbone, config, out_dir, progress=progress)
     means, stds = summarize(raw)
-    tasks = WorldTasks(
-        backbone.image_size,
-        backbone.image_mean,
-        backbone.image_std,
-        pool_per_class=config.pool_per_class,
-        test_per_class=config.test_per_class,
-        version=config.world_version,
-    )
+    tasks = world_tasks(backbone, config)
     datasets = config.datasets or tasks.datasets()
     probes = {seed: {d: _probe_accuracy(backbone, tasks, d, config.k, seed) for d in datasets} for seed in seeds}
     interventions = intervention_preservation(backbone, tasks, retune=True)

@@ -14,7 +14,7 @@ from prompt_robust.data.tasks import WorldTasks
 
 torch.set_num_threads(1)
 
-from test_world import foreground_masks, normalised  # noqa: E402  (shared helpers of the v1 tests)
+from test_world import normalised  # noqa: E402  (shared helpers of the v1 tests)
 
 
 def test_v1_images_and_captions_are_unchanged_by_the_v2_additions():
@@ -48,7 +48,7 @@ def test_pattern_draws_come_after_the_v1_draws():
     for name in ("class_idx", "colour", "background", "style", "size", "x", "y", "angle", "texture_seed"):
         assert torch.equal(getattr(plain, name), getattr(patterned, name)), name
     assert len(set(patterned.pattern.tolist())) > 5
-    with pytest.raises(ValueError, match="unknown pattern 'stripy'.*Did you mean 'striped'"):
+    with pytest.raises(ValueError, match=r"unknown pattern 'stripy'.*Did you mean 'striped'"):
         world.sample_attributes(2, seed=0, patterns=("plain", "stripy"))
 
 
@@ -60,7 +60,9 @@ def test_fine_grained_shapes_are_distinguishable_at_48_pixels():
     config = world.WorldConfig(image_size=48, noise=0.0)
 
     def masks(seed):
-        attrs = world.sample_attributes(20 * k, seed, classes=shapes, styles=("photo",), class_idx=torch.arange(20 * k) % k)
+        attrs = world.sample_attributes(
+            20 * k, seed, classes=shapes, styles=("photo",), class_idx=torch.arange(20 * k) % k
+        )
         attrs = dataclasses.replace(attrs, size=torch.ones_like(attrs.size))  # large, as the polygons dataset
         one = dataclasses.replace(attrs, colour=torch.zeros_like(attrs.colour))
         two = dataclasses.replace(attrs, colour=torch.ones_like(attrs.colour))
@@ -78,7 +80,12 @@ def test_patterns_draw_the_second_colour_in_their_own_layout():
     config = world.WorldConfig(image_size=64, noise=0.0)
     n = len(world.PATTERNS)
     attrs = world.sample_attributes(
-        n, seed=4, classes=("square",), colours=("red",), styles=("photo",), patterns=world.PATTERNS,
+        n,
+        seed=4,
+        classes=("square",),
+        colours=("red",),
+        styles=("photo",),
+        patterns=world.PATTERNS,
         pattern=torch.arange(n),
     )
     attrs = dataclasses.replace(
@@ -226,13 +233,15 @@ def test_v2_tasks_are_deterministic_and_never_reuse_training_images():
         assert indices == again.base_to_new_train(k=2, seed=1, dataset=dataset)[1]
         assert torch.equal(train.pixel_values, again.base_to_new_train(k=2, seed=1, dataset=dataset)[0].pixel_values)
         base, new = tasks.base_to_new_test(dataset)
-        assert base.classnames == list(tasks.base_classes(dataset)) and new.classnames == list(tasks.new_classes(dataset))
+        assert base.classnames == list(tasks.base_classes(dataset)) and new.classnames == list(
+            tasks.new_classes(dataset)
+        )
         assert rows(tasks.base_to_new_pool(dataset)).isdisjoint(rows(base))
     assert tasks.cross_datasets() == [d for d in world_v2.DATASETS if d != "objects"]
     assert rows(tasks.dg_pool()).isdisjoint(rows(tasks.dg_source_test()))
     for data in tasks.dg_test().values():
         assert data.classnames == list(world.CLASSES)
-    with pytest.raises(ValueError, match="unknown world-2 dataset 'polygon'.*Did you mean 'polygons'"):
+    with pytest.raises(ValueError, match=r"unknown world-2 dataset 'polygon'.*Did you mean 'polygons'"):
         tasks.base_to_new_train(k=2, seed=1, dataset="polygon")
     with pytest.raises(ValueError, match="version must be 1 or 2"):
         WorldTasks(48, (0.5,) * 3, (0.25,) * 3, version=3)

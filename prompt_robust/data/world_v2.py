@@ -30,6 +30,7 @@ import random
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -406,43 +407,18 @@ class DatasetSpec:
         gen = torch.Generator().manual_seed(int(seed) + 17)
         style_idx = torch.full((n,), world.STYLES.index(style), dtype=torch.long)
         sizes = torch.tensor(self.sizes)[torch.randint(len(self.sizes), (n,), generator=gen)]
+        kwargs: dict[str, Any] = {"colours": self.colours, "style": style_idx}
         if self.label == "shape":
-            attrs = world.sample_attributes(
-                n,
-                seed,
-                classes=self.classes,
-                colours=self.colours,
-                backgrounds=self.backgrounds,
-                class_idx=labels,
-                style=style_idx,
-                background=background,
-            )
-        elif self.label == "background":
+            kwargs.update(classes=self.classes, backgrounds=self.backgrounds, class_idx=labels, background=background)
+        else:  # the label is the background or the pattern of a shape drawn from ``shapes``
             shape_idx = torch.randint(len(self.shapes), (n,), generator=gen)
-            attrs = world.sample_attributes(
-                n,
-                seed,
-                classes=self.shapes,
-                colours=self.colours,
-                backgrounds=self.classes,
-                class_idx=shape_idx,
-                style=style_idx,
-                background=labels,
-            )
-        else:
-            shape_idx = torch.randint(len(self.shapes), (n,), generator=gen)
-            attrs = world.sample_attributes(
-                n,
-                seed,
-                classes=self.shapes,
-                colours=self.colours,
-                backgrounds=self.backgrounds,
-                patterns=PATTERN_CLASSES,
-                class_idx=shape_idx,
-                style=style_idx,
-                background=background,
-                pattern=labels,
-            )
+            kwargs.update(classes=self.shapes, class_idx=shape_idx)
+            if self.label == "background":
+                kwargs.update(backgrounds=self.classes, background=labels)
+            else:
+                kwargs.update(backgrounds=self.backgrounds, background=background)
+                kwargs.update(patterns=PATTERN_CLASSES, pattern=labels)
+        attrs = world.sample_attributes(n, seed, **kwargs)
         return _with_sizes(attrs, sizes)
 
 
