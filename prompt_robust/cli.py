@@ -187,9 +187,9 @@ def _bench(args: argparse.Namespace) -> int:
         return _bench_refiner(args, refiner, seeds)
     if args.suite == "calibration":
         return _bench_calibration(args, seeds)
-    if args.suite == "mechanisms":
-        return _bench_mechanisms(args, refiner, seeds)
     others = {name: _json_option(getattr(args, f"{name}_config"), f"--{name}-config") for name in _JSON_ADDONS}
+    if args.suite == "mechanisms":
+        return _bench_mechanisms(args, refiner, others, seeds)
     if args.suite in _FEATURE_SUITES:
         return _bench_features(args, others, seeds)
     # --methods, when given, wins over the suite's list
@@ -257,7 +257,9 @@ def _bench_calibration(args: argparse.Namespace, seeds: list[int]) -> int:
     return 0
 
 
-def _bench_mechanisms(args: argparse.Namespace, refiner: dict[str, Any], seeds: list[int]) -> int:
+def _bench_mechanisms(
+    args: argparse.Namespace, refiner: dict[str, Any], others: dict[str, dict[str, Any]], seeds: list[int]
+) -> int:
     """Each add-on on a task where its premise holds: oracle headroom, learner, learner + add-on."""
     from .benchmark import BenchConfig
     from .mechanisms import format_mechanisms, mechanisms_benchmark
@@ -268,9 +270,11 @@ def _bench_mechanisms(args: argparse.Namespace, refiner: dict[str, Any], seeds: 
         _embedded_or_given(args.backbone),
         args.out,
         seeds=seeds,
+        suites=args.mechanisms,
         bench=dataclass_from_args(BenchConfig, args, seeds=seeds),
         learner=args.learner,
         refiner=refiner,
+        invariance=others["invariance"],
         progress=not args.quiet,
         command=_command_line(),
     )
@@ -465,6 +469,13 @@ def build_parser() -> argparse.ArgumentParser:
         "styles (a diagnostic); counterfactual-quality: validity and proximity of counterfactuals.",
     )
     bench.add_argument("--learner", default="coop", help="Learner of the refiner sweep and the mechanism suites.")
+    bench.add_argument(
+        "--mechanisms",
+        nargs="+",
+        default=["refiner", "invariance"],
+        choices=["refiner", "invariance"],
+        help="Which mechanism suites --suite mechanisms runs.",
+    )
     for name in _JSON_ADDONS:
         bench.add_argument(
             f"--{name}-config", help=f"Settings of the +{name} methods as a JSON object of config fields."

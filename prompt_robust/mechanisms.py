@@ -10,6 +10,13 @@ add-on's premise holds, then the learner and learner + add-on on the same data:
   (learner + refiner − learner) / (oracle − learner), on the test images; the target rule of the refiner is
   chosen on validation images (the pool's unused images), never on the test set.
 
+* invariance (ICM): the premise is that pairs of images differing only in a nuisance factor reveal the
+  directions to discard. Task: the domain-generalisation split (photo shots, unseen styles). Oracles: ICM fitted
+  on *true* twins rendered by the world (``WorldTasks.dg_twins``): the same photo with another colour,
+  background or geometry (``oracle_nuisance``), or in another style (``oracle_style``: the unseen styles
+  themselves, the most an intervention could know). Recovery = (ICM with the default interventions − plain
+  zero-shot) / (oracle − plain zero-shot) on the unseen-style average.
+
 Every run also reports diagnostics computed from what the add-on learned (the targets' label decodability, the
 agreement of generated offsets with the learner's own predictions, how well the label-free groups match the true
 ones).
@@ -33,7 +40,21 @@ from .config import RefinerConfig, RobustConfig
 from .data.tasks import TaskData
 from .model import wrap
 
-__all__ = ["REFINER_RULES", "format_mechanisms", "group_purity", "mechanisms_benchmark", "refiner_mechanism"]
+__all__ = [
+    "ICM_ORACLES",
+    "REFINER_RULES",
+    "format_mechanisms",
+    "group_purity",
+    "icm_mechanism",
+    "mechanisms_benchmark",
+    "refiner_mechanism",
+]
+
+#: the ICM oracles: name -> the twin factors whose pairs it is fitted on
+ICM_ORACLES: dict[str, tuple[str, ...]] = {
+    "oracle_nuisance": ("colour", "background", "geometry"),
+    "oracle_style": ("style",),
+}
 
 #: the refiner target rules compared by the suite
 REFINER_RULES: tuple[str, ...] = ("overfit", "group")
@@ -166,40 +187,59 @@ def refiner_mechanism(
     return out
 
 
+def icm_mechanism(setup: Any, seed: int) -> dict[str, Any]:
+    """One seed of the ICM suite: plain zero-shot, ICM with the configured interventions and ICM with each
+    oracle's true twins, every projection chosen by the same rule on held-out training images (see the module
+    docstring). ``setup``: the ICM suites' shared state (``invariance.bench._DGSetup``).
+
+    Returns:
+        ``{"zero_shot", "icm", <oracle>...: {style: acc, "avg"}, "chosen": {method: {"lam", "dim"}}}``.
+    """
+    from .data.tasks import TARGET_STYLES
+    from .invariance.features import InterventionalFeatures
+    from .invariance.predict import compare_predictors
+    from .learners.base import image_features_in_batches
+
+    feats = setup.features(seed)
+    _, indices = setup.tasks.dg_train(setup.k, seed)
+    candidates = {"icm": feats}
+    for oracle, factors in ICM_ORACLES.items():
+        intervened = [
+            image_features_in_batches(setup.learner, setup.tasks.dg_twins(indices, f, seed).pixel_values)
+            for f in factors
+        ]
+        candidates[oracle] = InterventionalFeatures(
+            feats.clean, torch.stack(intervened, dim=1), feats.labels, list(factors)
+        )
+    out: dict[str, Any] = {"chosen": {}}
+    for name, pairs in candidates.items():
+        icm, _ = setup.fit(pairs, seed)
+        scores = compare_predictors(
+            feats.clean, feats.labels, icm, setup.text, setup.tests, methods=("zero_shot", "icm_zero_shot")
+        )
+        for values in scores.values():
+            values["avg"] = statistics.fmean(values[s] for s in TARGET_STYLES)
+        out.setdefault("zero_shot", scores["zero_shot"])
+        out[name] = scores["icm_zero_shot"]
+        out["chosen"][name] = {"lam": float(icm.lam_relative), "dim": int(icm.dim)}
+    return out
+
+
 def _mean_std(values: Sequence[float]) -> dict[str, float]:
     return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
 
 
-def mechanisms_benchmark(
-    backbone: ClipBackbone,
-    out_dir: str | Path,
-    *,
-    seeds: Sequence[int] = (1, 2, 3),
-    bench: BenchConfig | None = None,
-    learner: str = "coop",
-    k: int = 4,
-    refiner: dict[str, Any] | None = None,
-    progress: bool = True,
-    command: str = "",
-) -> dict[str, Any]:
-    """Run the mechanism suites over seeds and write ``mechanisms.json`` and ``mechanisms.md``.
+SUITES: tuple[str, ...] = ("refiner", "invariance")
 
-    Every seed's result is saved as ``runs/mechanisms_refiner_seed<seed>.json`` and reused by a rerun with the same
-    settings (a changed setting is refused: delete the file or pick another ``out_dir``).
 
-    Returns:
-        ``{"refiner": {"seeds": {seed: result}, "summary": {method: {"val", "test"}}, "recovery", "choice"}}``.
-    """
+def _seeded(out_dir: Path, suite: str, seeds: Sequence[int], settings: dict[str, Any], run, progress: bool) -> dict:
+    """``{seed: run(seed)}``, each seed saved as ``runs/mechanisms_<suite>_seed<seed>.json`` and reused by a rerun
+    with the same settings (other settings are refused: nothing saved is silently reused or overwritten)."""
     from tqdm.auto import tqdm
 
-    started = time.time()
-    out_dir = Path(out_dir)
-    config = bench or BenchConfig()
-    runner = _Runner(backbone, config, out_dir)
-    settings = {"learner": learner, "k": k, "refiner": refiner or {}, "bench": config.to_dict()}
     per_seed = {}
-    for seed in tqdm(list(seeds), desc="refiner mechanism", disable=not progress):
-        path = out_dir / "runs" / f"mechanisms_refiner_seed{seed}.json"
+    for seed in tqdm(list(seeds), desc=f"{suite} mechanism", disable=not progress):
+        path = out_dir / "runs" / f"mechanisms_{suite}_seed{seed}.json"
         if path.is_file():
             saved = _io.read_json(path)
             if saved.get("settings") != settings:
@@ -209,20 +249,26 @@ def mechanisms_benchmark(
                 )
             per_seed[seed] = saved["result"]
             continue
-        result = refiner_mechanism(runner, seed, learner=learner, k=k, refiner=refiner)
-        _io.write_json(path, {"settings": settings, "result": result})
-        per_seed[seed] = result
+        per_seed[seed] = run(seed)
+        _io.write_json(path, {"settings": settings, "result": per_seed[seed]})
+    return per_seed
+
+
+def _refiner_summary(per_seed: dict[int, Any], seeds: Sequence[int], learner: str, k: int) -> dict[str, Any]:
     methods = ["learner", "oracle", *(f"refiner:{r}" for r in REFINER_RULES)]
     summary = {
         m: {split: _mean_std([per_seed[s][m][split] for s in seeds]) for split in ("val", "test")} for m in methods
     }
     # the rule is chosen on validation images; recovery is then read on the test images
     choice = max(REFINER_RULES, key=lambda r: summary[f"refiner:{r}"]["val"]["mean"])
-    recovery = {}
-    for rule in REFINER_RULES:
-        gains = [per_seed[s][f"refiner:{rule}"]["test"] - per_seed[s]["learner"]["test"] for s in seeds]
-        headroom = [per_seed[s]["oracle"]["test"] - per_seed[s]["learner"]["test"] for s in seeds]
-        recovery[rule] = statistics.fmean(gains) / statistics.fmean(headroom) if statistics.fmean(headroom) else 0.0
+    headroom = statistics.fmean(per_seed[s]["oracle"]["test"] - per_seed[s]["learner"]["test"] for s in seeds)
+    recovery = {
+        rule: statistics.fmean(per_seed[s][f"refiner:{rule}"]["test"] - per_seed[s]["learner"]["test"] for s in seeds)
+        / headroom
+        if headroom
+        else 0.0
+        for rule in REFINER_RULES
+    }
     diagnostics = {
         rule: {
             key: _mean_std([per_seed[s]["diagnostics"][rule][key] for s in seeds])
@@ -230,23 +276,107 @@ def mechanisms_benchmark(
         }
         for rule in REFINER_RULES
     }
-    result = {
-        "refiner": {
-            "learner": learner,
-            "k": k,
-            "summary": summary,
-            "recovery": recovery,
-            "choice": choice,
-            "diagnostics": diagnostics,
-            "seeds": {str(s): per_seed[s] for s in seeds},
-        },
-        "command": command,
-        "wall_seconds": round(time.time() - started),
-        "backbone": backbone.name,
+    return {
+        "learner": learner,
+        "k": k,
+        "summary": summary,
+        "recovery": recovery,
+        "choice": choice,
+        "diagnostics": diagnostics,
+        "seeds": {str(s): per_seed[s] for s in seeds},
     }
+
+
+def _icm_summary(per_seed: dict[int, Any], seeds: Sequence[int], preservation: dict[str, Any]) -> dict[str, Any]:
+    from .data.tasks import TARGET_STYLES
+
+    methods = ["zero_shot", "icm", *ICM_ORACLES]
+    keys = [*TARGET_STYLES, "avg"]
+    summary = {m: {key: _mean_std([per_seed[s][m][key] for s in seeds]) for key in keys} for m in methods}
+    plain = summary["zero_shot"]["avg"]["mean"]
+    recovery = {}
+    for oracle in ICM_ORACLES:
+        headroom = summary[oracle]["avg"]["mean"] - plain
+        recovery[oracle] = (summary["icm"]["avg"]["mean"] - plain) / headroom if headroom > 0 else None
+    return {
+        "summary": summary,
+        "recovery": recovery,
+        "preservation": preservation,
+        "seeds": {str(s): per_seed[s] for s in seeds},
+    }
+
+
+def mechanisms_benchmark(
+    backbone: ClipBackbone,
+    out_dir: str | Path,
+    *,
+    seeds: Sequence[int] = (1, 2, 3),
+    suites: Sequence[str] = SUITES,
+    bench: BenchConfig | None = None,
+    learner: str = "coop",
+    k: int = 4,
+    refiner: dict[str, Any] | None = None,
+    invariance: dict[str, Any] | None = None,
+    progress: bool = True,
+    command: str = "",
+) -> dict[str, Any]:
+    """Run the mechanism suites over seeds and write ``mechanisms.json`` and ``mechanisms.md``.
+
+    Every seed's result is saved under ``runs/`` and reused by a rerun with the same settings (a changed setting
+    is refused: delete the file or pick another ``out_dir``).
+
+    Args:
+        backbone: the CLIP (the embedded mini-CLIP in the CLI).
+        out_dir: output directory.
+        seeds: few-shot draws and initialisations.
+        suites: which of :data:`SUITES` to run.
+        bench: benchmark settings (learner schedules, pool and test sizes, ``k`` of the ICM suite's photo shots).
+        learner / k: the refiner suite's prompt learner and its shots per class and style.
+        refiner / invariance: config overrides of the add-ons (the refiner's ``targets`` is set per rule).
+        progress: show progress bars.
+        command: the command line, recorded in the outputs.
+
+    Returns:
+        ``{suite: {...}, "command", "wall_seconds", "backbone"}``.
+    """
+    from .config import InvarianceConfig
+
+    for suite in suites:
+        if suite not in SUITES:
+            from .config import unknown_name_error
+
+            raise unknown_name_error("mechanism suite", suite, SUITES)
+    started = time.time()
+    out_dir = Path(out_dir)
+    config = bench or BenchConfig()
+    result: dict[str, Any] = {}
+    if "refiner" in suites:
+        runner = _Runner(backbone, config, out_dir)
+        settings = {"learner": learner, "k": k, "refiner": refiner or {}, "bench": config.to_dict()}
+
+        def run_refiner(seed: int) -> dict[str, Any]:
+            return refiner_mechanism(runner, seed, learner=learner, k=k, refiner=refiner)
+
+        per_seed = _seeded(out_dir, "refiner", seeds, settings, run_refiner, progress)
+        result["refiner"] = _refiner_summary(per_seed, seeds, learner, k)
+    if "invariance" in suites:
+        from .calibration import intervention_preservation
+        from .invariance.bench import _DGSetup
+
+        icm_config = InvarianceConfig(**(invariance or {}))
+        setup = _DGSetup(backbone, icm_config, out_dir, config.k, config.test_per_class)
+        settings = {"invariance": icm_config.to_dict(), "k": config.k, "test_per_class": config.test_per_class}
+        per_seed = _seeded(out_dir, "invariance", seeds, settings, lambda seed: icm_mechanism(setup, seed), progress)
+        preservation = intervention_preservation(backbone, setup.tasks, icm_config.interventions)
+        result["invariance"] = _icm_summary(per_seed, seeds, preservation)
+    result.update(command=command, wall_seconds=round(time.time() - started), backbone=backbone.name)
     _io.write_json(out_dir / "mechanisms.json", result)
     (out_dir / "mechanisms.md").write_text(format_mechanisms(result) + "\n")
     return result
+
+
+def _cell(value: dict[str, float]) -> str:
+    return f"{100 * value['mean']:.1f} ± {100 * value['std']:.1f}"
 
 
 def format_mechanisms(result: dict[str, Any]) -> str:
@@ -256,30 +386,40 @@ def format_mechanisms(result: dict[str, Any]) -> str:
     if result.get("command"):
         lines += [f"Command: `{result['command']}`  ", f"Backbone: `{result.get('backbone', '')}`  "]
         lines += [f"Wall time: {result.get('wall_seconds', 0)} s", ""]
-    ref = result["refiner"]
-    lines += [
-        f"### Refiner: mixed styles ({ref['learner']}, {ref['k']} shots per class and style)",
-        "",
-        "| method | validation | test | recovered share of the oracle's test gain |",
-        "|---|---|---|---|",
-    ]
-    for method, row in ref["summary"].items():
-        rule = method.partition(":")[2]
-        share = f"{100 * ref['recovery'][rule]:.0f}%" if rule else ""
-        cells = [f"{100 * row[s]['mean']:.1f} ± {100 * row[s]['std']:.1f}" for s in ("val", "test")]
-        lines.append(f"| {method} | {cells[0]} | {cells[1]} | {share} |")
-    lines += [
-        "",
-        f"Rule chosen on validation: `{ref['choice']}`.",
-        "",
-        "| diagnostic | " + " | ".join(ref["diagnostics"]) + " |",
-    ]
-    lines.append("|---" * (len(ref["diagnostics"]) + 1) + "|")
-    keys = sorted({k for d in ref["diagnostics"].values() for k in d})
-    for key in keys:
-        cells = []
-        for rule in ref["diagnostics"]:
-            value = ref["diagnostics"][rule].get(key)
-            cells.append("" if value is None else f"{value['mean']:.3f} ± {value['std']:.3f}")
-        lines.append(f"| {key} | " + " | ".join(cells) + " |")
+    if "refiner" in result:
+        ref = result["refiner"]
+        lines += [
+            f"### Refiner: mixed styles ({ref['learner']}, {ref['k']} shots per class and style)",
+            "",
+            "| method | validation | test | recovered share of the oracle's test gain |",
+            "|---|---|---|---|",
+        ]
+        for method, row in ref["summary"].items():
+            rule = method.partition(":")[2]
+            share = f"{100 * ref['recovery'][rule]:.0f}%" if rule else ""
+            lines.append(f"| {method} | {_cell(row['val'])} | {_cell(row['test'])} | {share} |")
+        rules = list(ref["diagnostics"])
+        lines += ["", f"Rule chosen on validation: `{ref['choice']}`.", ""]
+        lines += ["| diagnostic | " + " | ".join(rules) + " |", "|---" * (len(rules) + 1) + "|"]
+        for key in sorted({k for d in ref["diagnostics"].values() for k in d}):
+            cells = []
+            for rule in rules:
+                value = ref["diagnostics"][rule].get(key)
+                cells.append("" if value is None else f"{value['mean']:.3f} ± {value['std']:.3f}")
+            lines.append(f"| {key} | " + " | ".join(cells) + " |")
+    if "invariance" in result:
+        icm = result["invariance"]
+        keys = list(next(iter(icm["summary"].values())))
+        lines += ["", "### Invariance (ICM): unseen styles, zero-shot with and without the projection", ""]
+        lines += ["| method | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+        for method, row in icm["summary"].items():
+            lines.append(f"| {method} | " + " | ".join(_cell(row[k]) for k in keys) + " |")
+        shares = ", ".join(
+            f"{oracle}: {'no headroom' if share is None else f'{100 * share:.0f}%'}"
+            for oracle, share in icm["recovery"].items()
+        )
+        lines += ["", f"Recovered share of each oracle's gain (unseen-style average): {shares}.", ""]
+        lines += ["| intervention | zero-shot on intervened / clean training photos |", "|---|---|"]
+        for name, value in icm["preservation"].items():
+            lines.append(f"| {name} | {value['ratio']:.2f} |")
     return "\n".join(lines)

@@ -50,7 +50,7 @@ def test_refiner_mechanism_suite_end_to_end(tmp_path):
     bench = BenchConfig(steps=2, k=1, pool_per_class=3, test_per_class=1, world_version=2, batch_size=8)
     refiner = {"hidden_dim": 16, "layers": 1, "heads": 2, "inner_steps": 1, "train_steps": 3, "train_batch_size": 8}
     result = mechanisms.mechanisms_benchmark(
-        backbone, tmp_path, seeds=[1], bench=bench, k=1, refiner=refiner, progress=False
+        backbone, tmp_path, seeds=[1], suites=["refiner"], bench=bench, k=1, refiner=refiner, progress=False
     )
     ref = result["refiner"]
     assert set(ref["summary"]) == {"learner", "oracle", "refiner:overfit", "refiner:group"}
@@ -66,7 +66,7 @@ def test_refiner_mechanism_suite_end_to_end(tmp_path):
     # a rerun with the same settings reads the saved seed; other settings are refused, not silently reused
     saved = (tmp_path / "runs" / "mechanisms_refiner_seed1.json").read_text()
     again = mechanisms.mechanisms_benchmark(
-        backbone, tmp_path, seeds=[1], bench=bench, k=1, refiner=refiner, progress=False
+        backbone, tmp_path, seeds=[1], suites=["refiner"], bench=bench, k=1, refiner=refiner, progress=False
     )
     assert json.dumps(again["refiner"]["summary"]) == json.dumps(ref["summary"])
     assert (tmp_path / "runs" / "mechanisms_refiner_seed1.json").read_text() == saved
@@ -74,3 +74,38 @@ def test_refiner_mechanism_suite_end_to_end(tmp_path):
         mechanisms.mechanisms_benchmark(
             backbone, tmp_path, seeds=[1], bench=bench, k=2, refiner=refiner, progress=False
         )
+
+
+def test_twins_change_exactly_one_factor():
+    tasks = WorldTasks(32, (0.5,) * 3, (0.5,) * 3, pool_per_class=3, version=2)
+    pool = tasks.dg_pool()
+    indices = [0, 4, 7, 30]
+    for factor in WorldTasks.TWIN_FACTORS:
+        twins = tasks.dg_twins(indices, factor, seed=1)
+        assert torch.equal(twins.labels, pool.labels[indices])
+        # every twin differs from its photo, and the same seed gives the same twins
+        assert ((twins.pixel_values - pool.pixel_values[indices]).abs().flatten(1).amax(1) > 0.1).all(), factor
+        assert torch.equal(tasks.dg_twins(indices, factor, seed=1).pixel_values, twins.pixel_values)
+    with pytest.raises(ValueError, match="Did you mean 'colour'"):
+        tasks.dg_twins(indices, "color")
+
+
+def test_icm_mechanism_suite_end_to_end(tmp_path):
+    backbone = make_backbone("hf")
+    bench = BenchConfig(k=2, test_per_class=2, world_version=2)
+    invariance = {"interventions": ["grayscale", "invert"], "lam_grid": [0.0, 1.0], "dim_fractions": [0.5, 1.0]}
+    result = mechanisms.mechanisms_benchmark(
+        backbone, tmp_path, seeds=[1, 2], suites=["invariance"], bench=bench, invariance=invariance, progress=False
+    )
+    icm = result["invariance"]
+    assert set(icm["summary"]) == {"zero_shot", "icm", *mechanisms.ICM_ORACLES}
+    assert set(icm["summary"]["icm"]) == {"sketch", "painting", "pixel", "avg"}
+    assert set(icm["preservation"]) == {"grayscale", "invert"}
+    for oracle, share in icm["recovery"].items():
+        headroom = icm["summary"][oracle]["avg"]["mean"] - icm["summary"]["zero_shot"]["avg"]["mean"]
+        if headroom > 0:
+            gain = icm["summary"]["icm"]["avg"]["mean"] - icm["summary"]["zero_shot"]["avg"]["mean"]
+            assert share == pytest.approx(gain / headroom)
+        else:
+            assert share is None
+    assert "### Invariance (ICM)" in (tmp_path / "mechanisms.md").read_text()

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from dataclasses import fields as dataclass_fields
 
 import torch
 from torch.utils.data import Dataset
@@ -165,15 +166,23 @@ class WorldTasks:
             self._cache[cache_key] = TaskData(self._render(attrs), labels, list(classes))
         return self._cache[cache_key]
 
+    @staticmethod
+    def _dataset_attrs(
+        name: str, classes: Sequence[str], per_class: int, style: str | None, seed: int
+    ) -> tuple[world.Attributes, torch.Tensor]:
+        """World 2: the attributes of ``per_class`` images of each of ``classes`` (a subset of dataset ``name``'s)
+        in ``style`` (None: the dataset's own), and their labels (indices into ``classes``)."""
+        spec = world_v2.DATASETS[name]
+        labels = torch.arange(len(classes)).repeat_interleave(per_class)
+        full = torch.tensor([spec.classes.index(c) for c in classes])[labels]  # indices into spec.classes
+        return spec.attributes(full, seed, style=style), labels
+
     def _dataset_set(self, name: str, classes: Sequence[str], per_class: int, style: str | None, seed: int) -> TaskData:
         """World 2: ``per_class`` images of each of ``classes`` (a subset of dataset ``name``'s) in ``style``
         (None: the dataset's own)."""
         cache_key = ("v2", name, tuple(classes), per_class, style, seed)
         if cache_key not in self._cache:
-            spec = world_v2.DATASETS[name]
-            labels = torch.arange(len(classes)).repeat_interleave(per_class)
-            full = torch.tensor([spec.classes.index(c) for c in classes])[labels]  # indices into spec.classes
-            attrs = spec.attributes(full, seed, style=style)
+            attrs, labels = self._dataset_attrs(name, classes, per_class, style, seed)
             self._cache[cache_key] = TaskData(self._render(attrs), labels, list(classes))
         return self._cache[cache_key]
 
@@ -242,6 +251,47 @@ class WorldTasks:
             return self._classes("dg_pool", world.CLASSES, self.pool_per_class, SOURCE_STYLE, _SEEDS["dg_pool"])
         seed = _DATASET_SEEDS[DG_DATASET]
         return self._dataset_set(DG_DATASET, self.dg_classes(), self.pool_per_class, SOURCE_STYLE, seed + 11)
+
+    #: factors a twin of a domain-generalisation photo can change (:meth:`dg_twins`)
+    TWIN_FACTORS: tuple[str, ...] = ("colour", "background", "geometry", "style")
+
+    def dg_twins(self, indices: Sequence[int], factor: str, seed: int = 0) -> TaskData:
+        """True interventions: the domain-generalisation pool's images ``indices`` rendered again with one factor
+        changed and everything else (class, pose, texture, noise) kept, aligned with ``dg_pool().subset(indices)``.
+
+        Factors: ``"colour"`` (another colour), ``"background"`` (another background of the dataset),
+        ``"geometry"`` (another size, position and rotation), ``"style"`` (another style: sketch, painting or
+        pixel; these are the unseen test styles, so style twins are an oracle's knowledge). The new values are
+        drawn from ``seed``.
+        """
+        if self.version == 1:
+            raise ValueError("twins exist on world 2 only; pass version=2 (world_version=2).")
+        if factor not in self.TWIN_FACTORS:
+            from ..config import unknown_name_error
+
+            raise unknown_name_error("twin factor", factor, self.TWIN_FACTORS)
+        seed_pool = _DATASET_SEEDS[DG_DATASET] + 11
+        attrs, labels = self._dataset_attrs(DG_DATASET, self.dg_classes(), self.pool_per_class, SOURCE_STYLE, seed_pool)
+        index = torch.as_tensor(list(indices), dtype=torch.long)
+        fields = {f.name: getattr(attrs, f.name) for f in dataclass_fields(attrs)}
+        picked = {k: v[index] if isinstance(v, torch.Tensor) else v for k, v in fields.items()}
+        attrs, labels = world.Attributes(**picked), labels[index]
+        n, gen = len(index), torch.Generator().manual_seed(int(seed) + 7)
+
+        def other(current: torch.Tensor, choices: int) -> torch.Tensor:
+            return (current + torch.randint(1, choices, (n,), generator=gen)) % choices  # uniform over the others
+
+        if factor == "colour":
+            attrs = replace(attrs, colour=other(attrs.colour, len(attrs.colours)))
+        elif factor == "background":
+            attrs = replace(attrs, background=other(attrs.background, len(attrs.backgrounds)))
+        elif factor == "style":
+            targets = torch.tensor([world.STYLES.index(s) for s in TARGET_STYLES])
+            attrs = replace(attrs, style=targets[torch.randint(len(targets), (n,), generator=gen)])
+        else:  # a fresh size, position and rotation (positions kept inside the image for their size)
+            fresh = world.sample_attributes(n, int(seed) + 11, classes=attrs.classes)
+            attrs = replace(attrs, size=fresh.size, x=fresh.x, y=fresh.y, angle=fresh.angle)
+        return TaskData(self._render(attrs), labels, list(self.dg_classes()))
 
     def dg_train(self, k: int, seed: int) -> tuple[TaskData, list[int]]:
         """``k`` shots per class of the domain-generalisation classes in the source style (photo)."""
