@@ -109,3 +109,19 @@ def test_icm_mechanism_suite_end_to_end(tmp_path):
         else:
             assert share is None
     assert "### Invariance (ICM)" in (tmp_path / "mechanisms.md").read_text()
+
+
+def test_spurious_twins_flip_one_factor_image_by_image():
+    tasks = WorldTasks(32, (0.5,) * 3, (0.5,) * 3, version=2)
+    train = tasks.spurious_train(20, seed=1)
+    n_bg = 2
+    background, label = train.groups % n_bg, train.groups // n_bg
+    flipped = tasks.spurious_twins(20, seed=1, factor="background")
+    assert torch.equal(flipped.labels, train.labels) and torch.equal(flipped.groups % n_bg, 1 - background)
+    swapped = tasks.spurious_twins(20, seed=1, factor="class")
+    assert torch.equal(swapped.labels, (label + 1) % len(train.classnames))
+    assert torch.equal(swapped.groups % n_bg, background)
+    # every twin differs from its image
+    assert not torch.equal(flipped.pixel_values, train.pixel_values)
+    with pytest.raises(ValueError, match="Did you mean 'class'"):
+        tasks.spurious_twins(20, seed=1, factor="classes")

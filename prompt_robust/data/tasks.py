@@ -399,9 +399,8 @@ class WorldTasks:
         groups = self.spurious_group(labels, background)
         return TaskData(self._render(attrs), labels, list(SPURIOUS_CLASSES), groups, self.spurious_group_names())
 
-    def spurious_train(self, n_per_class: int, seed: int) -> TaskData:
-        """``n_per_class`` images per class; a fraction ``SPURIOUS_MAJORITY`` on the class's habitat (exactly
-        rounded, so the correlation is the same for every seed)."""
+    @staticmethod
+    def _spurious_train_factors(n_per_class: int) -> tuple[torch.Tensor, torch.Tensor]:
         labels = torch.arange(len(SPURIOUS_CLASSES)).repeat_interleave(n_per_class)
         n_minority = round(n_per_class * (1 - SPURIOUS_MAJORITY))
         habitat = torch.tensor([SPURIOUS_BACKGROUNDS.index(world.habitat(c)) for c in SPURIOUS_CLASSES])
@@ -409,6 +408,29 @@ class WorldTasks:
         for c in range(len(SPURIOUS_CLASSES)):
             start = c * n_per_class
             background[start : start + n_minority] = 1 - habitat[c]
+        return labels, background
+
+    def spurious_train(self, n_per_class: int, seed: int) -> TaskData:
+        """``n_per_class`` images per class; a fraction ``SPURIOUS_MAJORITY`` on the class's habitat (exactly
+        rounded, so the correlation is the same for every seed)."""
+        labels, background = self._spurious_train_factors(n_per_class)
+        return self._spurious_set(labels, background, _SEEDS["spurious_train"] + 1000 * seed)
+
+    def spurious_twins(self, n_per_class: int, seed: int, factor: str = "background") -> TaskData:
+        """True counterfactuals of ``spurious_train(n_per_class, seed)``, image by image: the same scene (pose,
+        colour, texture, noise) with the other background (``"background"``: the spurious factor changes, the
+        class is kept) or with another class (``"class"``: the next class of ``SPURIOUS_CLASSES``, the background
+        is kept). Labels and groups are the twins' own."""
+        if factor not in ("background", "class"):
+            from ..config import unknown_name_error
+
+            raise unknown_name_error("spurious twin factor", factor, ("background", "class"))
+        labels, background = self._spurious_train_factors(n_per_class)
+        if factor == "background":
+            background = 1 - background
+        else:
+            labels = (labels + 1) % len(SPURIOUS_CLASSES)
+        # the world draws every other attribute independently of the explicit class and background
         return self._spurious_set(labels, background, _SEEDS["spurious_train"] + 1000 * seed)
 
     def spurious_test(self) -> TaskData:
