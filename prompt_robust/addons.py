@@ -131,6 +131,24 @@ def learner_feature_dim(learner: nn.Module) -> int:
     return int(dim)
 
 
+def learner_logit_scale(learner: nn.Module, addon: str, backbone: Any = None) -> torch.Tensor | float:
+    """The similarity scale of the learner's logits: its backbone's ``logit_scale`` (``backbone``: the one found
+    before, else searched), else a ``logit_scale`` attribute of the learner (a custom learner without a
+    ClipBackbone)."""
+    from .backbones.base import find_backbone
+
+    backbone = backbone if backbone is not None else find_backbone(learner)
+    if backbone is not None:
+        return backbone.logit_scale
+    scale = getattr(learner, "logit_scale", None)
+    if scale is None:
+        raise ValueError(
+            f"{type(learner).__name__} holds no ClipBackbone, so the {addon} add-on does not know the logit scale; "
+            "set a `logit_scale` attribute (float or 0-dim tensor) on the learner."
+        )
+    return scale
+
+
 #: add-on name (the ``RobustConfig`` field) -> implementation
 ADDONS: dict[str, type[RobustAddon]] = {}
 

@@ -379,6 +379,13 @@ def test_combines_with_the_refiner(bb, train_data, batch):
         ({"cond_dropout": 0.0}, "never trains the marginal"),
         ({"depth": -1}, "depth must be an integer >= 0"),
         ({"train_lr": 0.0}, "train_lr must be > 0"),
+        ({"twin": "attributes"}, "Did you mean 'attribute'"),
+        ({"twin": "attribute"}, "needs attribute_values: at least 2 distinct words"),
+        ({"twin": "attribute", "attribute_values": ["grass", "grass"]}, "at least 2 distinct"),
+        (
+            {"twin": "attribute", "attribute_values": ["a", "b"], "attribute_templates": ["x"]},
+            "placeholder",
+        ),
     ],
 )
 def test_bad_configs_raise_clear_value_errors(fields, pattern):
@@ -398,7 +405,7 @@ def test_extra_loss_before_prepare_says_to_prepare(bb, batch):
     _, model = build(bb, "coop")
     assert not model.addons["counterfactual"].ready
     model.train()
-    with pytest.raises(RuntimeError, match=r"untrained.*model\.prepare_addons\(train_data\)"):
+    with pytest.raises(RuntimeError, match=r"feature flow is not fitted.*model\.prepare_addons\(train_data\)"):
         model(**batch)
     model(batch["pixel_values"])  # predicting needs no counterfactual (no labels, no loss)
 
@@ -512,3 +519,100 @@ def test_save_and_load_give_identical_counterfactuals_and_loss(prepared, bb, bat
     finally:
         with torch.no_grad():  # the module-wide model is shared: restore its prompt
             learner.ctx.sub_(0.1 * torch.randn(learner.ctx.shape, generator=torch.Generator().manual_seed(0)))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 5. attribute twins: the nuisance changes, the class is kept
+
+
+def _attribute_world(d: int = 16, seed: int = 0):
+    """Features = class direction + attribute direction (+ noise); 90% of class c carry attribute c % 2."""
+    g = torch.Generator().manual_seed(seed)
+    basis = torch.linalg.qr(torch.randn(d, d, generator=g))[0]
+    labels = torch.arange(4).repeat_interleave(20)
+    attributes = labels % 2
+    attributes[::10] = 1 - attributes[::10]  # the minority: 10% on the other value
+    features = 2.0 * basis[labels] + 1.0 * basis[8 + attributes] + 0.01 * torch.randn(80, d, generator=g)
+    return basis, labels, attributes, features
+
+
+def test_attribute_offsets_recover_the_attribute_directions_without_the_class(bb, monkeypatch):
+    basis, labels, attributes, features = _attribute_world(bb.embed_dim)
+    from prompt_robust.debias import pseudo
+
+    # a zero-shot attribute classifier that reads the attribute exactly
+    monkeypatch.setattr(pseudo, "attribute_text_features", lambda *args, **kwargs: basis[8:10].clone())
+    _, model = build(bb, "coop", twin="attribute", attribute_values=["grass", "water"])
+    addon = model.addons["counterfactual"]
+    logs = addon.fit_attribute_offsets(features, labels)
+    assert addon.ready and logs["counterfactual/attribute_share/water"] == pytest.approx(0.5)
+    z = F.normalize(features, dim=-1)
+    twins, read, targets = addon.attribute_twins(z)
+    assert torch.equal(read, attributes) and torch.equal(targets, 1 - attributes)
+    # the exact twin: the same class direction with the other attribute
+    exact = F.normalize(2.0 * basis[labels] + 1.0 * basis[8 + (1 - attributes)], dim=-1)
+    assert (twins * exact).sum(-1).min() > 0.98
+    # the offsets carry no class: plain means of the values would (class and attribute are correlated)
+    o = addon.attribute_offsets
+    assert ((o[1] - o[0]) @ basis[:4].t()).abs().max() < 0.05
+    plain = z[attributes == 1].mean(0) - z[attributes == 0].mean(0)
+    assert (plain @ basis[:4].t()).abs().max() > 0.2
+
+
+def _split_by_sign(monkeypatch, d: int) -> None:
+    """A zero-shot attribute classifier that reads the sign of a fixed direction (the random test backbone
+    names no attribute)."""
+    from prompt_robust.debias import pseudo
+
+    v = F.normalize(torch.randn(d, generator=torch.Generator().manual_seed(5)), dim=0)
+    monkeypatch.setattr(pseudo, "attribute_text_features", lambda *args, **kwargs: torch.stack([v, -v]))
+
+
+def test_attribute_twin_loss_is_the_twins_cross_entropy_and_reaches_the_prompt(bb, train_data, batch, monkeypatch):
+    _split_by_sign(monkeypatch, bb.embed_dim)
+    learner, model = build(bb, "coop", twin="attribute", attribute_values=["grass", "water"])
+    model.prepare_addons(train_data, progress=False)
+    addon = model.addons["counterfactual"]
+    assert addon.ready and not addon.flow.ready  # no feature flow is trained for attribute twins
+    model.train()
+    torch.manual_seed(3)
+    out = model(**batch)
+    assert {"counterfactual/loss", "counterfactual/kept_class", "counterfactual/attribute_flipped"} <= set(out.logs)
+    # ground truth: the same twins (same random targets) through the learner's class text features
+    torch.manual_seed(3)
+    z = learner.image_features(batch["pixel_values"])
+    twins, _, _ = addon.attribute_twins(z)
+    text = learner(batch["pixel_values"]).text_features
+    expected = F.cross_entropy(bb.logit_scale * twins @ text.t(), batch["labels"])
+    assert out.logs["counterfactual/loss"] == pytest.approx(float(expected.detach()), rel=1e-5)
+    learner.zero_grad()
+    out.loss.backward()
+    assert learner.ctx.grad is not None and learner.ctx.grad.abs().sum() > 0
+    assert all(p.grad is None for p in bb.parameters())
+
+
+def test_attribute_twins_survive_save_and_load(bb, train_data, batch, tmp_path, monkeypatch):
+    _split_by_sign(monkeypatch, bb.embed_dim)
+    _, model = build(bb, "coop", twin="attribute", attribute_values=["grass", "water"])
+    model.prepare_addons(train_data, progress=False)
+    model.save_pretrained(tmp_path / "adapter")
+    loaded = pr.RobustPromptModel.from_pretrained(tmp_path / "adapter", backbone=bb)
+    a, b = model.addons["counterfactual"], loaded.addons["counterfactual"]
+    assert b.ready
+    z = a.learner.image_features(batch["pixel_values"])
+    targets = torch.tensor([1, 0, 1, 0])
+    torch.testing.assert_close(a.attribute_twins(z, targets)[0], b.attribute_twins(z, targets)[0], atol=0, rtol=0)
+
+
+def test_an_attribute_value_nobody_has_is_refused(bb, monkeypatch):
+    basis, labels, _, features = _attribute_world(bb.embed_dim)
+    from prompt_robust.debias import pseudo
+
+    # a classifier that reads every image as the first value
+    monkeypatch.setattr(
+        pseudo, "attribute_text_features", lambda *a, **k: torch.stack([basis[8] + basis[9], -basis[8]])
+    )
+    _, model = build(bb, "coop", twin="attribute", attribute_values=["grass", "lava"])
+    with pytest.raises(ValueError, match=r"no training image is read as \['lava'\]"):
+        model.addons["counterfactual"].fit_attribute_offsets(features, labels)
+    assert not model.addons["counterfactual"].ready

@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..addons import RobustAddon, learner_feature_dim, register_addon
+from ..addons import RobustAddon, learner_feature_dim, learner_logit_scale, register_addon
+from ..backbones.base import find_backbone
 from ..config import CounterfactualConfig
 from ..data.items import ordered_loader
 from .feature_flow import FeatureFlow, fit_feature_flow
@@ -92,14 +93,95 @@ class CounterfactualRegularizer(RobustAddon):
         self.flow = FeatureFlow(feature_dim, num_classes, config.hidden_dim, config.depth).to(device)
         self.flow.requires_grad_(False)
         self.generator = CounterfactualGenerator.from_config(self.flow, config)
+        if config.twin == "attribute":
+            n_values = len(config.attribute_values)
+            self.__dict__["backbone"] = find_backbone(learner)  # a plain reference, never saved here
+            learner_logit_scale(learner, self.name, self.__dict__["backbone"])  # refuse an unknown scale now
+            # the zero-shot attribute classifier and each value's class-centred mean feature (saved with the adapter)
+            self.register_buffer("attribute_text", torch.zeros(n_values, feature_dim, device=device))  # (A, d)
+            self.register_buffer("attribute_offsets", torch.zeros(n_values, feature_dim, device=device))  # (A, d)
+            self.register_buffer("attribute_fitted", torch.zeros((), dtype=torch.bool, device=device))
         self.stage = "prompt"
         self._warned_no_grad = False
         self.last_proximity: torch.Tensor | None = None  # (b, K) λ of the latest counterfactuals
 
     @property
     def ready(self) -> bool:
-        """True once the feature flow is trained (by :meth:`prepare` or loaded with an adapter)."""
+        """True once the twin generator is fitted (by :meth:`prepare` or loaded with an adapter): the feature
+        flow (``twin="class"``) or the attribute offsets (``twin="attribute"``)."""
+        if self.config.twin == "attribute":
+            return bool(self.attribute_fitted)
         return self.flow.ready
+
+    # -- attribute twins ---------------------------------------------------------------------------------------
+    def attribute_twins(
+        self, features: torch.Tensor, targets: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Counterfactuals that change the nuisance attribute and keep everything else (``twin="attribute"``).
+
+        Each feature's attribute ``a`` is read by the zero-shot attribute classifier; its twin moves by the
+        difference of the class-centred mean features of the values, ``z' = normalize(z - o_a + o_a')``, towards
+        ``targets`` (default: a uniformly drawn other value).
+
+        Args:
+            features: ``(b, d)`` factual image features.
+            targets: ``(b,)`` target values (indices into ``attribute_values``), or None.
+
+        Returns:
+            ``(twins (b, d), attributes (b,), targets (b,))``.
+        """
+        self._check_ready()
+        from ..debias.pseudo import classify_attributes
+
+        z = F.normalize(features.detach().float(), dim=-1)  # (b, d)
+        attributes, _ = classify_attributes(z, self.attribute_text)
+        n_values = self.attribute_offsets.shape[0]
+        if targets is None:
+            shift = torch.randint(1, n_values, attributes.shape, device=attributes.device)
+            targets = (attributes + shift) % n_values  # uniform over the other values
+        offsets = self.attribute_offsets.float()
+        twins = F.normalize(z - offsets[attributes] + offsets[targets], dim=-1)
+        return twins, attributes, targets
+
+    @torch.no_grad()
+    def fit_attribute_offsets(self, features: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+        """Pseudo-label the training features' attribute (zero-shot, ``attribute_values``) and store each value's
+        class-centred mean ``o_a = mean_c (mu_{c,a} - mu_c)`` over the classes that have it: the attribute's own
+        part of a feature, with the class's removed (the class and the attribute are correlated in the data
+        this add-on is for, so plain value means would also move the class)."""
+        from ..debias.pseudo import attribute_text_features, classify_attributes
+
+        config = self.config
+        text = attribute_text_features(self.learner, config.attribute_values, config.attribute_templates)
+        z = F.normalize(features.float(), dim=-1)  # (N, d)
+        attributes, _ = classify_attributes(z, text)
+        n_values, n_classes = len(config.attribute_values), int(labels.max()) + 1
+        offsets = torch.zeros(n_values, z.shape[1])
+        counts = torch.zeros(n_values)
+        for c in range(n_classes):
+            members = labels == c
+            if not members.any():
+                continue
+            centre = z[members].mean(0)
+            for a in range(n_values):
+                cell = members & (attributes == a)
+                if cell.any():
+                    offsets[a] += z[cell].mean(0) - centre
+                    counts[a] += 1
+        missing = [config.attribute_values[a] for a in range(n_values) if counts[a] == 0]
+        if missing:
+            raise ValueError(
+                f"no training image is read as {missing} by zero-shot CLIP, so there is no example of what that "
+                "value looks like; check attribute_values (e.g. 'water background' instead of 'water') and "
+                "attribute_templates, or use twin='class'."
+            )
+        self.attribute_text.copy_(text.to(self.attribute_text))
+        self.attribute_offsets.copy_((offsets / counts.unsqueeze(1)).to(self.attribute_offsets))
+        self.attribute_fitted.fill_(True)
+        logs = {"counterfactual/num_features": float(len(z))}
+        for a, value in enumerate(config.attribute_values):
+            logs[f"counterfactual/attribute_share/{value}"] = float((attributes == a).float().mean())
+        return logs
 
     # -- counterfactuals ---------------------------------------------------------------------------------------
     def counterfactuals(
@@ -155,10 +237,11 @@ class CounterfactualRegularizer(RobustAddon):
 
     def _check_ready(self) -> None:
         if not self.ready:
+            what = "attribute offsets are" if self.config.twin == "attribute" else "feature flow is"
             raise RuntimeError(
-                "the counterfactual add-on's feature flow is untrained. Call model.prepare_addons(train_data) before "
-                "training the prompt (it fits a generative model of the training image features), or load an "
-                "adapter saved after that."
+                f"the counterfactual add-on's {what} not fitted. Call model.prepare_addons(train_data) before "
+                "training the prompt (it fits the counterfactual generator on the training image features), or "
+                "load an adapter saved after that."
             )
 
     # -- the add-on hook ---------------------------------------------------------------------------------------
@@ -175,6 +258,8 @@ class CounterfactualRegularizer(RobustAddon):
                 "(batch, n_classes, d), so the regularizer's gradient reaches the prompt."
             )
         self._check_ready()
+        if self.config.twin == "attribute":
+            return self._attribute_loss(batch, text)
         labels = batch["labels"]
         num_classes = self.flow.num_classes
         if text.dim() not in (2, 3) or text.shape[-2] != num_classes:
@@ -219,6 +304,29 @@ class CounterfactualRegularizer(RobustAddon):
             }
         return self.config.weight * loss, logs
 
+    def _attribute_loss(self, batch: Mapping[str, Any], text: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """Cross-entropy of the attribute twins' logits with the factual labels: the prompt must keep classifying
+        an image as its class when only the nuisance attribute changes."""
+        labels = batch["labels"]
+        z = self.learner.image_features(batch["pixel_values"]).detach().float()  # (b, d)
+        with torch.no_grad():
+            twins, attributes, targets = self.attribute_twins(z)  # (b, d)
+        text = text.float()
+        if text.dim() == 2:
+            logits = twins @ text.t()  # (b, C)
+        else:
+            logits = torch.einsum("bd,bcd->bc", twins, text)  # per-sample classifiers
+        scale = learner_logit_scale(self.learner, self.name, self.__dict__["backbone"])
+        logits = logits * scale
+        loss = F.cross_entropy(logits, labels)
+        logs = {
+            "counterfactual/loss": float(loss.detach()),
+            # the share of twins the current prompt still assigns to their (kept) class
+            "counterfactual/kept_class": float((logits.detach().argmax(-1) == labels).float().mean()),
+            "counterfactual/attribute_flipped": float((attributes != targets).float().mean()),
+        }
+        return self.config.weight * loss, logs
+
     # -- fitting -----------------------------------------------------------------------------------------------
     @torch.no_grad()
     def dataset_features(self, dataset: Any, *, progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
@@ -253,6 +361,8 @@ class CounterfactualRegularizer(RobustAddon):
         """Train the feature flow on the training set's frozen image features (cached in ``cache_dir``)."""
         config = self.config
         features, labels = self.dataset_features(dataset, progress=progress)
+        if config.twin == "attribute":
+            return self.fit_attribute_offsets(features, labels)
         result = fit_feature_flow(
             self.flow,
             features,

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..addons import RobustAddon, register_addon
+from ..addons import RobustAddon, learner_logit_scale, register_addon
 from ..backbones.base import find_backbone
 from ..config import InvarianceConfig
 from .features import interventional_features
@@ -72,11 +72,7 @@ class InvariantProjection(RobustAddon):
                 f"cannot tell the feature size of {type(learner).__name__}: it holds no prompt_robust ClipBackbone. "
                 "Set an int attribute `feature_dim` on the learner."
             )
-        if backbone is None and getattr(learner, "logit_scale", None) is None:
-            raise ValueError(
-                f"{type(learner).__name__} holds no ClipBackbone, so the invariance add-on does not know the logit "
-                "scale to keep; set a `logit_scale` attribute (float or 0-dim tensor) on the learner."
-            )
+        learner_logit_scale(learner, self.name, backbone)  # refuses a learner without a known scale, now
         d = int(d)
         if config.dim is not None and config.dim > d:
             raise ValueError(
@@ -122,8 +118,7 @@ class InvariantProjection(RobustAddon):
             self.fitted.fill_(True)
 
     def _logit_scale(self) -> torch.Tensor | float:
-        backbone = self.__dict__["backbone"]
-        return backbone.logit_scale if backbone is not None else self.learner.logit_scale
+        return learner_logit_scale(self.learner, self.name, self.__dict__["backbone"])
 
     # -- add-on hook -------------------------------------------------------------------------------------------
     def projected_logits(self, image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
