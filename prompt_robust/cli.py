@@ -274,6 +274,7 @@ def _bench_mechanisms(
         bench=dataclass_from_args(BenchConfig, args, seeds=seeds),
         learner=args.learner,
         refiner=refiner,
+        counterfactual=others["counterfactual"],
         invariance=others["invariance"],
         progress=not args.quiet,
         command=_command_line(),
@@ -472,8 +473,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--mechanisms",
         nargs="+",
-        default=["refiner", "invariance"],
-        choices=["refiner", "invariance"],
+        default=["refiner", "counterfactual", "invariance"],
+        choices=["refiner", "counterfactual", "invariance"],
         help="Which mechanism suites --suite mechanisms runs.",
     )
     for name in _JSON_ADDONS:

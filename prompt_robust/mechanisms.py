@@ -10,6 +10,13 @@ add-on's premise holds, then the learner and learner + add-on on the same data:
   (learner + refiner − learner) / (oracle − learner), on the test images; the target rule of the refiner is
   chosen on validation images (the pool's unused images), never on the test set.
 
+* counterfactual: the premise is that images differing only in a nuisance factor exist and the prompt should
+  treat them alike. Task: the spurious task (95% of each class on its habitat background). Oracle: the learner
+  trained on the training images *and* their true twins rendered with the other background
+  (``WorldTasks.spurious_twins``). Compared: the paper's class counterfactuals (``twin="class"``) and attribute
+  twins (``twin="attribute"``: the background changed by the class-centred attribute offsets, the class kept).
+  Recovery = (learner + counterfactual − learner) / (oracle − learner) in worst-group test accuracy; the twin
+  design is compared on a separate balanced validation set (``WorldTasks.spurious_val``).
 * invariance (ICM): the premise is that pairs of images differing only in a nuisance factor reveal the
   directions to discard. Task: the domain-generalisation split (photo shots, unseen styles). Oracles: ICM fitted
   on *true* twins rendered by the world (``WorldTasks.dg_twins``): the same photo with another colour,
@@ -41,14 +48,19 @@ from .data.tasks import TaskData
 from .model import wrap
 
 __all__ = [
+    "COUNTERFACTUAL_TWINS",
     "ICM_ORACLES",
     "REFINER_RULES",
+    "counterfactual_mechanism",
     "format_mechanisms",
     "group_purity",
     "icm_mechanism",
     "mechanisms_benchmark",
     "refiner_mechanism",
 ]
+
+#: the counterfactual designs compared by the suite (``CounterfactualConfig.twin``)
+COUNTERFACTUAL_TWINS: tuple[str, ...] = ("class", "attribute")
 
 #: the ICM oracles: name -> the twin factors whose pairs it is fitted on
 ICM_ORACLES: dict[str, tuple[str, ...]] = {
@@ -187,6 +199,89 @@ def refiner_mechanism(
     return out
 
 
+def _worst_and_avg(model, data: TaskData) -> dict[str, float]:
+    from .eval.metrics import per_group_accuracy, worst_group_accuracy
+
+    predictions = _outputs(model, data)[0]
+    groups = per_group_accuracy(predictions, data.labels, data.groups)
+    return {"avg": float((predictions == data.labels).float().mean()), "worst_group": worst_group_accuracy(groups)}
+
+
+def counterfactual_mechanism(
+    runner: _Runner,
+    seed: int,
+    *,
+    learner: str = "coop",
+    counterfactual: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """One seed of the counterfactual suite on the spurious task (see the module docstring).
+
+    Returns:
+        ``{"learner", "oracle", "counterfactual:<twin>": {"val": {...}, "test": {...}}, "diagnostics": {...}}``,
+        each split with ``avg`` and ``worst_group``.
+    """
+    from .config import CounterfactualConfig
+    from .data.tasks import SPURIOUS_BACKGROUNDS, TaskData
+    from .debias.pseudo import classify_attributes
+    from .learners.base import image_features_in_batches
+
+    tasks, n = runner.tasks, runner.config.spurious_per_class
+    train = tasks.spurious_train(n, seed)
+    twins = tasks.spurious_twins(n, seed, "background")
+    val, test = tasks.spurious_val(), tasks.spurious_test()
+    classes = train.classnames
+
+    def scores(model) -> dict[str, Any]:
+        return {"val": _worst_and_avg(model, val), "test": _worst_and_avg(model, test)}
+
+    base = runner._model(learner, [], classes, seed)
+    runner._train(base, train, seed)
+    out: dict[str, Any] = {"learner": scores(base)}
+    oracle = runner._model(learner, [], classes, seed)
+    both = TaskData(
+        torch.cat([train.pixel_values, twins.pixel_values]),
+        torch.cat([train.labels, twins.labels]),
+        list(classes),
+        torch.cat([train.groups, twins.groups]),
+        train.group_names,
+    )
+    runner._train(oracle, both, seed)
+    out["oracle"] = scores(oracle)
+    out["diagnostics"] = {}
+    for twin in COUNTERFACTUAL_TWINS:
+        settings = {**(counterfactual or {}), "twin": twin}
+        if twin == "attribute":
+            settings.setdefault("attribute_values", list(SPURIOUS_BACKGROUNDS))
+        model = wrap(
+            _fresh_learner(runner, learner, classes, seed),
+            RobustConfig(counterfactual=CounterfactualConfig(**settings)),
+        )
+        runner._train(model, train, seed)
+        out[f"counterfactual:{twin}"] = scores(model)
+        if twin == "attribute":
+            # what the generated twins changed, against the true twins of the same images
+            addon = model.addons["counterfactual"]
+            z = image_features_in_batches(model.learner, train.pixel_values)
+            true = image_features_in_batches(model.learner, twins.pixel_values)
+            generated, read, targets = addon.attribute_twins(z)
+            background = train.groups % len(SPURIOUS_BACKGROUNDS)
+            zero_shot = model.learner.fixed_text_features([f"a photo of a {c}." for c in classes])
+            out["diagnostics"][twin] = {
+                "attribute_read_correctly": float((read == background).float().mean()),
+                "twin_attribute_flipped": float(
+                    (classify_attributes(generated, addon.attribute_text)[0] == targets).float().mean()
+                ),
+                "twin_class_kept": float(((generated @ zero_shot.t()).argmax(-1) == train.labels).float().mean()),
+                "cosine_to_true_twin": float((generated * true).sum(-1).mean()),
+                "factual_cosine_to_true_twin": float((z * true).sum(-1).mean()),
+            }
+    return out
+
+
+def _fresh_learner(runner: _Runner, learner: str, classes: Sequence[str], seed: int):
+    return runner._model(learner, [], classes, seed).learner
+
+
 def icm_mechanism(setup: Any, seed: int) -> dict[str, Any]:
     """One seed of the ICM suite: plain zero-shot, ICM with the configured interventions and ICM with each
     oracle's true twins, every projection chosen by the same rule on held-out training images (see the module
@@ -229,7 +324,7 @@ def _mean_std(values: Sequence[float]) -> dict[str, float]:
     return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
 
 
-SUITES: tuple[str, ...] = ("refiner", "invariance")
+SUITES: tuple[str, ...] = ("refiner", "counterfactual", "invariance")
 
 
 def _seeded(out_dir: Path, suite: str, seeds: Sequence[int], settings: dict[str, Any], run, progress: bool) -> dict:
@@ -287,6 +382,37 @@ def _refiner_summary(per_seed: dict[int, Any], seeds: Sequence[int], learner: st
     }
 
 
+def _counterfactual_summary(per_seed: dict[int, Any], seeds: Sequence[int], learner: str) -> dict[str, Any]:
+    methods = ["learner", "oracle", *(f"counterfactual:{t}" for t in COUNTERFACTUAL_TWINS)]
+    summary = {
+        m: {
+            f"{split}/{metric}": _mean_std([per_seed[s][m][split][metric] for s in seeds])
+            for split in ("val", "test")
+            for metric in ("avg", "worst_group")
+        }
+        for m in methods
+    }
+    choice = max(COUNTERFACTUAL_TWINS, key=lambda t: summary[f"counterfactual:{t}"]["val/worst_group"]["mean"])
+    plain = summary["learner"]["test/worst_group"]["mean"]
+    headroom = summary["oracle"]["test/worst_group"]["mean"] - plain
+    recovery = {
+        t: (summary[f"counterfactual:{t}"]["test/worst_group"]["mean"] - plain) / headroom if headroom > 0 else None
+        for t in COUNTERFACTUAL_TWINS
+    }
+    diagnostics = {
+        twin: {key: _mean_std([per_seed[s]["diagnostics"][twin][key] for s in seeds]) for key in values}
+        for twin, values in per_seed[seeds[0]]["diagnostics"].items()
+    }
+    return {
+        "learner": learner,
+        "summary": summary,
+        "recovery": recovery,
+        "choice": choice,
+        "diagnostics": diagnostics,
+        "seeds": {str(s): per_seed[s] for s in seeds},
+    }
+
+
 def _icm_summary(per_seed: dict[int, Any], seeds: Sequence[int], preservation: dict[str, Any]) -> dict[str, Any]:
     from .data.tasks import TARGET_STYLES
 
@@ -316,6 +442,7 @@ def mechanisms_benchmark(
     learner: str = "coop",
     k: int = 4,
     refiner: dict[str, Any] | None = None,
+    counterfactual: dict[str, Any] | None = None,
     invariance: dict[str, Any] | None = None,
     progress: bool = True,
     command: str = "",
@@ -332,7 +459,8 @@ def mechanisms_benchmark(
         suites: which of :data:`SUITES` to run.
         bench: benchmark settings (learner schedules, pool and test sizes, ``k`` of the ICM suite's photo shots).
         learner / k: the refiner suite's prompt learner and its shots per class and style.
-        refiner / invariance: config overrides of the add-ons (the refiner's ``targets`` is set per rule).
+        refiner / counterfactual / invariance: config overrides of the add-ons (the refiner's ``targets`` and the
+            counterfactual's ``twin`` are set per variant).
         progress: show progress bars.
         command: the command line, recorded in the outputs.
 
@@ -359,6 +487,15 @@ def mechanisms_benchmark(
 
         per_seed = _seeded(out_dir, "refiner", seeds, settings, run_refiner, progress)
         result["refiner"] = _refiner_summary(per_seed, seeds, learner, k)
+    if "counterfactual" in suites:
+        runner = _Runner(backbone, config, out_dir)
+        settings = {"learner": learner, "counterfactual": counterfactual or {}, "bench": config.to_dict()}
+
+        def run_counterfactual(seed: int) -> dict[str, Any]:
+            return counterfactual_mechanism(runner, seed, learner=learner, counterfactual=counterfactual)
+
+        per_seed = _seeded(out_dir, "counterfactual", seeds, settings, run_counterfactual, progress)
+        result["counterfactual"] = _counterfactual_summary(per_seed, seeds, learner)
     if "invariance" in suites:
         from .calibration import intervention_preservation
         from .invariance.bench import _DGSetup
@@ -407,6 +544,22 @@ def format_mechanisms(result: dict[str, Any]) -> str:
                 value = ref["diagnostics"][rule].get(key)
                 cells.append("" if value is None else f"{value['mean']:.3f} ± {value['std']:.3f}")
             lines.append(f"| {key} | " + " | ".join(cells) + " |")
+    if "counterfactual" in result:
+        cf = result["counterfactual"]
+        keys = list(next(iter(cf["summary"].values())))
+        lines += ["", f"### Counterfactual: spurious task ({cf['learner']}), average and worst group", ""]
+        lines += ["| method | " + " | ".join(keys) + " | recovered share of the oracle's worst-group gain |"]
+        lines.append("|---" * (len(keys) + 2) + "|")
+        for method, row in cf["summary"].items():
+            twin = method.partition(":")[2]
+            share = cf["recovery"].get(twin) if twin else None
+            cell = "" if not twin else ("no headroom" if share is None else f"{100 * share:.0f}%")
+            lines.append(f"| {method} | " + " | ".join(_cell(row[k]) for k in keys) + f" | {cell} |")
+        lines += ["", f"Twin design chosen on validation (worst group): `{cf['choice']}`."]
+        for twin, values in cf["diagnostics"].items():
+            lines += ["", f"Diagnostics of the {twin} twins (training images):", ""]
+            lines += ["| diagnostic | value |", "|---|---|"]
+            lines += [f"| {k} | {v['mean']:.3f} ± {v['std']:.3f} |" for k, v in values.items()]
     if "invariance" in result:
         icm = result["invariance"]
         keys = list(next(iter(icm["summary"].values())))

@@ -125,3 +125,39 @@ def test_spurious_twins_flip_one_factor_image_by_image():
     assert not torch.equal(flipped.pixel_values, train.pixel_values)
     with pytest.raises(ValueError, match="Did you mean 'class'"):
         tasks.spurious_twins(20, seed=1, factor="classes")
+
+
+def test_counterfactual_mechanism_suite_end_to_end(tmp_path, monkeypatch):
+    from prompt_robust.debias import pseudo
+
+    backbone = make_backbone("hf")
+    # the random test backbone names no background: read the sign of a fixed direction instead
+    v = torch.nn.functional.normalize(
+        torch.randn(backbone.embed_dim, generator=torch.Generator().manual_seed(5)), dim=0
+    )
+    monkeypatch.setattr(pseudo, "attribute_text_features", lambda *args, **kwargs: torch.stack([v, -v]))
+    bench = BenchConfig(steps=2, k=1, test_per_class=2, spurious_per_class=20, world_version=2, batch_size=8)
+    counterfactual = {"hidden_dim": 16, "depth": 1, "train_steps": 3, "train_batch_size": 8}
+    result = mechanisms.mechanisms_benchmark(
+        backbone,
+        tmp_path,
+        seeds=[1],
+        suites=["counterfactual"],
+        bench=bench,
+        counterfactual=counterfactual,
+        progress=False,
+    )
+    cf = result["counterfactual"]
+    assert set(cf["summary"]) == {"learner", "oracle", "counterfactual:class", "counterfactual:attribute"}
+    assert set(cf["summary"]["oracle"]) == {"val/avg", "val/worst_group", "test/avg", "test/worst_group"}
+    assert cf["choice"] in mechanisms.COUNTERFACTUAL_TWINS
+    diagnostics = cf["diagnostics"]["attribute"]
+    assert set(diagnostics) == {
+        "attribute_read_correctly",
+        "twin_attribute_flipped",
+        "twin_class_kept",
+        "cosine_to_true_twin",
+        "factual_cosine_to_true_twin",
+    }
+    assert all(0.0 <= v["mean"] <= 1.0 for k, v in diagnostics.items() if "cosine" not in k)
+    assert "### Counterfactual" in (tmp_path / "mechanisms.md").read_text()

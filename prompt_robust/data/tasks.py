@@ -433,6 +433,17 @@ class WorldTasks:
         # the world draws every other attribute independently of the explicit class and background
         return self._spurious_set(labels, background, _SEEDS["spurious_train"] + 1000 * seed)
 
+    def spurious_val(self, per_group: int = 20) -> TaskData:
+        """A validation set for choices on the spurious task: every (class, background) group with ``per_group``
+        images, rendered from its own seed (neither the training sets' nor the test set's)."""
+        key = ("spurious_val", per_group)
+        if key not in self._cache:
+            n_bg = len(SPURIOUS_BACKGROUNDS)
+            labels = torch.arange(len(SPURIOUS_CLASSES)).repeat_interleave(n_bg * per_group)
+            background = torch.arange(n_bg).repeat_interleave(per_group).repeat(len(SPURIOUS_CLASSES))
+            self._cache[key] = self._spurious_set(labels, background, _SEEDS["spurious_test"] + 50_000)
+        return self._cache[key]
+
     def spurious_test(self) -> TaskData:
         """Every (class, background) group with ``test_per_class`` images."""
         key = ("spurious_test", self.test_per_class)
