@@ -12,7 +12,9 @@ from prompt_robust.pretrain import PretrainConfig, _Contrastive, _RenderBatch
 def _collate(**kwargs):
     tokenizer = build_clip_tokenizer([" ".join(world.corpus_words())])
     backbone = tiny_clip_backbone(tokenizer, context_length=32)
-    return _RenderBatch(PretrainConfig(**{"world_version": 1, "image_size": 32, **kwargs}), backbone.tokenize), backbone
+    return _RenderBatch(
+        PretrainConfig(**{"world_version": 1, "image_size": 32, "patch_size": 8, **kwargs}), backbone.tokenize
+    ), backbone
 
 
 def test_a_batch_is_a_pure_function_of_its_indices():
