@@ -6,7 +6,8 @@ add-on's premise holds, then the learner and learner + add-on on the same data:
 
 * refiner: the premise is that the best prompt depends on the image. Task: the domain-generalisation classes
   in all four styles, in training and test (``WorldTasks.styled_train`` / ``styled_test``). Oracle: the learner's
-  prompt trained further on each style's training images, applied by the test image's true style. Recovery =
+  prompt trained further on each style's training images (for 0 or :data:`ORACLE_EPOCHS` epochs, chosen on that
+  style's validation images), applied by the test image's true style. Recovery =
   (learner + refiner − learner) / (oracle − learner), on the test images; the target rule of the refiner is
   chosen on validation images (the pool's unused images), never on the test set.
 
@@ -32,6 +33,8 @@ ones).
 from __future__ import annotations
 
 import copy
+import dataclasses
+import math
 import statistics
 import time
 from collections.abc import Sequence
@@ -46,6 +49,7 @@ from .benchmark import BenchConfig, _accuracy, _outputs, _Runner
 from .config import RefinerConfig, RobustConfig
 from .data.tasks import TaskData
 from .model import wrap
+from .training import fit
 
 __all__ = [
     "COUNTERFACTUAL_TWINS",
@@ -67,6 +71,9 @@ ICM_ORACLES: dict[str, tuple[str, ...]] = {
     "oracle_nuisance": ("colour", "background", "geometry"),
     "oracle_style": ("style",),
 }
+
+#: fine-tuning lengths (epochs) the per-style oracle chooses from on validation, besides 0 (the learner's prompt)
+ORACLE_EPOCHS: tuple[int, ...] = (5, 20, 80)
 
 #: the refiner target rules compared by the suite
 REFINER_RULES: tuple[str, ...] = ("overfit", "group")
@@ -148,6 +155,7 @@ def refiner_mechanism(
     runner._save_split("styled", seed, indices)
     val = _validation(tasks, indices, val_per_class, seed)
     test = tasks.styled_test()
+    splits = (("val", val), ("test", test))
     classes = tasks.dg_classes()
 
     base = runner._model(learner, [], classes, seed)
@@ -156,20 +164,36 @@ def refiner_mechanism(
         "learner": {"val": _accuracy(base, val), "test": _accuracy(base, test), "groups": _per_group(base, test)}
     }
 
-    # oracle: the learned prompt trained further on each style's images, used on that style's images
+    # oracle: the learned prompt trained further on each style's images, used on that style's images; how long
+    # it trains (0 epochs: the learner's own prompt) is chosen on that style's validation images
     correct = {"val": 0, "test": 0}
     groups: dict[str, float] = {}
+    epochs_chosen: dict[str, int] = {}
     for g, style in enumerate(test.group_names or []):
-        oracle = copy.deepcopy(base)
         subset = train.subset((train.groups == g).nonzero().flatten().tolist())
-        runner._train(oracle, subset, seed)
-        for split, data in (("val", val), ("test", test)):
-            members = (data.groups == g).nonzero().flatten().tolist()
-            part = data.subset(members)
-            correct[split] += round(_accuracy(oracle, part) * len(part))
+        parts = {split: data.subset((data.groups == g).nonzero().flatten().tolist()) for split, data in splits}
+        best = (_accuracy(base, parts["val"]), 0, base)
+        for epochs in ORACLE_EPOCHS:
+            oracle = copy.deepcopy(base)
+            config = runner._fit_config(learner, len(subset), seed)
+            per_epoch = math.ceil(len(subset) / config.batch_size)
+            fit(oracle, subset, dataclasses.replace(config, steps=epochs * per_epoch, warmup_steps=per_epoch))
+            score = _accuracy(oracle, parts["val"])
+            if score > best[0]:
+                best = (score, epochs, oracle)
+        chosen = best[2]
+        epochs_chosen[style] = best[1]
+        for split, part in parts.items():
+            accuracy = _accuracy(chosen, part)
+            correct[split] += round(accuracy * len(part))
             if split == "test":
-                groups[style] = _accuracy(oracle, part)
-    out["oracle"] = {"val": correct["val"] / len(val), "test": correct["test"] / len(test), "groups": groups}
+                groups[style] = accuracy
+    out["oracle"] = {
+        "val": correct["val"] / len(val),
+        "test": correct["test"] / len(test),
+        "groups": groups,
+        "epochs": epochs_chosen,
+    }
 
     out["diagnostics"] = {}
     for rule in REFINER_RULES:
