@@ -36,7 +36,7 @@ def test_bench_writes_every_output_and_resumes(backbone_dir, tmp_path, capsys):
     assert "base_to_new" in printed and "sanity checks" in printed
     results = json.loads((out / "results.json").read_text())
     assert sorted(results) == sorted([*TASKS, "base_to_new_datasets"])  # world 2: five datasets, averaged
-    datasets = ["objects", "polygons", "textures", "gadgets", "paints"]
+    datasets = ["objects", "polygons", "textures", "gadgets", "scenes"]
     assert set(results["base_to_new_datasets"]["coop"]) == {f"{d}/{m}" for d in datasets for m in ("base", "new", "hm")}
     run = json.loads((out / "results_seeds.json").read_text())["per_seed"]["coop"]["1"]
     b2n, per = run["base_to_new"], run["base_to_new_datasets"]

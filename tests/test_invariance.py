@@ -394,7 +394,7 @@ def test_addon_errors(hf_backbone, images):
         ({"intervention_params": {"posterize": 5}}, "map intervention names to dicts"),
         ({"interventions": ["invert"], "intervention_params": {"posterize": {"bits": 5}}}, "not in interventions"),
         ({"intervention_params": {"posterize": {"bit": 5}}}, r"unknown parameters \['bit'\]; posterize accepts"),
-        ({"intervention_params": {"invert": {"strength": 1}}}, "invert accepts no parameters"),
+        ({"interventions": ["invert"], "intervention_params": {"invert": {"strength": 1}}}, "invert accepts no param"),
     ],
 )
 def test_config_validation(kwargs, match):
