@@ -616,3 +616,11 @@ def test_an_attribute_value_nobody_has_is_refused(bb, monkeypatch):
     with pytest.raises(ValueError, match=r"no training image is read as \['lava'\]"):
         model.addons["counterfactual"].fit_attribute_offsets(features, labels)
     assert not model.addons["counterfactual"].ready
+
+
+def test_auto_twin_uses_attribute_twins_exactly_when_the_attribute_is_named(bb):
+    assert build(bb, "coop")[1].addons["counterfactual"].twin == "class"
+    named = build(bb, "coop", attribute_values=["grass", "water"])[1].addons["counterfactual"]
+    assert named.twin == "attribute" and hasattr(named, "attribute_offsets")
+    with pytest.raises(ValueError, match="at least 2 distinct"):
+        pr.CounterfactualConfig(attribute_values=["grass"])

@@ -93,7 +93,10 @@ class CounterfactualRegularizer(RobustAddon):
         self.flow = FeatureFlow(feature_dim, num_classes, config.hidden_dim, config.depth).to(device)
         self.flow.requires_grad_(False)
         self.generator = CounterfactualGenerator.from_config(self.flow, config)
-        if config.twin == "attribute":
+        # "auto": attribute twins when the user names the nuisance attribute (they measured best on validation,
+        # docs/counterfactual.md), else the paper's class counterfactuals
+        self.twin = config.twin if config.twin != "auto" else ("attribute" if config.attribute_values else "class")
+        if self.twin == "attribute":
             n_values = len(config.attribute_values)
             self.__dict__["backbone"] = find_backbone(learner)  # a plain reference, never saved here
             learner_logit_scale(learner, self.name, self.__dict__["backbone"])  # refuse an unknown scale now
@@ -109,7 +112,7 @@ class CounterfactualRegularizer(RobustAddon):
     def ready(self) -> bool:
         """True once the twin generator is fitted (by :meth:`prepare` or loaded with an adapter): the feature
         flow (``twin="class"``) or the attribute offsets (``twin="attribute"``)."""
-        if self.config.twin == "attribute":
+        if self.twin == "attribute":
             return bool(self.attribute_fitted)
         return self.flow.ready
 
@@ -237,7 +240,7 @@ class CounterfactualRegularizer(RobustAddon):
 
     def _check_ready(self) -> None:
         if not self.ready:
-            what = "attribute offsets are" if self.config.twin == "attribute" else "feature flow is"
+            what = "attribute offsets are" if self.twin == "attribute" else "feature flow is"
             raise RuntimeError(
                 f"the counterfactual add-on's {what} not fitted. Call model.prepare_addons(train_data) before "
                 "training the prompt (it fits the counterfactual generator on the training image features), or "
@@ -258,7 +261,7 @@ class CounterfactualRegularizer(RobustAddon):
                 "(batch, n_classes, d), so the regularizer's gradient reaches the prompt."
             )
         self._check_ready()
-        if self.config.twin == "attribute":
+        if self.twin == "attribute":
             return self._attribute_loss(batch, text)
         labels = batch["labels"]
         num_classes = self.flow.num_classes
@@ -361,7 +364,7 @@ class CounterfactualRegularizer(RobustAddon):
         """Train the feature flow on the training set's frozen image features (cached in ``cache_dir``)."""
         config = self.config
         features, labels = self.dataset_features(dataset, progress=progress)
-        if config.twin == "attribute":
+        if self.twin == "attribute":
             return self.fit_attribute_offsets(features, labels)
         result = fit_feature_flow(
             self.flow,
