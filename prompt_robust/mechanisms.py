@@ -100,13 +100,13 @@ def group_purity(found: torch.Tensor, truth: torch.Tensor) -> float:
     return hits / len(found)
 
 
-def _per_group(model, data: TaskData) -> dict[str, float]:
-    predictions = _outputs(model, data)[0]
-    out = {}
-    for g, name in enumerate(data.group_names or []):
-        members = data.groups == g
-        out[name] = float((predictions[members] == data.labels[members]).float().mean())
-    return out
+def _scored(model, val: TaskData, test: TaskData) -> tuple[dict[str, Any], torch.Tensor]:
+    """``{"val", "test", "groups": {group: test accuracy}}`` and the test predictions, from one pass over each
+    set (a refined model's forward is the suite's most expensive step)."""
+    predictions = _outputs(model, test)[0]
+    correct = predictions == test.labels
+    groups = {name: float(correct[test.groups == g].float().mean()) for g, name in enumerate(test.group_names or [])}
+    return {"val": _accuracy(model, val), "test": float(correct.float().mean()), "groups": groups}, predictions
 
 
 def _validation(tasks, train_indices: Sequence[int], per_class_style: int, seed: int) -> TaskData:
@@ -160,9 +160,8 @@ def refiner_mechanism(
 
     base = runner._model(learner, [], classes, seed)
     runner._train(base, train, seed)
-    out: dict[str, Any] = {
-        "learner": {"val": _accuracy(base, val), "test": _accuracy(base, test), "groups": _per_group(base, test)}
-    }
+    out: dict[str, Any] = {}
+    out["learner"], predictions = _scored(base, val, test)  # the learner's test predictions, for the diagnostics
 
     # oracle: the learned prompt trained further on each style's images, used on that style's images; how long
     # it trains (0 epochs: the learner's own prompt) is chosen on that style's validation images
@@ -181,13 +180,10 @@ def refiner_mechanism(
             score = _accuracy(oracle, parts["val"])
             if score > best[0]:
                 best = (score, epochs, oracle)
-        chosen = best[2]
-        epochs_chosen[style] = best[1]
-        for split, part in parts.items():
-            accuracy = _accuracy(chosen, part)
-            correct[split] += round(accuracy * len(part))
-            if split == "test":
-                groups[style] = accuracy
+        val_accuracy, epochs_chosen[style], chosen = best
+        groups[style] = _accuracy(chosen, parts["test"])
+        correct["val"] += round(val_accuracy * len(parts["val"]))
+        correct["test"] += round(groups[style] * len(parts["test"]))
     out["oracle"] = {
         "val": correct["val"] / len(val),
         "test": correct["test"] / len(test),
@@ -202,7 +198,7 @@ def refiner_mechanism(
         cache = runner.out_dir / "cache"
         model.fit_addons(train, seed=seed, cache_dir=cache, progress=False)
         name = f"refiner:{rule}"
-        out[name] = {"val": _accuracy(model, val), "test": _accuracy(model, test), "groups": _per_group(model, test)}
+        out[name] = _scored(model, val, test)[0]
         addon = model.addons["refiner"]
         targets = addon.build_targets(train, cache_dir=cache, progress=False, seed=seed)  # cached: no recompute
         flat = torch.cat([targets.deltas[s].flatten(1) for s in addon.sites], dim=1)  # (N, D)
@@ -211,7 +207,6 @@ def refiner_mechanism(
             cond = base.learner.image_features(test.pixel_values)
             generated = addon.sample_offsets(cond)
             generated = torch.cat([(addon.scale(s) * generated[s]).flatten(1) for s in addon.sites], dim=1)
-        predictions = _outputs(base, test)[0]
         diagnostics = {
             "label_decodability": label_decodability(flat, train.labels),
             "prediction_agreement": prediction_agreement(flat, train.labels, generated, predictions),
