@@ -279,18 +279,22 @@ class _Runner:
         path = self.out_dir / "splits" / f"{name}_k{self.config.k}_seed{seed}.json"
         save_split(path, indices, meta={"task": name, "k": self.config.k, "seed": seed}, overwrite=True)
 
+    def base_to_new_model(self, learner_name: str, addons: list[str], dataset: str, seed: int) -> RobustPromptModel:
+        """The model trained on ``dataset``'s base-class shots of ``seed`` (split saved under ``splits/``)."""
+        train, indices = self.tasks.base_to_new_train(self.config.k, seed, dataset)
+        self._save_split("base_to_new" if self.config.world_version == 1 else f"base_to_new_{dataset}", seed, indices)
+        template = self.tasks.template(dataset)
+        model = self._model(learner_name, addons, self.tasks.base_classes(dataset), seed, template=template)
+        self._train(model, train, seed)
+        return model
+
     def run(self, method: str, seed: int) -> dict[str, dict[str, float]]:
         learner_name, addons = parse_method(method)
         tasks, results = self.config.tasks, {}
         if "base_to_new" in tasks:
             per_dataset = {}
             for dataset in self.config.datasets or self.tasks.datasets():
-                train, indices = self.tasks.base_to_new_train(self.config.k, seed, dataset)
-                split = "base_to_new" if self.config.world_version == 1 else f"base_to_new_{dataset}"
-                self._save_split(split, seed, indices)
-                classes, template = self.tasks.base_classes(dataset), self.tasks.template(dataset)
-                model = self._model(learner_name, addons, classes, seed, template=template)
-                self._train(model, train, seed)
+                model = self.base_to_new_model(learner_name, addons, dataset, seed)
                 base_test, new_test = self.tasks.base_to_new_test(dataset)
                 base = _accuracy(model, base_test)
                 model.learner.set_classnames(self.tasks.new_classes(dataset))

@@ -65,10 +65,7 @@ def steps_sweep(
         # {(solver, steps): {metric: [value per dataset]}}: base-to-new is averaged over the datasets
         scores: dict[tuple[str, int], dict[str, list[float]]] = {}
         for dataset in datasets:
-            train, indices = runner.tasks.base_to_new_train(config.k, seed, dataset)
-            runner._save_split("base_to_new" if len(datasets) == 1 else f"base_to_new_{dataset}", seed, indices)
-            model = runner._model(learner, ["refiner"], runner.tasks.base_classes(dataset), seed)
-            runner._train(model, train, seed)
+            model = runner.base_to_new_model(learner, ["refiner"], dataset, seed)
             refiner = model.addons["refiner"]
             base_test, new_test = runner.tasks.base_to_new_test(dataset)
             for method in methods:
