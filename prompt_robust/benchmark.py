@@ -139,10 +139,14 @@ class BenchConfig(ConfigMixin):
         return schedule
 
     def addon_settings(self, name: str, attribute_values: Sequence[str] = world.BACKGROUNDS) -> dict[str, Any]:
-        """The settings of add-on ``name``; the debias add-on names the spurious attribute with
-        ``attribute_values`` (the task's backgrounds) unless its settings do."""
+        """The settings of add-on ``name``; the debias add-on, and the counterfactual add-on unless its twins are
+        ``"class"`` twins, name the nuisance attribute with ``attribute_values`` (the task's backgrounds; empty:
+        the task has none, and the counterfactual add-on uses class twins, the debias add-on the world's
+        backgrounds) unless their settings do."""
         settings = dict(getattr(self, name))
-        if name == "debias":
+        if name == "debias":  # its pseudo-labels need words even where the label is the background (scenes)
+            settings = {"attribute_values": list(attribute_values or world.BACKGROUNDS), **settings}
+        elif name == "counterfactual" and settings.get("twin", "auto") != "class" and attribute_values:
             settings = {"attribute_values": list(attribute_values), **settings}
         return settings
 
@@ -284,7 +288,9 @@ class _Runner:
         train, indices = self.tasks.base_to_new_train(self.config.k, seed, dataset)
         self._save_split("base_to_new" if self.config.world_version == 1 else f"base_to_new_{dataset}", seed, indices)
         template = self.tasks.template(dataset)
-        model = self._model(learner_name, addons, self.tasks.base_classes(dataset), seed, template=template)
+        model = self._model(
+            learner_name, addons, self.tasks.base_classes(dataset), seed, self.tasks.nuisance_values(dataset), template
+        )
         self._train(model, train, seed)
         return model
 

@@ -479,9 +479,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--mechanisms",
         nargs="+",
-        default=["refiner", "counterfactual", "invariance"],
-        choices=["refiner", "counterfactual", "invariance"],
-        help="Which mechanism suites --suite mechanisms runs.",
+        default=["refiner", "refiner-tpt", "counterfactual", "invariance"],
+        choices=["refiner", "refiner-tpt", "counterfactual", "invariance"],
+        help="Which mechanism suites --suite mechanisms runs (refiner-tpt: the refiner's label-free targets on "
+        "domain generalisation, against test-time prompt tuning applied to every test image).",
     )
     for name in _JSON_ADDONS:
         bench.add_argument(

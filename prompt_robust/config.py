@@ -92,7 +92,9 @@ class RefinerConfig(ConfigMixin):
     Targets (``targets``): ``inner_steps`` normalised gradient steps, each of length ``inner_lr`` times the RMS of
     the learned prompt, of one prompt per training sample on its own loss (``"overfit"``, the paper's) or of one
     prompt per label-free group of training images (``"group"``, ``num_groups`` k-means groups of the image
-    features minus their class mean). Generator training: ``train_steps`` of flow matching, then optionally
+    features minus their class mean) or of one prompt per training sample on the marginal entropy of its
+    ``entropy_keep`` most confident of ``entropy_views`` augmented views (``"entropy"``, test-time prompt tuning's
+    label-free rule, which means the same on a test image). Generator training: ``train_steps`` of flow matching, then optionally
     ``joint_steps`` with the task loss through the sampler (plus ``fm_weight`` x flow matching).
     """
 
@@ -109,9 +111,12 @@ class RefinerConfig(ConfigMixin):
     targets: str = help_field(
         "overfit",
         "How a training sample's target prompt is made: overfit (its own prompt, steps on its own loss: the "
-        "paper's) or group (one prompt per label-free group of similar-looking training images).",
+        "paper's), group (one prompt per label-free group of similar-looking training images) or entropy (its own "
+        "prompt, steps on the marginal entropy of its augmented views, without its label, as test-time prompt tuning).",
     )
     num_groups: int = help_field(4, "Groups of training images of targets='group' (k-means, seeded).")
+    entropy_views: int = help_field(64, "Augmented views per image of targets='entropy' (the first is the image).")
+    entropy_keep: float = help_field(0.1, "Fraction of the views, the most confident, targets='entropy' keeps.")
     inner_steps: int = help_field(5, "Gradient steps of each target prompt (per sample or per group).")
     inner_lr: float = help_field(0.05, "Length of each target-prompt step, relative to the prompt's RMS.")
     target_batch_size: int = help_field(32, "Samples per batch when computing the overfitted targets.")
@@ -124,7 +129,7 @@ class RefinerConfig(ConfigMixin):
     fm_weight: float = help_field(1.0, "Weight of the flow-matching term in the joint stage.")
 
     SOLVERS: ClassVar[tuple[str, ...]] = ("euler", "midpoint", "rk4")
-    TARGETS: ClassVar[tuple[str, ...]] = ("overfit", "group")
+    TARGETS: ClassVar[tuple[str, ...]] = ("overfit", "group", "entropy")
 
     def __post_init__(self) -> None:
         _check(
@@ -137,6 +142,10 @@ class RefinerConfig(ConfigMixin):
             raise unknown_name_error("refiner target rule", self.targets, self.TARGETS)
         for name in ("num_samples", "hidden_dim", "layers", "heads", "inner_steps", "target_batch_size", "num_groups"):
             _check(getattr(self, name) >= 1, f"{name} must be >= 1; got {getattr(self, name)!r}.")
+        _check(
+            self.entropy_views >= 2, f"entropy_views must be >= 2 (the image and a view); got {self.entropy_views!r}."
+        )
+        _check(0 < self.entropy_keep <= 1, f"entropy_keep must be a fraction in (0, 1]; got {self.entropy_keep!r}.")
         _check(self.hidden_dim % self.heads == 0, f"hidden_dim ({self.hidden_dim}) must be a multiple of heads.")
         for name in ("train_steps", "joint_steps"):
             _check(getattr(self, name) >= 0, f"{name} must be >= 0; got {getattr(self, name)!r}.")

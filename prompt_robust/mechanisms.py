@@ -11,6 +11,13 @@ add-on's premise holds, then the learner and learner + add-on on the same data:
   (learner + refiner − learner) / (oracle − learner), on the test images; the target rule of the refiner is
   chosen on validation images (the pool's unused images), never on the test set.
 
+* refiner-tpt: the premise of a *label-free* per-image prompt (test-time prompt tuning's): the prompt that makes
+  an image's augmented views agree helps on unseen styles. Task: domain generalisation (photo shots, unseen
+  styles). Oracle: that rule applied to every test image itself (``refiner.targets.entropy_prompts``, the
+  refiner's ``"entropy"`` targets, here 3 steps of relative length 0.25, chosen on unused training photos): the
+  most a refiner that amortises the rule could gain. Compared: the refiner trained on those label-free targets
+  and the paper's overfitted ones. Recovery on the unseen-style average.
+
 * counterfactual: the premise is that images differing only in a nuisance factor exist and the prompt should
   treat them alike. Task: the spurious task (95% of each class on its habitat background). Oracle: the learner
   trained on the training images *and* their true twins rendered with the other background
@@ -55,12 +62,14 @@ __all__ = [
     "COUNTERFACTUAL_TWINS",
     "ICM_ORACLES",
     "REFINER_RULES",
+    "TPT_RULES",
     "counterfactual_mechanism",
     "format_mechanisms",
     "group_purity",
     "icm_mechanism",
     "mechanisms_benchmark",
     "refiner_mechanism",
+    "refiner_tpt_mechanism",
 ]
 
 #: the counterfactual designs compared by the suite (``CounterfactualConfig.twin``)
@@ -77,6 +86,12 @@ ORACLE_EPOCHS: tuple[int, ...] = (5, 20, 80)
 
 #: the refiner target rules compared by the suite
 REFINER_RULES: tuple[str, ...] = ("overfit", "group")
+
+#: the label-free (test-time prompt tuning) rule of the refiner-tpt suite: RefinerConfig fields
+TPT_RULE: dict[str, Any] = {"targets": "entropy", "inner_steps": 3, "inner_lr": 0.25}
+
+#: the refiner target rules the refiner-tpt suite trains: name -> RefinerConfig overrides
+TPT_RULES: dict[str, dict[str, Any]] = {"entropy": TPT_RULE, "overfit": {"targets": "overfit"}}
 
 
 def group_purity(found: torch.Tensor, truth: torch.Tensor) -> float:
@@ -218,6 +233,118 @@ def refiner_mechanism(
     return out
 
 
+def _tpt_predictions(learner, data: TaskData, config: RefinerConfig, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Predictions of ``learner`` with every image's own label-free prompt (the rule of ``config``: its
+    ``inner_steps``, ``inner_lr``, ``entropy_views``, ``entropy_keep``), and those prompts' offsets ``(N, D)``."""
+    from .refiner.targets import entropy_prompts
+
+    generator = torch.Generator().manual_seed(20_000 + seed)
+    base = {site: p.detach() for site, p in learner.prompt_tokens().items()}
+    predictions, offsets = [], []
+    was_training = learner.training
+    learner.eval()
+    try:
+        for start in range(0, len(data), config.target_batch_size):
+            x = data.pixel_values[start : start + config.target_batch_size]
+            prompts, _, _ = entropy_prompts(
+                learner,
+                x,
+                steps=config.inner_steps,
+                lr=config.inner_lr,
+                views=config.entropy_views,
+                keep=config.entropy_keep,
+                generator=generator,
+            )
+            with torch.no_grad():
+                logits = learner(x, prompt_override=prompts)
+            predictions.append((logits if isinstance(logits, torch.Tensor) else logits.logits).argmax(-1))
+            offsets.append(torch.cat([(prompts[s] - base[s]).flatten(1) for s in sorted(base)], dim=1))
+    finally:
+        learner.train(was_training)
+    return torch.cat(predictions), torch.cat(offsets)
+
+
+def _style_scores(correct: dict[str, torch.Tensor]) -> dict[str, float]:
+    from .data.tasks import TARGET_STYLES
+
+    scores = {split: float(hits.float().mean()) for split, hits in correct.items()}
+    scores["avg"] = statistics.fmean(scores[s] for s in TARGET_STYLES)
+    return scores
+
+
+def refiner_tpt_mechanism(
+    runner: _Runner,
+    seed: int,
+    *,
+    learner: str = "coop",
+    refiner: dict[str, Any] | None = None,
+    val_per_class: int = 8,
+) -> dict[str, Any]:
+    """One seed of the refiner-tpt suite (see the module docstring): domain generalisation, the learner, the
+    label-free rule applied to every evaluation image (the oracle), and the refiner trained on each rule of
+    :data:`TPT_RULES`.
+
+    Returns:
+        ``{"learner", "oracle", "refiner:<rule>": {"val", <style>..., "avg"}, "diagnostics": {...}}``; ``val`` is
+        accuracy on unused training-pool photos.
+    """
+    from .refiner.diagnostics import label_decodability
+
+    tasks = runner.tasks
+    train, indices = tasks.dg_train(runner.config.k, seed)
+    runner._save_split("domain_generalization", seed, indices)
+    pool = tasks.dg_pool()
+    unused = sorted(set(range(len(pool))) - set(indices))
+    order = torch.randperm(len(unused), generator=torch.Generator().manual_seed(10_000 + seed)).tolist()
+    taken: dict[int, int] = {}
+    chosen = []
+    for i in order:
+        label = int(pool.labels[unused[i]])
+        if taken.get(label, 0) < val_per_class:
+            taken[label] = taken.get(label, 0) + 1
+            chosen.append(unused[i])
+    sets = {"val": pool.subset(sorted(chosen)), **tasks.dg_test()}
+    classes = tasks.dg_classes()
+
+    base = runner._model(learner, [], classes, seed)
+    runner._train(base, train, seed)
+    out: dict[str, Any] = {}
+    out["learner"] = _style_scores({name: _outputs(base, data)[0] == data.labels for name, data in sets.items()})
+    rule = RefinerConfig(**{**(refiner or {}), **TPT_RULE})
+    oracle_offsets = {}
+    correct = {}
+    for name, data in sets.items():
+        predictions, oracle_offsets[name] = _tpt_predictions(base.learner, data, rule, seed)
+        correct[name] = predictions == data.labels
+    out["oracle"] = _style_scores(correct)
+    out["diagnostics"] = {}
+    for rule_name, overrides in TPT_RULES.items():
+        config = RefinerConfig(**{**(refiner or {}), **overrides})
+        model = wrap(copy.deepcopy(base.learner), RobustConfig(refiner=config))
+        cache = runner.out_dir / "cache"
+        model.fit_addons(train, seed=seed, cache_dir=cache, progress=False)
+        model.eval()
+        out[f"refiner:{rule_name}"] = _style_scores(
+            {name: _outputs(model, data)[0] == data.labels for name, data in sets.items()}
+        )
+        addon = model.addons["refiner"]
+        targets = addon.build_targets(train, cache_dir=cache, progress=False, seed=seed)  # cached: no recompute
+        flat = torch.cat([targets.deltas[s].flatten(1) for s in sorted(addon.sites)], dim=1)
+        with torch.no_grad():
+            cond = base.learner.image_features(sets["val"].pixel_values)
+            generated = addon.sample_offsets(cond)
+            generated = torch.cat([(addon.scale(s) * generated[s]).flatten(1) for s in sorted(addon.sites)], dim=1)
+        wanted = oracle_offsets["val"]
+        out["diagnostics"][rule_name] = {
+            "label_decodability": label_decodability(flat, train.labels),
+            "chance": 1 / len(classes),
+            # does the generator give a validation image the offset the label-free rule would give it?
+            "cosine_to_rule_offset": float(torch.nn.functional.cosine_similarity(generated, wanted, dim=1).mean()),
+            "norm_ratio_to_rule_offset": float(generated.norm(dim=1).mean() / wanted.norm(dim=1).mean()),
+        }
+    return out
+
+
 def _worst_and_avg(model, data: TaskData) -> dict[str, float]:
     from .eval.metrics import per_group_accuracy, worst_group_accuracy
 
@@ -339,11 +466,31 @@ def icm_mechanism(setup: Any, seed: int) -> dict[str, Any]:
     return out
 
 
+def _nuisance_overlap(setup: Any, seeds: Sequence[int]) -> dict[str, Any]:
+    """Per twin factor, the share of the true twins' feature differences inside the class-mean span
+    (:func:`prompt_robust.invariance.icm.class_subspace_share`) over ``seeds``, and what random directions give."""
+    from .invariance.icm import class_subspace_share
+    from .learners.base import image_features_in_batches
+
+    feats = {seed: setup.features(seed) for seed in seeds}
+    shares: dict[str, dict[str, float]] = {}
+    for factor in setup.tasks.TWIN_FACTORS:
+        values = []
+        for seed in seeds:
+            _, indices = setup.tasks.dg_train(setup.k, seed)
+            twins = image_features_in_batches(setup.learner, setup.tasks.dg_twins(indices, factor, seed).pixel_values)
+            values.append(class_subspace_share(feats[seed].clean, twins, feats[seed].labels))
+        shares[factor] = _mean_std(values)
+    clean = feats[seeds[0]].clean
+    random = int(feats[seeds[0]].labels.max()) / clean.shape[1]  # (n_classes - 1) / d
+    return {"factors": shares, "random": random}
+
+
 def _mean_std(values: Sequence[float]) -> dict[str, float]:
     return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
 
 
-SUITES: tuple[str, ...] = ("refiner", "counterfactual", "invariance")
+SUITES: tuple[str, ...] = ("refiner", "refiner-tpt", "counterfactual", "invariance")
 
 
 def _seeded(out_dir: Path, suite: str, seeds: Sequence[int], settings: dict[str, Any], run, progress: bool) -> dict:
@@ -401,6 +548,36 @@ def _refiner_summary(per_seed: dict[int, Any], seeds: Sequence[int], learner: st
     }
 
 
+def _recovered(summary: dict, variants: Sequence[str], prefix: str, key: str) -> dict[str, float | None]:
+    """Each variant's share of the oracle's gain over the learner in ``summary[...][key]`` (None: no headroom)."""
+    plain = summary["learner"][key]["mean"]
+    headroom = summary["oracle"][key]["mean"] - plain
+    return {v: (summary[f"{prefix}:{v}"][key]["mean"] - plain) / headroom if headroom > 0 else None for v in variants}
+
+
+def _diagnostics(per_seed: dict[int, Any], seeds: Sequence[int]) -> dict[str, dict[str, dict[str, float]]]:
+    """Mean ± std over seeds of every variant's diagnostics."""
+    return {
+        variant: {key: _mean_std([per_seed[s]["diagnostics"][variant][key] for s in seeds]) for key in values}
+        for variant, values in per_seed[seeds[0]]["diagnostics"].items()
+    }
+
+
+def _refiner_tpt_summary(per_seed: dict[int, Any], seeds: Sequence[int], learner: str) -> dict[str, Any]:
+    methods = ["learner", "oracle", *(f"refiner:{r}" for r in TPT_RULES)]
+    keys = list(per_seed[seeds[0]]["learner"])
+    summary = {m: {key: _mean_std([per_seed[s][m][key] for s in seeds]) for key in keys} for m in methods}
+    return {
+        "learner": learner,
+        "rule": TPT_RULE,
+        "summary": summary,
+        "recovery": _recovered(summary, list(TPT_RULES), "refiner", "avg"),
+        "choice": max(TPT_RULES, key=lambda r: summary[f"refiner:{r}"]["val"]["mean"]),
+        "diagnostics": _diagnostics(per_seed, seeds),
+        "seeds": {str(s): per_seed[s] for s in seeds},
+    }
+
+
 def _counterfactual_summary(per_seed: dict[int, Any], seeds: Sequence[int], learner: str) -> dict[str, Any]:
     methods = ["learner", "oracle", *(f"counterfactual:{t}" for t in COUNTERFACTUAL_TWINS)]
     summary = {
@@ -411,23 +588,12 @@ def _counterfactual_summary(per_seed: dict[int, Any], seeds: Sequence[int], lear
         }
         for m in methods
     }
-    choice = max(COUNTERFACTUAL_TWINS, key=lambda t: summary[f"counterfactual:{t}"]["val/worst_group"]["mean"])
-    plain = summary["learner"]["test/worst_group"]["mean"]
-    headroom = summary["oracle"]["test/worst_group"]["mean"] - plain
-    recovery = {
-        t: (summary[f"counterfactual:{t}"]["test/worst_group"]["mean"] - plain) / headroom if headroom > 0 else None
-        for t in COUNTERFACTUAL_TWINS
-    }
-    diagnostics = {
-        twin: {key: _mean_std([per_seed[s]["diagnostics"][twin][key] for s in seeds]) for key in values}
-        for twin, values in per_seed[seeds[0]]["diagnostics"].items()
-    }
     return {
         "learner": learner,
         "summary": summary,
-        "recovery": recovery,
-        "choice": choice,
-        "diagnostics": diagnostics,
+        "recovery": _recovered(summary, COUNTERFACTUAL_TWINS, "counterfactual", "test/worst_group"),
+        "choice": max(COUNTERFACTUAL_TWINS, key=lambda t: summary[f"counterfactual:{t}"]["val/worst_group"]["mean"]),
+        "diagnostics": _diagnostics(per_seed, seeds),
         "seeds": {str(s): per_seed[s] for s in seeds},
     }
 
@@ -506,6 +672,15 @@ def mechanisms_benchmark(
 
         per_seed = _seeded(out_dir, "refiner", seeds, settings, run_refiner, progress)
         result["refiner"] = _refiner_summary(per_seed, seeds, learner, k)
+    if "refiner-tpt" in suites:
+        runner = _Runner(backbone, config, out_dir)
+        settings = {"learner": learner, "refiner": refiner or {}, "rules": TPT_RULES, "bench": config.to_dict()}
+
+        def run_refiner_tpt(seed: int) -> dict[str, Any]:
+            return refiner_tpt_mechanism(runner, seed, learner=learner, refiner=refiner)
+
+        per_seed = _seeded(out_dir, "refiner-tpt", seeds, settings, run_refiner_tpt, progress)
+        result["refiner-tpt"] = _refiner_tpt_summary(per_seed, seeds, learner)
     if "counterfactual" in suites:
         runner = _Runner(backbone, config, out_dir)
         settings = {"learner": learner, "counterfactual": counterfactual or {}, "bench": config.to_dict()}
@@ -525,6 +700,7 @@ def mechanisms_benchmark(
         per_seed = _seeded(out_dir, "invariance", seeds, settings, lambda seed: icm_mechanism(setup, seed), progress)
         preservation = intervention_preservation(backbone, setup.tasks, icm_config.interventions)
         result["invariance"] = _icm_summary(per_seed, seeds, preservation)
+        result["invariance"]["class_subspace_share"] = _nuisance_overlap(setup, seeds)
     result.update(command=command, wall_seconds=round(time.time() - started), backbone=backbone.name)
     _io.write_json(out_dir / "mechanisms.json", result)
     (out_dir / "mechanisms.md").write_text(format_mechanisms(result) + "\n")
@@ -533,6 +709,31 @@ def mechanisms_benchmark(
 
 def _cell(value: dict[str, float]) -> str:
     return f"{100 * value['mean']:.1f} ± {100 * value['std']:.1f}"
+
+
+def _variant_table(part: dict[str, Any], share_header: str) -> list[str]:
+    """Rows of ``part["summary"]`` (method -> metric -> mean ± std) with each variant's share of the oracle's gain."""
+    keys = list(next(iter(part["summary"].values())))
+    lines = ["| method | " + " | ".join(keys) + f" | {share_header} |", "|---" * (len(keys) + 2) + "|"]
+    for method, row in part["summary"].items():
+        variant = method.partition(":")[2]
+        share = part["recovery"].get(variant) if variant else None
+        cell = "" if not variant else ("no headroom" if share is None else f"{100 * share:.0f}%")
+        lines.append(f"| {method} | " + " | ".join(_cell(row[k]) for k in keys) + f" | {cell} |")
+    return lines
+
+
+def _diagnostics_table(diagnostics: dict[str, dict[str, dict[str, float]]]) -> list[str]:
+    """One row per diagnostic, one column per variant (blank where a variant has none)."""
+    variants = list(diagnostics)
+    lines = ["| diagnostic | " + " | ".join(variants) + " |", "|---" * (len(variants) + 1) + "|"]
+    for key in sorted({k for d in diagnostics.values() for k in d}):
+        cells = []
+        for variant in variants:
+            value = diagnostics[variant].get(key)
+            cells.append("" if value is None else f"{value['mean']:.3f} ± {value['std']:.3f}")
+        lines.append(f"| {key} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def format_mechanisms(result: dict[str, Any]) -> str:
@@ -554,26 +755,19 @@ def format_mechanisms(result: dict[str, Any]) -> str:
             rule = method.partition(":")[2]
             share = f"{100 * ref['recovery'][rule]:.0f}%" if rule else ""
             lines.append(f"| {method} | {_cell(row['val'])} | {_cell(row['test'])} | {share} |")
-        rules = list(ref["diagnostics"])
         lines += ["", f"Rule chosen on validation: `{ref['choice']}`.", ""]
-        lines += ["| diagnostic | " + " | ".join(rules) + " |", "|---" * (len(rules) + 1) + "|"]
-        for key in sorted({k for d in ref["diagnostics"].values() for k in d}):
-            cells = []
-            for rule in rules:
-                value = ref["diagnostics"][rule].get(key)
-                cells.append("" if value is None else f"{value['mean']:.3f} ± {value['std']:.3f}")
-            lines.append(f"| {key} | " + " | ".join(cells) + " |")
+        lines += _diagnostics_table(ref["diagnostics"])
+    if "refiner-tpt" in result:
+        tpt = result["refiner-tpt"]
+        rule = ", ".join(f"{k}={v}" for k, v in tpt["rule"].items())
+        lines += ["", f"### Refiner, label-free targets: domain generalisation ({tpt['learner']}; rule {rule})", ""]
+        lines += _variant_table(tpt, "recovered share of the oracle's gain (avg)")
+        lines += ["", f"Rule chosen on validation (unused training photos): `{tpt['choice']}`.", ""]
+        lines += _diagnostics_table(tpt["diagnostics"])
     if "counterfactual" in result:
         cf = result["counterfactual"]
-        keys = list(next(iter(cf["summary"].values())))
         lines += ["", f"### Counterfactual: spurious task ({cf['learner']}), average and worst group", ""]
-        lines += ["| method | " + " | ".join(keys) + " | recovered share of the oracle's worst-group gain |"]
-        lines.append("|---" * (len(keys) + 2) + "|")
-        for method, row in cf["summary"].items():
-            twin = method.partition(":")[2]
-            share = cf["recovery"].get(twin) if twin else None
-            cell = "" if not twin else ("no headroom" if share is None else f"{100 * share:.0f}%")
-            lines.append(f"| {method} | " + " | ".join(_cell(row[k]) for k in keys) + f" | {cell} |")
+        lines += _variant_table(cf, "recovered share of the oracle's worst-group gain")
         lines += ["", f"Twin design chosen on validation (worst group): `{cf['choice']}`."]
         for twin, values in cf["diagnostics"].items():
             lines += ["", f"Diagnostics of the {twin} twins (training images):", ""]
@@ -594,4 +788,10 @@ def format_mechanisms(result: dict[str, Any]) -> str:
         lines += ["| intervention | zero-shot on intervened / clean training photos |", "|---|---|"]
         for name, value in icm["preservation"].items():
             lines.append(f"| {name} | {value['ratio']:.2f} |")
+        overlap = icm.get("class_subspace_share")
+        if overlap:
+            note = f"random directions: {overlap['random']:.2f}; near 1, removing the nuisance removes the classes"
+            lines += ["", f"Share of the true twins' feature change inside the class-mean span ({note}):", ""]
+            lines += ["| twin factor | share |", "|---|---|"]
+            lines += [f"| {f} | {v['mean']:.2f} ± {v['std']:.2f} |" for f, v in overlap["factors"].items()]
     return "\n".join(lines)

@@ -618,6 +618,26 @@ def test_an_attribute_value_nobody_has_is_refused(bb, monkeypatch):
     assert not model.addons["counterfactual"].ready
 
 
+def test_a_value_nobody_has_is_dropped_when_two_remain(bb, monkeypatch, caplog):
+    basis, labels, attributes, features = _attribute_world(bb.embed_dim)
+    from prompt_robust.debias import pseudo
+
+    # the first two values read the attribute exactly; "lava" (-basis[8] - basis[9]) never wins
+    text = torch.stack([basis[8], basis[9], -basis[8] - basis[9]])
+    monkeypatch.setattr(pseudo, "attribute_text_features", lambda *a, **k: text)
+    _, model = build(bb, "coop", twin="attribute", attribute_values=["grass", "water", "lava"])
+    addon = model.addons["counterfactual"]
+    with caplog.at_level("WARNING"):
+        logs = addon.fit_attribute_offsets(features, labels)
+    assert "['lava']" in caplog.text and logs["counterfactual/attribute_values_seen"] == 2.0
+    assert addon.ready and addon.attribute_seen.tolist() == [True, True, False]
+    z = F.normalize(features, dim=-1)
+    _, read, targets = addon.attribute_twins(z)
+    assert torch.equal(read, attributes) and torch.equal(targets, 1 - attributes)  # never towards "lava"
+    with pytest.raises(ValueError, match=r"\['lava'\] never occurred"):
+        addon.attribute_twins(z[:2], torch.tensor([2, 0]))
+
+
 def test_auto_twin_uses_attribute_twins_exactly_when_the_attribute_is_named(bb):
     assert build(bb, "coop")[1].addons["counterfactual"].twin == "class"
     named = build(bb, "coop", attribute_values=["grass", "water"])[1].addons["counterfactual"]

@@ -438,3 +438,22 @@ def test_config_round_trip():
     config = pr.InvarianceConfig(lam=2.0, dim=16, interventions=["invert"], text_interventions=True)
     assert pr.InvarianceConfig.from_dict(config.to_dict()) == config
     assert pr.RobustConfig.from_dict(pr.RobustConfig(invariance=config).to_dict()).invariance == config
+
+
+def test_class_subspace_share_separates_nuisance_from_class_directions():
+    from prompt_robust.invariance.icm import class_subspace_share
+
+    gen = torch.Generator().manual_seed(0)
+    labels = torch.arange(40) % 4
+    centers = torch.zeros(4, 12)
+    centers[torch.arange(4), torch.arange(4)] = 3.0  # classes live in dims 0-3
+    clean = centers[labels] + 0.1 * torch.randn(40, 12, generator=gen)
+    nuisance = torch.zeros(40, 12)
+    nuisance[:, 6:] = torch.randn(40, 6, generator=gen)  # a nuisance outside the class span
+    assert class_subspace_share(clean, clean + nuisance, labels) < 0.05
+    along = torch.zeros(40, 12)
+    along[:, :4] = torch.randn(40, 4, generator=gen)
+    along[:, :4] -= along[:, :4].mean(1, keepdim=True)  # inside span{e_i - e_j}: the centred class means
+    assert class_subspace_share(clean, clean + along, labels) > 0.95
+    with pytest.raises(ValueError, match="same n images"):
+        class_subspace_share(clean, clean[:5], labels)

@@ -76,6 +76,36 @@ def test_refiner_mechanism_suite_end_to_end(tmp_path):
         )
 
 
+def test_refiner_tpt_mechanism_suite_end_to_end(tmp_path):
+    backbone = make_backbone("hf")
+    bench = BenchConfig(steps=2, k=1, pool_per_class=3, test_per_class=1, world_version=2, batch_size=8)
+    refiner = {"hidden_dim": 16, "layers": 1, "heads": 2, "train_steps": 3, "train_batch_size": 8, "entropy_views": 4}
+    result = mechanisms.mechanisms_benchmark(
+        backbone, tmp_path, seeds=[1], suites=["refiner-tpt"], bench=bench, refiner=refiner, progress=False
+    )
+    tpt = result["refiner-tpt"]
+    assert set(tpt["summary"]) == {"learner", "oracle", *(f"refiner:{r}" for r in mechanisms.TPT_RULES)}
+    run = tpt["seeds"]["1"]
+    for method in tpt["summary"]:
+        assert set(run[method]) == {"val", "sketch", "painting", "pixel", "avg"}
+        assert run[method]["avg"] == pytest.approx(
+            (run[method]["sketch"] + run[method]["painting"] + run[method]["pixel"]) / 3
+        )
+    # the validation images are unused pool photos: 1 per class here (pool of 3, k = 1, val_per_class = 8)
+    headroom = tpt["summary"]["oracle"]["avg"]["mean"] - tpt["summary"]["learner"]["avg"]["mean"]
+    for rule, share in tpt["recovery"].items():
+        if headroom > 0:
+            gain = tpt["summary"][f"refiner:{rule}"]["avg"]["mean"] - tpt["summary"]["learner"]["avg"]["mean"]
+            assert share == pytest.approx(gain / headroom)
+        else:
+            assert share is None
+    diagnostics = tpt["diagnostics"]["entropy"]
+    assert set(diagnostics) == {"label_decodability", "chance", "cosine_to_rule_offset", "norm_ratio_to_rule_offset"}
+    assert -1.0 <= diagnostics["cosine_to_rule_offset"]["mean"] <= 1.0
+    assert tpt["choice"] in mechanisms.TPT_RULES
+    assert "### Refiner, label-free targets" in (tmp_path / "mechanisms.md").read_text()
+
+
 def test_twins_change_exactly_one_factor():
     tasks = WorldTasks(32, (0.5,) * 3, (0.5,) * 3, pool_per_class=3, version=2)
     pool = tasks.dg_pool()
@@ -108,6 +138,9 @@ def test_icm_mechanism_suite_end_to_end(tmp_path):
             assert share == pytest.approx(gain / headroom)
         else:
             assert share is None
+    overlap = icm["class_subspace_share"]
+    assert set(overlap["factors"]) == set(WorldTasks.TWIN_FACTORS)
+    assert all(0.0 <= v["mean"] <= 1.0 for v in overlap["factors"].values()) and 0 < overlap["random"] < 1
     assert "### Invariance (ICM)" in (tmp_path / "mechanisms.md").read_text()
 
 
@@ -161,3 +194,20 @@ def test_counterfactual_mechanism_suite_end_to_end(tmp_path, monkeypatch):
     }
     assert all(0.0 <= v["mean"] <= 1.0 for k, v in diagnostics.items() if "cosine" not in k)
     assert "### Counterfactual" in (tmp_path / "mechanisms.md").read_text()
+
+
+def test_benchmark_names_the_nuisance_attribute_for_debias_and_attribute_counterfactuals():
+    words = ["grass", "water"]
+    config = BenchConfig()
+    assert config.addon_settings("debias", words)["attribute_values"] == words
+    assert config.addon_settings("counterfactual", words)["attribute_values"] == words  # twin "auto"
+    assert "attribute_values" not in BenchConfig(counterfactual={"twin": "class"}).addon_settings(
+        "counterfactual", words
+    )
+    own = BenchConfig(counterfactual={"attribute_values": ["sand", "snow"]})
+    assert own.addon_settings("counterfactual", words)["attribute_values"] == ["sand", "snow"]  # settings win
+    assert "attribute_values" not in config.addon_settings("refiner", words)
+    # base-to-new names each dataset's backgrounds; the scenes dataset's label is the background: no nuisance
+    tasks = WorldTasks(32, (0.5,) * 3, (0.5,) * 3, version=2)
+    assert tasks.nuisance_values("polygons") == ("sand", "snow", "brick") and tasks.nuisance_values("scenes") == ()
+    assert "attribute_values" not in config.addon_settings("counterfactual", tasks.nuisance_values("scenes"))

@@ -622,3 +622,113 @@ def test_group_targets_share_one_offset_per_group_and_are_cached(bb, train_data,
 
 def _refuse(*args, **kwargs):
     raise AssertionError("the cached group targets were recomputed")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# label-free targets: test-time prompt tuning's marginal entropy over augmented views
+
+
+def test_marginal_entropy_is_the_entropy_of_each_images_mean_prediction():
+    logits = torch.tensor([[30.0, 0.0, 0.0], [0.0, 30.0, 0.0], [0.0, 0.0, 0.0], [5.0, 1.0, -2.0]])
+    owner = torch.tensor([0, 0, 1, 2])
+    got = targets_module.marginal_entropy(logits, owner)
+    torch.testing.assert_close(got[:2], torch.tensor([math.log(2), math.log(3)]), rtol=0, atol=1e-5)
+    p = logits[3].softmax(-1)
+    torch.testing.assert_close(got[2], -(p * p.log()).sum(), rtol=0, atol=1e-6)
+
+
+def test_augmented_views_start_with_the_image_and_are_seeded():
+    images = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    views = targets_module.augmented_views(images, 5, torch.Generator().manual_seed(1))
+    assert views.shape == (15, 3, 16, 16)
+    assert torch.equal(views[::5], images)  # view 0 of every image is the image
+    again = targets_module.augmented_views(images, 5, torch.Generator().manual_seed(1))
+    assert torch.equal(views, again)
+    other = targets_module.augmented_views(images, 5, torch.Generator().manual_seed(2))
+    assert not torch.equal(views, other)
+    # crops of a constant image are that constant: views only move and rescale content
+    flat = torch.full((1, 3, 16, 16), 0.25)
+    torch.testing.assert_close(targets_module.augmented_views(flat, 4, torch.Generator()), flat.expand(4, -1, -1, -1))
+
+
+def test_entropy_prompts_step_on_the_confident_views_marginal_entropy(bb, train_data):
+    """Ground truth by hand: pick the views with the lowest entropy under the learned prompt, then one normalised
+    gradient step of their marginal entropy, image by image; labels are never read."""
+    learner, _ = build(bb, "coop")
+    x = collate([{"pixel_values": x, "labels": y} for x, y in train_data[:3]])["pixel_values"]
+    lr, views, keep = 0.1, 8, 0.25
+    prompts, before, after = targets_module.entropy_prompts(
+        learner, x, steps=1, lr=lr, views=views, keep=keep, generator=torch.Generator().manual_seed(3)
+    )
+    all_views = targets_module.augmented_views(x, views, torch.Generator().manual_seed(3))
+    base = learner.prompt_tokens()["text"].detach()
+    for i in range(3):
+        v = all_views[i * views : (i + 1) * views]
+        with torch.no_grad():
+            logits = learner(v).logits
+        entropy = -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1)
+        chosen = v[entropy.argsort()[:2]]  # keep 25% of 8 views
+        p = base.clone().requires_grad_(True)
+        mean = _logits_with(learner, chosen, p).softmax(-1).mean(0)
+        h = -(mean * mean.log()).sum()
+        (grad,) = torch.autograd.grad(h, p)
+        expected = base - lr * base.pow(2).mean().sqrt() * grad / grad.pow(2).mean().sqrt()
+        torch.testing.assert_close(prompts["text"][i], expected, rtol=0, atol=1e-6)
+        torch.testing.assert_close(before[i], h.detach(), rtol=0, atol=1e-5)
+    assert (after < before).all(), (before, after)  # a small step lowers every image's marginal entropy
+
+
+def test_entropy_targets_ignore_the_labels_and_are_cached_per_setting(bb, train_data, tmp_path):
+    _, model = build(bb, "coop", targets="entropy", inner_steps=2, entropy_views=6, entropy_keep=0.5)
+    refiner = model.addons["refiner"]
+    targets = refiner.build_targets(train_data, cache_dir=tmp_path, progress=False, seed=0)
+    delta = targets.deltas["text"]
+    assert delta.shape[0] == N_TRAIN and float(delta.abs().sum()) > 0
+    assert (targets.loss_after < targets.loss_before).float().mean() > 0.9  # entropies, lowered
+    relabelled = [(x, (y + 1) % len(CLASSNAMES)) for x, y in train_data]
+    torch.testing.assert_close(refiner.build_targets(relabelled, progress=False, seed=0).deltas["text"], delta)
+    # another seed draws other views; both are cached side by side
+    refiner.build_targets(train_data, cache_dir=tmp_path, progress=False, seed=1)
+    assert len(_folders(tmp_path)) == 2
+    for bad in ({"entropy_views": 1}, {"entropy_keep": 0.0}, {"entropy_keep": 1.5}):
+        with pytest.raises(ValueError, match="entropy_"):
+            pr.RefinerConfig(**bad)
+
+
+@pytest.mark.parametrize("name", ["coop", "cocoop", "maple"])
+def test_shared_prompt_rows_encode_each_copy_once_with_the_same_values_and_gradients(bb, test_images, name):
+    from prompt_robust.learners.base import shared_prompt_rows
+
+    torch.manual_seed(0)
+    learner = pr.build_learner(name, bb, CLASSNAMES, **LEARNER_KWARGS[name])
+    base = learner.prompt_tokens()
+    owner = torch.tensor([0, 0, 1, 1, 1])  # two copies, five inputs (e.g. views)
+    shifts = torch.randn(2, *base["text"].shape, generator=torch.Generator().manual_seed(0)) * 0.01
+
+    def run(shared):
+        copies = (base["text"].detach().unsqueeze(0) + shifts).requires_grad_(True)
+        override = {site: p.detach().expand(2, *p.shape).clone() for site, p in base.items()}
+        override["text"] = copies
+        sizes = []
+        encode = bb.encode_text
+
+        def counting(ids, **kwargs):
+            sizes.append(ids.shape[0])
+            return encode(ids, **kwargs)
+
+        bb.encode_text = counting
+        try:
+            with shared_prompt_rows(owner) if shared else torch.enable_grad():
+                logits = learner(test_images, prompt_override={s: v[owner] for s, v in override.items()}).logits
+        finally:
+            del bb.encode_text
+        (grad,) = torch.autograd.grad(logits.square().sum(), copies)
+        return logits.detach(), grad, sum(sizes)
+
+    logits, grad, texts = run(shared=True)
+    logits0, grad0, texts0 = run(shared=False)
+    torch.testing.assert_close(logits, logits0, rtol=0, atol=1e-5)
+    torch.testing.assert_close(grad, grad0, rtol=1e-4, atol=1e-5)  # float summation order
+    assert texts0 == 5 * len(CLASSNAMES)
+    # CoCoOp shifts every row by its own image: nothing to merge; the others encode one row per copy
+    assert texts == (texts0 if name == "cocoop" else 2 * len(CLASSNAMES))

@@ -104,6 +104,8 @@ class CounterfactualRegularizer(RobustAddon):
             self.register_buffer("attribute_text", torch.zeros(n_values, feature_dim, device=device))  # (A, d)
             self.register_buffer("attribute_offsets", torch.zeros(n_values, feature_dim, device=device))  # (A, d)
             self.register_buffer("attribute_fitted", torch.zeros((), dtype=torch.bool, device=device))
+            # values zero-shot CLIP read in the training set: only they are read and targeted (A,)
+            self.register_buffer("attribute_seen", torch.ones(n_values, dtype=torch.bool, device=device))
         self.stage = "prompt"
         self._warned_no_grad = False
         self.last_proximity: torch.Tensor | None = None  # (b, K) λ of the latest counterfactuals
@@ -137,11 +139,15 @@ class CounterfactualRegularizer(RobustAddon):
         from ..debias.pseudo import classify_attributes
 
         z = F.normalize(features.detach().float(), dim=-1)  # (b, d)
-        attributes, _ = classify_attributes(z, self.attribute_text)
-        n_values = self.attribute_offsets.shape[0]
+        seen = self.attribute_seen.nonzero().flatten()  # the values the training set showed (>= 2)
+        position, _ = classify_attributes(z, self.attribute_text[seen])  # (b,) index into ``seen``
+        attributes = seen[position]
         if targets is None:
-            shift = torch.randint(1, n_values, attributes.shape, device=attributes.device)
-            targets = (attributes + shift) % n_values  # uniform over the other values
+            shift = torch.randint(1, len(seen), position.shape, device=position.device)
+            targets = seen[(position + shift) % len(seen)]  # uniform over the other seen values
+        elif not bool(self.attribute_seen[targets].all()):
+            unseen = sorted({self.config.attribute_values[int(t)] for t in targets if not self.attribute_seen[t]})
+            raise ValueError(f"target attribute values {unseen} never occurred in the training set: no offset.")
         offsets = self.attribute_offsets.float()
         twins = F.normalize(z - offsets[attributes] + offsets[targets], dim=-1)
         return twins, attributes, targets
@@ -172,16 +178,25 @@ class CounterfactualRegularizer(RobustAddon):
                     offsets[a] += z[cell].mean(0) - centre
                     counts[a] += 1
         missing = [config.attribute_values[a] for a in range(n_values) if counts[a] == 0]
-        if missing:
+        if n_values - len(missing) < 2:
             raise ValueError(
                 f"no training image is read as {missing} by zero-shot CLIP, so there is no example of what that "
-                "value looks like; check attribute_values (e.g. 'water background' instead of 'water') and "
-                "attribute_templates, or use twin='class'."
+                "value looks like and fewer than two values are left to swap between; check attribute_values "
+                "(e.g. 'water background' instead of 'water') and attribute_templates, or use twin='class'."
+            )
+        if missing:
+            logger.warning(
+                "counterfactual: no training image is read as %s by zero-shot CLIP; twins use the other %d "
+                "attribute values only",
+                missing,
+                n_values - len(missing),
             )
         self.attribute_text.copy_(text.to(self.attribute_text))
-        self.attribute_offsets.copy_((offsets / counts.unsqueeze(1)).to(self.attribute_offsets))
+        self.attribute_offsets.copy_((offsets / counts.clamp_min(1).unsqueeze(1)).to(self.attribute_offsets))
+        self.attribute_seen.copy_(counts > 0)
         self.attribute_fitted.fill_(True)
         logs = {"counterfactual/num_features": float(len(z))}
+        logs["counterfactual/attribute_values_seen"] = float(n_values - len(missing))
         for a, value in enumerate(config.attribute_values):
             logs[f"counterfactual/attribute_share/{value}"] = float((attributes == a).float().mean())
         return logs

@@ -212,6 +212,15 @@ class WorldTasks:
         self._check_dataset(dataset)
         return world_v2.DATASETS[dataset].template
 
+    def nuisance_values(self, dataset: str = "objects") -> tuple[str, ...]:
+        """The words of ``dataset``'s nuisance attribute, its backgrounds (world 1: the world's); empty for a
+        dataset whose label *is* the background (scenes)."""
+        self._check_dataset(dataset)
+        if self.version == 1:
+            return world.BACKGROUNDS
+        spec = world_v2.DATASETS[dataset]
+        return () if spec.label == "background" else tuple(spec.backgrounds)
+
     def dg_classes(self) -> tuple[str, ...]:
         """The classes of the domain-generalisation task."""
         return world.CLASSES if self.version == 1 else world_v2.DATASETS[DG_DATASET].classes

@@ -22,6 +22,7 @@ import torch
 __all__ = [
     "ICMProjection",
     "Selection",
+    "class_subspace_share",
     "dims_from_fractions",
     "intervention_covariance",
     "lam_scale",
@@ -247,6 +248,44 @@ class ICMProjection:
         if x.shape[-1] != self.basis.shape[0]:
             raise ValueError(f"x has feature size {x.shape[-1]}; the projection was fit on {self.basis.shape[0]}.")
         return x @ self.projection.to(x.device, x.dtype)
+
+
+def class_subspace_share(clean: torch.Tensor, intervened: torch.Tensor, labels: torch.Tensor) -> float:
+    """Share of the intervention differences' energy inside the span of the class means (centred).
+
+    ICM keeps the directions interventions do not move. When the differences ``intervened − clean`` lie in the
+    directions that separate the classes, discarding them discards the classes too, and no projection can help.
+    A value near ``(n_classes − 1) / d`` is what differences in random directions give; near 1, the nuisance
+    moves the features only along class directions.
+
+    Args:
+        clean: ``(n, d)`` features.
+        intervened: ``(n, d)`` features of the same images after one intervention each.
+        labels: ``(n,)`` classes of the images.
+
+    Example:
+        >>> clean = torch.tensor([[1.0, 0.0, 0.0], [-1.0, 0.0, 0.0]])
+        >>> class_subspace_share(clean, clean + torch.tensor([0.0, 0.0, 1.0]), torch.tensor([0, 1]))
+        0.0
+        >>> round(class_subspace_share(clean, clean * 0.5, torch.tensor([0, 1])), 6)
+        1.0
+    """
+    _check_matrix(clean, "clean")
+    _check_matrix(intervened, "intervened", clean.shape[1])
+    if intervened.shape[0] != clean.shape[0] or labels.shape != (clean.shape[0],):
+        raise ValueError(
+            f"clean {tuple(clean.shape)}, intervened {tuple(intervened.shape)} and labels {tuple(labels.shape)} "
+            "must describe the same n images."
+        )
+    z = clean.double()
+    classes = labels.unique()
+    means = torch.stack([z[labels == c].mean(0) for c in classes])
+    means = means - means.mean(0)
+    u, singular, _ = torch.linalg.svd(means.t(), full_matrices=False)
+    basis = u[:, singular > singular.max() * 1e-8]  # (d, r), r <= n_classes - 1
+    diff = intervened.double() - z
+    total = float(diff.pow(2).sum())
+    return float((diff @ basis).pow(2).sum()) / total if total > 0 else 0.0
 
 
 def dims_from_fractions(d: int, fractions: Sequence[float]) -> list[int]:

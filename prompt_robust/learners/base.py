@@ -15,7 +15,9 @@ The reference learners derive from :class:`PromptLearner`; a user's own module o
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
@@ -305,9 +307,17 @@ class PromptLearner(nn.Module):
             deep_prompts: ``{layer: (n, w) | (b, n, w)}``; a per-sample entry is repeated over classes (its
                 ``b`` must equal the single leading dim of ``ctx``).
 
+        Inside :func:`shared_prompt_rows`, rows of a per-sample context ``(b, ...)`` that share an owner and are
+        equal (deep prompts included) are encoded once.
+
         Returns:
             ``(..., n_cls, embed_dim)``.
         """
+        merged = _merge_shared_rows(ctx, deep_prompts)
+        if merged is not None:
+            first, inverse = merged
+            deep = {k: (v[first] if v.dim() == 3 else v) for k, v in (deep_prompts or {}).items()}
+            return self.encode_prompts(prompts, ctx[first], deep)[inverse]
         embeds = prompts.assemble(ctx)  # (..., n_cls, L, w)
         lead = embeds.shape[:-2]
         length, width = embeds.shape[-2:]
@@ -347,6 +357,49 @@ class PromptLearner(nn.Module):
 
     def extra_repr(self) -> str:
         return f"classes={len(self.classnames)}, config={self.config}"
+
+
+_SHARED_ROWS: ContextVar[torch.Tensor | None] = ContextVar("shared_prompt_rows", default=None)
+
+
+@contextmanager
+def shared_prompt_rows(owner: torch.Tensor) -> Iterator[None]:
+    """Declare that rows of the per-sample prompts passed in this block are copies of one prompt per ``owner``.
+
+    Several inputs that use one prompt copy (e.g. augmented views of an image, each given
+    ``prompt_override = copies[owner]``) then cost one text pass per copy instead of one per input: the
+    reference learners' text encoding merges rows with the same owner when they are equal (deep prompts
+    included), which is exact, gradients included, because those rows are the same tensor rows indexed
+    repeatedly. Rows that differ (CoCoOp adds an image-conditioned shift to every row) are encoded one by one.
+
+    Args:
+        owner: ``(b,)`` the prompt copy of each input of the batch.
+    """
+    token = _SHARED_ROWS.set(owner)
+    try:
+        yield
+    finally:
+        _SHARED_ROWS.reset(token)
+
+
+def _merge_shared_rows(
+    ctx: torch.Tensor, deep_prompts: Mapping[int, torch.Tensor] | None
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(first, inverse)`` with ``ctx == ctx[first][inverse]`` when :func:`shared_prompt_rows` is active and every
+    row equals its owner's first row; else None."""
+    owner = _SHARED_ROWS.get()
+    if owner is None or ctx.dim() != 4 or ctx.shape[0] != owner.shape[0]:
+        return None
+    _, inverse = torch.unique(owner.to(ctx.device), return_inverse=True)
+    n_owners, batch = int(inverse.max()) + 1, ctx.shape[0]
+    if n_owners == batch:
+        return None
+    first = torch.full((n_owners,), batch, dtype=torch.long, device=ctx.device)
+    first = first.scatter_reduce(0, inverse, torch.arange(batch, device=ctx.device), reduce="amin")
+    per_sample = [v for v in (deep_prompts or {}).values() if v.dim() == 3]
+    if not all(torch.equal(v[first][inverse], v) for v in (ctx, *per_sample)):
+        return None
+    return first, inverse
 
 
 @torch.no_grad()

@@ -222,7 +222,7 @@ class PromptRefiner(RobustAddon):
         self, dataset: Any, *, cache_dir: str | Path | None = None, progress: bool = True, seed: int = 0
     ) -> RefinerTargets:
         """Target prompts of every training sample by ``config.targets`` (see
-        :func:`prompt_robust.refiner.build_targets`; ``seed`` seeds the groups of ``"group"``); also sets the
+        :func:`prompt_robust.refiner.build_targets`; ``seed`` seeds the groups of ``"group"`` and the views of ``"entropy"``); also sets the
         per-site normalisation ``sigma`` from their offsets."""
         targets = build_targets(
             self.learner,
@@ -235,6 +235,8 @@ class PromptRefiner(RobustAddon):
             rule=self.config.targets,
             n_groups=self.config.num_groups,
             seed=seed,
+            views=self.config.entropy_views,
+            keep=self.config.entropy_keep,
         )
         with torch.no_grad():
             for site, delta in targets.deltas.items():

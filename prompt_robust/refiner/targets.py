@@ -13,7 +13,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Mapping, Sequence
+import math
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,14 +27,18 @@ from tqdm.auto import tqdm
 
 from .. import _io
 from ..data.items import collate_images_labels, hash_items
+from ..learners.base import shared_prompt_rows
 
 __all__ = [
     "TARGET_RULES",
     "RefinerTargets",
+    "augmented_views",
     "build_targets",
     "descend_prompts",
     "discover_groups",
+    "entropy_prompts",
     "kmeans",
+    "marginal_entropy",
     "overfit_prompts",
 ]
 
@@ -61,9 +66,10 @@ def descend_prompts(
     steps: int,
     lr: float,
     progress: bool = False,
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
-    """Move ``n_prompts`` copies of the learned prompt, copy ``j`` against the gradient of the summed cross-entropy
-    of the samples assigned to it.
+    """Move ``n_prompts`` copies of the learned prompt, copy ``j`` against the gradient of the summed loss (by
+    default the cross-entropy) of the samples assigned to it.
 
     Each step goes over every batch (gradients add up), then moves copy ``j`` (every site) by
     ``lr x RMS(learned prompt)`` along its gradient normalised per copy and site, so ``lr`` means the same on every
@@ -73,17 +79,21 @@ def descend_prompts(
 
     Args:
         learner: a learner implementing the contract.
-        batches: ``(pixel_values (b, 3, H, W), labels (b,), assignment (b,))``, ``assignment`` the copy index of
-            each sample.
+        batches: ``(pixel_values (b, 3, H, W), targets (b,), assignment (b,))``, ``assignment`` the copy index of
+            each sample, ``targets`` what ``loss`` compares the logits with (the labels for the cross-entropy).
         n_prompts: number of copies.
         steps: gradient steps.
         lr: relative step length.
         progress: show a progress bar over the steps.
+        loss: ``(logits (b, n_cls), targets (b,)) -> losses (m,)`` whose sum is minimised; every term must depend
+            on the prompts of one copy only (default: per-sample cross-entropy).
 
     Returns:
-        ``({site: (n_prompts, n_tokens, dim)}, loss_before (N,), loss_after (N,))`` with ``N`` the samples of all
-        batches, in order.
+        ``({site: (n_prompts, n_tokens, dim)}, loss_before (M,), loss_after (M,))`` with ``M`` the loss terms of
+        all batches, in order (the samples, for the cross-entropy).
     """
+    if loss is None:
+        loss = _cross_entropy
     base = {site: p.detach() for site, p in learner.prompt_tokens().items()}
     if not base:
         raise ValueError(f"{type(learner).__name__}.prompt_tokens() is empty: there is no prompt to overfit.")
@@ -103,13 +113,11 @@ def descend_prompts(
             with torch.enable_grad():
                 leaves = {site: p.detach().requires_grad_(True) for site, p in prompts.items()}
                 override = {site: leaf[assignment] for site, leaf in leaves.items()}  # (b, n, d)
-                loss = F.cross_entropy(
-                    _logits(learner(pixel_values, prompt_override=override)), labels, reduction="none"
-                )
-                per_sample.append(loss.detach())
+                terms = loss(_logits(learner(pixel_values, prompt_override=override)), labels)
+                per_sample.append(terms.detach())
                 if step < steps:
                     # the sum couples nothing: d(sum)/d(copy_j) = sum of d(loss_i)/d(copy_j) over its samples
-                    for site, g in zip(leaves, torch.autograd.grad(loss.sum(), list(leaves.values())), strict=True):
+                    for site, g in zip(leaves, torch.autograd.grad(terms.sum(), list(leaves.values())), strict=True):
                         grads[site] += g
         losses.append(torch.cat(per_sample))
         if step == steps:
@@ -121,6 +129,99 @@ def descend_prompts(
             moved[site] = (p - lr * scale[site] * direction).detach()
         prompts = moved
     return prompts, losses[0], losses[-1]
+
+
+def _cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits, labels, reduction="none")
+
+
+def marginal_entropy(logits: torch.Tensor, owner: torch.Tensor) -> torch.Tensor:
+    """Entropy of the mean predicted distribution of each image's views (test-time prompt tuning's objective).
+
+    Args:
+        logits: ``(m, n_cls)`` of the views.
+        owner: ``(m,)`` index of the image each view belongs to, ``0..n-1``, every image with at least one view.
+
+    Returns:
+        ``(n,)`` entropies (nats).
+
+    Example:
+        >>> logits = torch.tensor([[10.0, 0.0], [0.0, 10.0], [10.0, 0.0]])
+        >>> [round(h, 3) for h in marginal_entropy(logits, torch.tensor([0, 0, 1])).tolist()]  # ln 2, then ~0
+        [0.693, 0.0]
+    """
+    n = int(owner.max()) + 1
+    probs = logits.float().softmax(-1)
+    counts = torch.bincount(owner, minlength=n).clamp_min(1).unsqueeze(1).to(probs.dtype)
+    mean = torch.zeros(n, probs.shape[1], dtype=probs.dtype, device=probs.device).index_add(0, owner, probs) / counts
+    return -(mean * mean.clamp_min(1e-12).log()).sum(-1)
+
+
+def augmented_views(
+    pixel_values: torch.Tensor,
+    n_views: int,
+    generator: torch.Generator,
+    scale: tuple[float, float] = (0.08, 1.0),
+) -> torch.Tensor:
+    """``n_views`` views of every image: the image itself, then random resized crops (area fraction in ``scale``,
+    aspect ratio 3/4..4/3, bilinear back to full size), each flipped horizontally with probability 1/2.
+
+    Args:
+        pixel_values: ``(b, 3, H, W)``.
+        n_views: views per image (the first is the image).
+        generator: CPU generator the crops are drawn from (seed it for reproducible views).
+        scale: range of the crop's area fraction.
+
+    Returns:
+        ``(b * n_views, 3, H, W)``, image ``i``'s views at ``i * n_views ...``.
+    """
+    batch, _, height, width = pixel_values.shape
+    out = pixel_values.unsqueeze(1).repeat(1, n_views, 1, 1, 1)  # (b, V, 3, H, W)
+    for i in range(batch):
+        for v in range(1, n_views):
+            area = float(torch.empty(()).uniform_(*scale, generator=generator))
+            ratio = math.exp(float(torch.empty(()).uniform_(math.log(3 / 4), math.log(4 / 3), generator=generator)))
+            w = max(2, min(width, round(math.sqrt(area * ratio) * width)))
+            h = max(2, min(height, round(math.sqrt(area / ratio) * height)))
+            top = int(torch.randint(height - h + 1, (), generator=generator))
+            left = int(torch.randint(width - w + 1, (), generator=generator))
+            crop = pixel_values[i : i + 1, :, top : top + h, left : left + w]
+            view = F.interpolate(crop, size=(height, width), mode="bilinear", align_corners=False)[0]
+            out[i, v] = view.flip(-1) if bool(torch.rand((), generator=generator) < 0.5) else view
+    return out.reshape(batch * n_views, *pixel_values.shape[1:])
+
+
+def entropy_prompts(
+    learner: nn.Module,
+    pixel_values: torch.Tensor,
+    *,
+    steps: int,
+    lr: float,
+    views: int,
+    keep: float,
+    generator: torch.Generator,
+) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+    """One prompt per image that minimises the marginal entropy of its confident augmented views, without its label
+    (test-time prompt tuning's rule, vectorised over the batch): ``views`` views per image
+    (:func:`augmented_views`), of which the ``keep`` fraction with the lowest prediction entropy under the learned
+    prompt is kept; then ``steps`` steps of :func:`descend_prompts` on :func:`marginal_entropy`. The same rule can
+    be applied to any image, a test image included.
+
+    Returns:
+        ``({site: (b, n_tokens, dim)}, entropy_before (b,), entropy_after (b,))``.
+    """
+    batch = pixel_values.shape[0]
+    all_views = augmented_views(pixel_values, views, generator)  # (b * V, 3, H, W)
+    n_keep = max(1, round(keep * views))
+    with torch.no_grad():
+        logits = _logits(learner(all_views)).float().reshape(batch, views, -1)  # the learned prompt, shared
+    entropy = -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1)  # (b, V)
+    chosen = entropy.argsort(dim=1)[:, :n_keep]  # (b, k) the most confident views
+    index = (chosen + torch.arange(batch, device=chosen.device).unsqueeze(1) * views).reshape(-1)
+    owner = torch.arange(batch, device=pixel_values.device).repeat_interleave(n_keep)
+    batches = [(all_views[index], owner, owner)]
+    with shared_prompt_rows(owner):  # an image's views share its prompt: one text pass per image, not per view
+        return descend_prompts(learner, batches, batch, steps=steps, lr=lr, loss=marginal_entropy)
 
 
 def overfit_prompts(
@@ -212,7 +313,7 @@ def discover_groups(features: torch.Tensor, labels: torch.Tensor, n_groups: int,
 
 
 #: how a training sample's target prompt is made (``RefinerConfig.targets``)
-TARGET_RULES: tuple[str, ...] = ("overfit", "group")
+TARGET_RULES: tuple[str, ...] = ("overfit", "group", "entropy")
 
 
 @dataclass
@@ -314,6 +415,8 @@ def build_targets(
     rule: str = "overfit",
     n_groups: int = 4,
     seed: int = 0,
+    views: int = 64,
+    keep: float = 0.1,
 ) -> RefinerTargets:
     """Target-prompt offsets and conditioning features of every sample of ``dataset``.
 
@@ -324,7 +427,10 @@ def build_targets(
     * ``"group"``: the training set is split into ``n_groups`` label-free groups (:func:`discover_groups`, seeded
       by ``seed``) and every group gets one prompt, ``steps`` steps on its samples' summed cross-entropy
       (:func:`descend_prompts`); a sample's target is its group's prompt, which a test image of the same
-      appearance can use.
+      appearance can use;
+    * ``"entropy"``: each sample's own prompt, ``steps`` steps on the marginal entropy of its ``keep`` most
+      confident of ``views`` augmented views (:func:`entropy_prompts`, test-time prompt tuning's rule; the views
+      are drawn from ``seed`` and the batch number). No label is used, so the rule means the same on a test image.
 
     With ``cache_dir`` the result is stored under ``cache_dir/refiner-targets-<fingerprint>/`` (per-sample
     targets: one safetensors shard per batch, written as soon as it is computed, so an interrupted pass
@@ -338,8 +444,9 @@ def build_targets(
         batch_size: samples per batch (bounds memory: ``batch_size x n_classes`` text sequences).
         cache_dir: folder for the cache; None: no cache.
         progress: show a progress bar.
-        rule: ``"overfit"`` or ``"group"``.
-        n_groups / seed: groups of the ``"group"`` rule and their k-means seed.
+        rule: ``"overfit"``, ``"group"`` or ``"entropy"``.
+        n_groups / seed: groups of the ``"group"`` rule and their k-means seed (``"entropy"``: seed of the views).
+        views / keep: views per image and the kept fraction of rule ``"entropy"``.
     """
     if rule not in TARGET_RULES:
         from ..config import unknown_name_error
@@ -350,7 +457,11 @@ def build_targets(
     device = next((p.device for p in learner.parameters()), torch.device("cpu"))
     folder = None
     if cache_dir is not None:
-        key = {"targets": rule} if rule == "overfit" else {"targets": rule, "n_groups": n_groups, "seed": seed}
+        key: dict[str, Any] = {"targets": rule}
+        if rule == "group":
+            key.update(n_groups=n_groups, seed=seed)
+        elif rule == "entropy":
+            key.update(views=views, keep=keep, seed=seed)
         folder = Path(cache_dir) / f"refiner-targets-{_fingerprint(learner, dataset, steps, lr, key)}"
         folder.mkdir(parents=True, exist_ok=True)
     batches = [range(s, min(s + batch_size, len(dataset))) for s in range(0, len(dataset), batch_size)]
@@ -360,7 +471,19 @@ def build_targets(
         if rule == "group":
             computed = _group_targets(learner, dataset, batches, device, folder, steps, lr, n_groups, seed, progress)
         else:
-            computed = _sample_targets(learner, dataset, batches, device, folder, steps, lr, progress)
+            if rule == "entropy":
+
+                def rule_fn(pixel_values, labels, number):
+                    generator = torch.Generator().manual_seed(int(seed) * 1_000_003 + number)
+                    return entropy_prompts(
+                        learner, pixel_values, steps=steps, lr=lr, views=views, keep=keep, generator=generator
+                    )
+            else:
+
+                def rule_fn(pixel_values, labels, number):
+                    return overfit_prompts(learner, pixel_values, labels, steps=steps, lr=lr)
+
+            computed = _sample_targets(learner, dataset, batches, device, folder, rule_fn, progress)
     finally:
         learner.train(was_training)
     if len(computed.cond) != len(dataset):
@@ -376,7 +499,7 @@ def _batch(dataset: Dataset, indices: range, device: torch.device) -> tuple[torc
     return batch["pixel_values"].to(device), batch["labels"].to(device)
 
 
-def _sample_targets(learner, dataset, batches, device, folder, steps, lr, progress) -> _Computed:
+def _sample_targets(learner, dataset, batches, device, folder, rule_fn, progress) -> _Computed:
     parts: list[dict[str, torch.Tensor]] = []
     for number, indices in enumerate(tqdm(batches, desc="refiner targets", disable=not progress)):
         shard = folder / f"shard-{number:05d}.safetensors" if folder is not None else None
@@ -384,7 +507,7 @@ def _sample_targets(learner, dataset, batches, device, folder, steps, lr, progre
             parts.append(_io.read_safetensors(shard))
             continue
         pixel_values, labels = _batch(dataset, indices, device)
-        prompts, before, after = overfit_prompts(learner, pixel_values, labels, steps=steps, lr=lr)
+        prompts, before, after = rule_fn(pixel_values, labels, number)
         base = {site: p.detach() for site, p in learner.prompt_tokens().items()}
         with torch.no_grad():
             cond = learner.image_features(pixel_values)
