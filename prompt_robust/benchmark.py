@@ -272,9 +272,9 @@ class _Runner:
         )
 
     def _train(self, model: RobustPromptModel, data: TaskData, seed: int) -> None:
+        model.prepare_addons(data, seed=seed, cache_dir=self.out_dir / "cache", progress=False)  # e.g. ICM's fit
         if not any(p.requires_grad for p in model.parameters()):
-            return  # zero-shot CLIP: nothing to train
-        model.prepare_addons(data, seed=seed, cache_dir=self.out_dir / "cache", progress=False)
+            return  # zero-shot CLIP: no prompt to train
         fit(model, data, self._fit_config(model.learner.learner_type, len(data), seed))
         if len(model.stages()) > 1:  # add-ons with their own training (the refiner's generator)
             model.fit_addons(data, seed=seed, cache_dir=self.out_dir / "cache", progress=False)

@@ -211,3 +211,17 @@ def test_benchmark_names_the_nuisance_attribute_for_debias_and_attribute_counter
     tasks = WorldTasks(32, (0.5,) * 3, (0.5,) * 3, version=2)
     assert tasks.nuisance_values("polygons") == ("sand", "snow", "brick") and tasks.nuisance_values("scenes") == ()
     assert "attribute_values" not in config.addon_settings("counterfactual", tasks.nuisance_values("scenes"))
+
+
+def test_benchmark_prepares_the_add_ons_of_zero_shot_clip(tmp_path):
+    """Zero-shot CLIP has no prompt to train, but its add-ons (ICM's projection) must still be fitted."""
+    from prompt_robust.benchmark import _Runner
+
+    bench = BenchConfig(k=1, pool_per_class=2, test_per_class=1, world_version=2)
+    bench.invariance = {"lam": 1.0, "dim": 8}
+    runner = _Runner(make_backbone("hf"), bench, tmp_path)
+    train, _ = runner.tasks.dg_train(1, seed=1)
+    model = runner._model("zeroshot", ["invariance"], runner.tasks.dg_classes(), seed=1)
+    assert not model.addons["invariance"].fitted
+    runner._train(model, train, seed=1)
+    assert model.addons["invariance"].fitted
