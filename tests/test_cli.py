@@ -212,5 +212,6 @@ def test_counterfactual_quality_suite(backbone_dir, tmp_path, capsys):
     assert cli.main(argv) == 0
     result = json.loads((out / "quality.json").read_text())
     run = result["per_seed"]["1"]
-    assert 0.0 <= run["validity"] <= 1.0 and run["proximity"] >= 0.0
-    assert "median proximity ratio" in capsys.readouterr().out
+    assert 0.0 <= run["validity"] <= 1.0 and run["proximity"] >= 0.0 and 0.0 <= run["background_kept"] <= 1.0
+    printed = capsys.readouterr().out
+    assert "median proximity ratio" in printed and "background kept" in printed

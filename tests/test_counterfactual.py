@@ -644,3 +644,18 @@ def test_auto_twin_uses_attribute_twins_exactly_when_the_attribute_is_named(bb):
     assert named.twin == "attribute" and hasattr(named, "attribute_offsets")
     with pytest.raises(ValueError, match="at least 2 distinct"):
         pr.CounterfactualConfig(attribute_values=["grass"])
+
+
+def test_background_kept_reads_both_sides_with_the_attribute_classifier(bb, monkeypatch):
+    from prompt_robust.counterfactual.bench import background_kept
+    from prompt_robust.debias import pseudo
+
+    d = bb.embed_dim
+    basis = torch.eye(d)
+    # six background "words": the first six axes
+    monkeypatch.setattr(pseudo, "attribute_text_features", lambda *a, **k: basis[:6])
+    factual = F.normalize(basis[[0, 1, 2, 3]] + 0.1, dim=-1)
+    same = factual.unsqueeze(1).expand(-1, 2, -1)
+    assert background_kept(None, factual, same) == 1.0
+    moved = torch.stack([basis[[0, 5]], basis[[1, 1]], basis[[4, 4]], basis[[3, 2]]])  # (4, 2, d)
+    assert background_kept(None, factual, moved) == pytest.approx(4 / 8)  # 1 + 2 + 0 + 1 of 8 kept

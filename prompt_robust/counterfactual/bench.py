@@ -70,6 +70,7 @@ def counterfactual_quality_benchmark(
             "proximity": quality.proximity,
             "factual_validity": quality.factual_validity,
             "mean_proximity_weight": float(addon.last_proximity.float().mean()),
+            "background_kept": background_kept(learner, z, counterfactuals),
         }
     keys = list(next(iter(per_seed.values())))
     mean = {key: statistics.fmean(run[key] for run in per_seed.values()) for key in keys}
@@ -80,16 +81,40 @@ def counterfactual_quality_benchmark(
     return result
 
 
+def background_kept(learner: Any, factual: torch.Tensor, counterfactuals: torch.Tensor) -> float:
+    """Share of counterfactuals that keep their factual's background (a non-causal factor), both read by the
+    zero-shot attribute classifier over the world's backgrounds (no annotation needed).
+
+    Args:
+        learner: a learner with ``fixed_text_features`` (the classifier's prompts are encoded by it).
+        factual: ``(n, d)`` unit-norm factual features.
+        counterfactuals: ``(n, K, d)`` their counterfactuals.
+    """
+    from ..config import CounterfactualConfig
+    from ..data import world
+    from ..debias.pseudo import attribute_text_features, classify_attributes
+
+    text = attribute_text_features(learner, list(world.BACKGROUNDS), CounterfactualConfig().attribute_templates)
+    read = classify_attributes(factual, text)[0]  # (n,)
+    n, k, d = counterfactuals.shape
+    twins = classify_attributes(counterfactuals.reshape(n * k, d), text)[0].reshape(n, k)
+    return float((twins == read.unsqueeze(1)).float().mean())
+
+
 def format_quality(result: dict[str, Any]) -> str:
     """Markdown table of a counterfactual quality run."""
-    lines = ["| seed | validity | median proximity ratio | factual z already assigned to y' |", "|---|---|---|---|"]
+    header = "| seed | validity | median proximity ratio | factual z already assigned to y' | background kept |"
+    lines = [header, "|---|---|---|---|---|"]
     for seed, run in result["per_seed"].items():
+        kept = f"{100 * run['background_kept']:.1f}%" if "background_kept" in run else ""
         lines.append(
-            f"| {seed} | {100 * run['validity']:.1f}% | {run['proximity']:.3f} | {100 * run['factual_validity']:.1f}% |"
+            f"| {seed} | {100 * run['validity']:.1f}% | {run['proximity']:.3f} | {100 * run['factual_validity']:.1f}% "
+            f"| {kept} |"
         )
     m, s = result["mean"], result["std"]
+    kept = f"{100 * m['background_kept']:.1f} ± {100 * s['background_kept']:.1f}%" if "background_kept" in m else ""
     lines.append(
         f"| mean ± std | {100 * m['validity']:.1f} ± {100 * s['validity']:.1f}% | {m['proximity']:.3f} ± "
-        f"{s['proximity']:.3f} | {100 * m['factual_validity']:.1f} ± {100 * s['factual_validity']:.1f}% |"
+        f"{s['proximity']:.3f} | {100 * m['factual_validity']:.1f} ± {100 * s['factual_validity']:.1f}% | {kept} |"
     )
     return "\n".join(lines)
