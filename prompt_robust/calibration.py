@@ -27,6 +27,7 @@ import torch
 from . import _io
 from .backbones.base import ClipBackbone
 from .benchmark import BenchConfig, run_benchmark, summarize, world_tasks
+from .data.fewshot import unused_indices
 from .data.tasks import TARGET_STYLES, WorldTasks
 
 __all__ = [
@@ -84,7 +85,7 @@ def _probe_accuracy(backbone: ClipBackbone, tasks: WorldTasks, dataset: str, k: 
     )
     pool = tasks.base_to_new_pool(dataset)
     train, indices = tasks.base_to_new_train(k, seed, dataset)
-    held = sorted(set(range(len(pool))) - set(indices))
+    held = unused_indices(len(pool), indices)
     x_train = image_features_in_batches(learner, train.pixel_values)
     x_val = image_features_in_batches(learner, pool.pixel_values[held])
     base_test, _ = tasks.base_to_new_test(dataset)

@@ -54,6 +54,7 @@ from . import _io
 from .backbones.base import ClipBackbone
 from .benchmark import BenchConfig, _accuracy, _outputs, _Runner
 from .config import RefinerConfig, RobustConfig
+from .data.fewshot import unused_indices
 from .data.tasks import TaskData
 from .model import wrap
 from .training import fit
@@ -127,7 +128,7 @@ def _scored(model, val: TaskData, test: TaskData) -> tuple[dict[str, Any], torch
 def _validation(tasks, train_indices: Sequence[int], per_class_style: int, seed: int) -> TaskData:
     """Unused pool images (the validation set): up to ``per_class_style`` per class and style, seeded."""
     pool = tasks.styled_pool()
-    unused = sorted(set(range(len(pool))) - set(train_indices))
+    unused = unused_indices(len(pool), train_indices)
     generator = torch.Generator().manual_seed(10_000 + seed)
     order = [unused[i] for i in torch.randperm(len(unused), generator=generator).tolist()]
     taken: dict[tuple[int, int], int] = {}
@@ -294,7 +295,7 @@ def refiner_tpt_mechanism(
     train, indices = tasks.dg_train(runner.config.k, seed)
     runner._save_split("domain_generalization", seed, indices)
     pool = tasks.dg_pool()
-    unused = sorted(set(range(len(pool))) - set(indices))
+    unused = unused_indices(len(pool), indices)
     order = torch.randperm(len(unused), generator=torch.Generator().manual_seed(10_000 + seed)).tolist()
     taken: dict[int, int] = {}
     chosen = []

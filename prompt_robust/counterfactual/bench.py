@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 from .. import _io
 from ..backbones.base import ClipBackbone
 from ..config import CounterfactualConfig
+from ..data.fewshot import unused_indices
 from ..learners.base import image_features_in_batches
 from .metrics import counterfactual_quality, fit_linear_probe
 
@@ -53,7 +54,7 @@ def counterfactual_quality_benchmark(
         model.prepare_addons(train, seed=seed, cache_dir=out_dir / "cache", progress=False)
         addon = model.addons["counterfactual"]
         pool = tasks.dg_train(tasks.pool_per_class, seed)[0]  # the whole pool, in pool order
-        held = sorted(set(range(len(pool))) - set(indices))
+        held = unused_indices(len(pool), indices)
         probe = fit_linear_probe(
             image_features_in_batches(learner, pool.pixel_values[held]), pool.labels[held], len(classes)
         )

@@ -23,7 +23,7 @@ from torch.utils.data import Dataset, Subset
 
 from .._io import atomic_write
 
-__all__ = ["FewShotSubset", "check_split", "load_split", "sample_few_shot", "save_split"]
+__all__ = ["FewShotSubset", "check_split", "load_split", "sample_few_shot", "save_split", "unused_indices"]
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +44,16 @@ def _int_list(name: str, values: Sequence[int] | torch.Tensor) -> list[int]:
                 raise ValueError(f"{name} must hold integers; got {value!r} ({type(value).__name__}) at {position}.")
         out.append(int(value))
     return out
+
+
+def unused_indices(size: int, used: Sequence[int]) -> list[int]:
+    """The indices of a pool of ``size`` items that a split did not draw, ascending (a validation set).
+
+    Example:
+        >>> unused_indices(5, [3, 0])
+        [1, 2, 4]
+    """
+    return sorted(set(range(size)) - set(_int_list("used", used)))
 
 
 def sample_few_shot(
