@@ -94,8 +94,8 @@ class RefinerConfig(ConfigMixin):
     prompt per label-free group of training images (``"group"``, ``num_groups`` k-means groups of the image
     features minus their class mean) or of one prompt per training sample on the marginal entropy of its
     ``entropy_keep`` most confident of ``entropy_views`` augmented views (``"entropy"``, test-time prompt tuning's
-    label-free rule, which means the same on a test image). Generator training: ``train_steps`` of flow matching, then optionally
-    ``joint_steps`` with the task loss through the sampler (plus ``fm_weight`` x flow matching).
+    label-free rule, which means the same on a test image). Generator training: ``train_steps`` of flow matching,
+    then optionally ``joint_steps`` with the task loss through the sampler (plus ``fm_weight`` x flow matching).
     """
 
     num_steps: int = help_field(5, "ODE steps of the sampler at test time.")

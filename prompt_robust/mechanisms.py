@@ -125,20 +125,38 @@ def _scored(model, val: TaskData, test: TaskData) -> tuple[dict[str, Any], torch
     return {"val": _accuracy(model, val), "test": float(correct.float().mean()), "groups": groups}, predictions
 
 
-def _validation(tasks, train_indices: Sequence[int], per_class_style: int, seed: int) -> TaskData:
-    """Unused pool images (the validation set): up to ``per_class_style`` per class and style, seeded."""
-    pool = tasks.styled_pool()
-    unused = unused_indices(len(pool), train_indices)
+def _held_out(pool: TaskData, used: Sequence[int], strata: torch.Tensor, per_stratum: int, seed: int) -> TaskData:
+    """The validation set: the pool's images a split did not use, up to ``per_stratum`` per value of ``strata``
+    (one int per pool image), drawn in a seeded order."""
+    unused = unused_indices(len(pool), used)
     generator = torch.Generator().manual_seed(10_000 + seed)
     order = [unused[i] for i in torch.randperm(len(unused), generator=generator).tolist()]
-    taken: dict[tuple[int, int], int] = {}
+    taken: dict[int, int] = {}
     chosen = []
     for index in order:
-        key = (int(pool.labels[index]), int(pool.groups[index]))
-        if taken.get(key, 0) < per_class_style:
+        key = int(strata[index])
+        if taken.get(key, 0) < per_stratum:
             taken[key] = taken.get(key, 0) + 1
             chosen.append(index)
     return pool.subset(sorted(chosen))
+
+
+def _validation(tasks, train_indices: Sequence[int], per_class_style: int, seed: int) -> TaskData:
+    """Unused pool images (the validation set): up to ``per_class_style`` per class and style, seeded."""
+    pool = tasks.styled_pool()
+    n_styles = int(pool.groups.max()) + 1
+    return _held_out(pool, train_indices, pool.labels * n_styles + pool.groups, per_class_style, seed)
+
+
+def _flat_offsets(addon: Any, targets: Any, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The refiner's training targets ``(N, D)`` and the offsets it generates for ``cond`` ``(M, D)``, every site
+    flattened and concatenated in sorted order (the generated ones in prompt units, times the site's scale)."""
+    sites = sorted(addon.sites)
+    flat = torch.cat([targets.deltas[s].flatten(1) for s in sites], dim=1)
+    with torch.no_grad():
+        generated = addon.sample_offsets(cond)
+        generated = torch.cat([(addon.scale(s) * generated[s]).flatten(1) for s in sites], dim=1)
+    return flat, generated
 
 
 def refiner_mechanism(
@@ -217,12 +235,8 @@ def refiner_mechanism(
         out[name] = _scored(model, val, test)[0]
         addon = model.addons["refiner"]
         targets = addon.build_targets(train, cache_dir=cache, progress=False, seed=seed)  # cached: no recompute
-        flat = torch.cat([targets.deltas[s].flatten(1) for s in addon.sites], dim=1)  # (N, D)
-        with torch.no_grad():
-            model.eval()
-            cond = base.learner.image_features(test.pixel_values)
-            generated = addon.sample_offsets(cond)
-            generated = torch.cat([(addon.scale(s) * generated[s]).flatten(1) for s in addon.sites], dim=1)
+        model.eval()
+        flat, generated = _flat_offsets(addon, targets, base.learner.image_features(test.pixel_values))
         diagnostics = {
             "label_decodability": label_decodability(flat, train.labels),
             "prediction_agreement": prediction_agreement(flat, train.labels, generated, predictions),
@@ -237,7 +251,7 @@ def refiner_mechanism(
 def _tpt_predictions(learner, data: TaskData, config: RefinerConfig, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Predictions of ``learner`` with every image's own label-free prompt (the rule of ``config``: its
     ``inner_steps``, ``inner_lr``, ``entropy_views``, ``entropy_keep``), and those prompts' offsets ``(N, D)``."""
-    from .refiner.targets import entropy_prompts
+    from .refiner.targets import _logits, entropy_prompts
 
     generator = torch.Generator().manual_seed(20_000 + seed)
     base = {site: p.detach() for site, p in learner.prompt_tokens().items()}
@@ -257,8 +271,7 @@ def _tpt_predictions(learner, data: TaskData, config: RefinerConfig, seed: int) 
                 generator=generator,
             )
             with torch.no_grad():
-                logits = learner(x, prompt_override=prompts)
-            predictions.append((logits if isinstance(logits, torch.Tensor) else logits.logits).argmax(-1))
+                predictions.append(_logits(learner(x, prompt_override=prompts)).argmax(-1))
             offsets.append(torch.cat([(prompts[s] - base[s]).flatten(1) for s in sorted(base)], dim=1))
     finally:
         learner.train(was_training)
@@ -295,16 +308,7 @@ def refiner_tpt_mechanism(
     train, indices = tasks.dg_train(runner.config.k, seed)
     runner._save_split("domain_generalization", seed, indices)
     pool = tasks.dg_pool()
-    unused = unused_indices(len(pool), indices)
-    order = torch.randperm(len(unused), generator=torch.Generator().manual_seed(10_000 + seed)).tolist()
-    taken: dict[int, int] = {}
-    chosen = []
-    for i in order:
-        label = int(pool.labels[unused[i]])
-        if taken.get(label, 0) < val_per_class:
-            taken[label] = taken.get(label, 0) + 1
-            chosen.append(unused[i])
-    sets = {"val": pool.subset(sorted(chosen)), **tasks.dg_test()}
+    sets = {"val": _held_out(pool, indices, pool.labels, val_per_class, seed), **tasks.dg_test()}
     classes = tasks.dg_classes()
 
     base = runner._model(learner, [], classes, seed)
@@ -330,11 +334,7 @@ def refiner_tpt_mechanism(
         )
         addon = model.addons["refiner"]
         targets = addon.build_targets(train, cache_dir=cache, progress=False, seed=seed)  # cached: no recompute
-        flat = torch.cat([targets.deltas[s].flatten(1) for s in sorted(addon.sites)], dim=1)
-        with torch.no_grad():
-            cond = base.learner.image_features(sets["val"].pixel_values)
-            generated = addon.sample_offsets(cond)
-            generated = torch.cat([(addon.scale(s) * generated[s]).flatten(1) for s in sorted(addon.sites)], dim=1)
+        flat, generated = _flat_offsets(addon, targets, base.learner.image_features(sets["val"].pixel_values))
         wanted = oracle_offsets["val"]
         out["diagnostics"][rule_name] = {
             "label_decodability": label_decodability(flat, train.labels),

@@ -222,8 +222,8 @@ class PromptRefiner(RobustAddon):
         self, dataset: Any, *, cache_dir: str | Path | None = None, progress: bool = True, seed: int = 0
     ) -> RefinerTargets:
         """Target prompts of every training sample by ``config.targets`` (see
-        :func:`prompt_robust.refiner.build_targets`; ``seed`` seeds the groups of ``"group"`` and the views of ``"entropy"``); also sets the
-        per-site normalisation ``sigma`` from their offsets."""
+        :func:`prompt_robust.refiner.build_targets`; ``seed`` seeds the groups of ``"group"`` and the views of
+        ``"entropy"``); also sets the per-site normalisation ``sigma`` from their offsets."""
         targets = build_targets(
             self.learner,
             dataset,

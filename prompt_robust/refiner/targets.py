@@ -471,17 +471,14 @@ def build_targets(
         if rule == "group":
             computed = _group_targets(learner, dataset, batches, device, folder, steps, lr, n_groups, seed, progress)
         else:
-            if rule == "entropy":
 
-                def rule_fn(pixel_values, labels, number):
-                    generator = torch.Generator().manual_seed(int(seed) * 1_000_003 + number)
-                    return entropy_prompts(
-                        learner, pixel_values, steps=steps, lr=lr, views=views, keep=keep, generator=generator
-                    )
-            else:
-
-                def rule_fn(pixel_values, labels, number):
+            def rule_fn(pixel_values, labels, number):  # the prompts of batch ``number``
+                if rule == "overfit":
                     return overfit_prompts(learner, pixel_values, labels, steps=steps, lr=lr)
+                generator = torch.Generator().manual_seed(int(seed) * 1_000_003 + number)
+                return entropy_prompts(
+                    learner, pixel_values, steps=steps, lr=lr, views=views, keep=keep, generator=generator
+                )
 
             computed = _sample_targets(learner, dataset, batches, device, folder, rule_fn, progress)
     finally:
