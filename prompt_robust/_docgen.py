@@ -191,9 +191,13 @@ def _cli_usage(parser: argparse.ArgumentParser) -> dict[str, list[str]]:
     usage: dict[str, list[str]] = {}
     for command, sub in _subcommands(parser):
         per_class: dict[str, list[str]] = {}
+        prefixes: dict[str, str] = {}
         for action in sub._actions:
             if "." in action.dest:
-                per_class.setdefault(action.dest.split(".", 1)[0], []).append(action.dest.split(".", 1)[1])
+                name, field_name = action.dest.split(".", 1)
+                per_class.setdefault(name, []).append(field_name)
+                option = action.option_strings[0] if action.option_strings else ""
+                prefixes[name] = option.removesuffix(field_name.replace("_", "-"))[2:]  # "--refiner-x" -> "refiner-"
             for option in action.option_strings:
                 if option in json_options:
                     usage.setdefault(json_options[option], []).append(
@@ -203,7 +207,8 @@ def _cli_usage(parser: argparse.ArgumentParser) -> dict[str, list[str]]:
             cls = next((c for c in config_classes() if c.__name__ == name), None)
             skipped = [] if cls is None else [f.name for f in dataclasses.fields(cls) if f.name not in exposed]
             note = f" (all but {', '.join(f'`{s}`' for s in skipped)})" if skipped else ""
-            usage.setdefault(name, []).append(f"`prompt-robust {command}`: one `--field-name` option per field{note}")
+            option = f"--{prefixes.get(name, '')}field-name"
+            usage.setdefault(name, []).append(f"`prompt-robust {command}`: one `{option}` option per field{note}")
     return usage
 
 
@@ -329,13 +334,15 @@ def cli_markdown() -> str:
         "prompt_robust.cli` runs the same program); every command also takes `-h` for its help. Usage:",
         "",
         "```",
-        f"{parser.prog} [--version] [-v] [-q] <command> [options]",
+        f"{parser.prog} [--version] [-v] [-q] [--debug] <command> [options]",
         "```",
         "",
         "Options grouped under a config class name are generated from that dataclass: `--field-name` sets "
-        "`field_name`, lists take several values (`--seeds 1 2 3`), booleans take `true`/`false`, and an option "
+        "`field_name` (the refiner's fields are `--refiner-field-name`), lists take several values (`--seeds 1 2 3`), booleans take `true`/`false`, and an option "
         "left out keeps the dataclass default. The fields are described in [config.md](config.md). The CLI prints "
-        "its results; the library itself never prints.",
+        "its results; the library itself never prints. `-v`, `-q` and `--debug` may also follow the command. A "
+        "user's mistake prints one line, `prompt-robust: error: ...`, and exits with status 2; an unexpected error "
+        "exits with 1 (`--debug` shows its traceback).",
         "",
         "## Global options",
         "",

@@ -108,8 +108,10 @@ class RobustAddon(nn.Module):
         cache_dir: str | Path | None = None,
         checkpoint_dir: str | Path | None = None,
         progress: bool = True,
+        resume: bool | str = True,
     ) -> dict[str, float]:
-        """Run this add-on's training stages on ``dataset`` after the prompt was trained; returns logs."""
+        """Run this add-on's training stages on ``dataset`` after the prompt was trained; returns logs. Stages that
+        train through :func:`prompt_robust.training.fit` pass ``resume`` on to it."""
         return {}
 
     def detach(self) -> None:

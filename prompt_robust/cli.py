@@ -4,26 +4,36 @@ Options of the training, benchmark and pretraining commands are generated from t
 (:class:`~prompt_robust.training.FitConfig`, :class:`~prompt_robust.benchmark.BenchConfig`,
 :class:`~prompt_robust.pretrain.PretrainConfig`), so the CLI and the Python API never disagree. The CLI prints its
 results; the library itself never prints.
+
+A user's mistake (a missing or wrong option, a refused overwrite, a checkpoint of other settings) is answered with
+one line, ``prompt-robust: error: ...``, naming the option to fix, and exit status 2; an unexpected error exits
+with status 1 and one line; ``--debug`` shows the traceback of either.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import datetime
+import difflib
 import importlib
+import importlib.util
 import json
 import logging
+import re
 import shlex
 import sys
 import time
 import types
 import typing
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from . import __version__
 
-__all__ = ["main"]
+__all__ = ["UsageError", "main"]
 
 DEMO_METHODS = ["zeroshot", "coop"]
 
@@ -50,8 +60,16 @@ def _parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false; got {text!r}")
 
 
-def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
-    """Add ``--field-name`` options for every field of config dataclass ``cls`` (defaults left to the class)."""
+def add_dataclass_args(
+    parser: argparse.ArgumentParser,
+    cls: type,
+    skip: tuple[str, ...] = (),
+    *,
+    prefix: str = "",
+    unprefixed: tuple[str, ...] = (),
+) -> None:
+    """Add ``--<prefix>field-name`` options for every field of config dataclass ``cls`` (defaults left to the
+    class); the fields in ``unprefixed`` also keep their plain ``--field-name`` spelling."""
     hints = typing.get_type_hints(cls)
     group = parser.add_argument_group(cls.__name__)
     for f in dataclasses.fields(cls):
@@ -60,8 +78,10 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, skip: tuple[s
         kind, is_list = _arg_type(hints[f.name])
         kind = _parse_bool if kind is bool else kind
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        flag = f.name.replace("_", "-")
+        names = [f"--{prefix}{flag}", *([f"--{flag}"] if prefix and f.name in unprefixed else [])]
         group.add_argument(
-            f"--{f.name.replace('_', '-')}",
+            *names,
             dest=f"{cls.__name__}.{f.name}",
             type=kind,
             nargs="+" if is_list else None,
@@ -75,6 +95,145 @@ def dataclass_from_args(cls: type, args: argparse.Namespace, **overrides: Any) -
     prefix = f"{cls.__name__}."
     values = {key[len(prefix) :]: value for key, value in vars(args).items() if key.startswith(prefix)}
     return cls(**{**overrides, **values})
+
+
+def _refiner_args(parser: argparse.ArgumentParser) -> None:
+    """The refiner's fields as ``--refiner-<field>``. The plain spellings (``--train-steps``) stay where they are
+    unambiguous; ``--method`` and ``--targets`` do not, as they read like ``bench --methods`` and the calibration
+    suite's targets (``bench --method coop`` once set the refiner's ODE solver to 'coop')."""
+    from .config import RefinerConfig
+
+    fields = tuple(f.name for f in dataclasses.fields(RefinerConfig) if f.name not in ("method", "targets"))
+    add_dataclass_args(parser, RefinerConfig, prefix="refiner-", unprefixed=fields)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# errors a user can fix: one line naming the option
+# ---------------------------------------------------------------------------------------------------------------
+class UsageError(ValueError):
+    """A command line the program refuses (a missing or wrong option, a run it would replace); its message names
+    the option to fix. ``main`` prints it as one line and returns 2 (``--debug``: raised, with its traceback).
+
+    Example:
+        >>> main(["train", "--dataset", "waterbirds", "--out", "run", "--debug"])
+        Traceback (most recent call last):
+        ...
+        prompt_robust.cli.UsageError: --dataset waterbirds needs --root (the Waterbirds folder holding metadata.csv).
+    """
+
+
+#: exceptions that mean "the input is wrong" (a config value, a path, a refused overwrite, a checkpoint of other
+#: settings, a missing optional extra); anything else is a bug, reported as such
+_USER_ERRORS = (ValueError, OSError, TypeError, KeyError, ImportError, FloatingPointError)
+
+#: library wording (Python arguments) -> the command line's options: (pattern, replacement, commands it applies
+#: to, or None: every command); more specific phrases first
+_CLI_WORDS: tuple[tuple[re.Pattern[str], str | Callable[[re.Match[str]], str], tuple[str, ...] | None], ...] = (
+    (
+        re.compile(r"move the old run's checkpoints away and pass resume=False to start over here"),
+        "pass --overwrite to start over here (it moves the old run aside)",
+        ("train",),
+    ),
+    (re.compile(r"\bresume=False\b"), "--overwrite", ("train",)),
+    (re.compile(r"\banother checkpoint_dir\b"), "another --out", ("train",)),
+    (re.compile(r"\bcheckpoint_dir\b"), "--checkpoint-dir", ("pretrain-backbone",)),
+    (re.compile(r"\bFitConfig\.(\w+)"), lambda m: "--" + m.group(1).replace("_", "-"), ("train",)),
+    (re.compile(r"\bresume=(['\"])new-settings\1"), "--resume-new-settings", ("train",)),
+    (re.compile(r"\boverwrite=True\b"), "--overwrite", None),
+    (re.compile(r"\bstrict_backbone=False\b"), "--no-strict-backbone", None),
+    (
+        re.compile(r"\bdelete it or choose another --out\b"),
+        "pass --overwrite (it moves them aside) or choose another --out",
+        None,
+    ),
+)
+
+
+def _cli_words(message: str, command: str | None = None) -> str:
+    """A library message as one line in the command line's terms (``overwrite=True`` -> ``--overwrite``)."""
+    for pattern, replacement, commands in _CLI_WORDS:
+        if commands is None or command in commands:
+            message = pattern.sub(replacement, message)
+    return " ".join(message.split())
+
+
+def _error_line(error: BaseException, command: str | None = None) -> str:
+    if isinstance(error, KeyError) and error.args:
+        text = str(error.args[0])
+    else:
+        text = str(error) or type(error).__name__
+    if isinstance(error, (TypeError, KeyError)):  # bad input, or a bug: the traceback tells which
+        text += " (rerun with --debug for the traceback)"
+    return _cli_words(text, command)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse without prefix abbreviations (``--meth`` is not ``--methods``), whose errors are one line, and
+    whose unknown options are answered with the closest valid ones."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())}; see '{self.prog} -h'\n")
+
+    def parse_args(self, args: Any = None, namespace: Any = None) -> argparse.Namespace:  # type: ignore[override]
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            commands = next(a for a in self._actions if isinstance(a, argparse._SubParsersAction)).choices
+            parser = commands.get(getattr(parsed, "command", None), self)
+            parser.error(_unrecognized(extras, parser))
+        return parsed
+
+
+def _unrecognized(extras: list[str], parser: argparse.ArgumentParser) -> str:
+    """``unrecognized argument --method; did you mean --methods? (the refiner's option is --refiner-method)``"""
+    option = next((e.split("=", 1)[0] for e in extras if e.startswith("-")), None)
+    if option is None:
+        return f"unrecognized argument(s): {' '.join(extras)}"
+    valid = [o for a in parser._actions if a.help != argparse.SUPPRESS for o in a.option_strings if o.startswith("--")]
+    close = difflib.get_close_matches(option, valid, n=1, cutoff=0.6)
+    message = f"unrecognized argument {option}" + (f"; did you mean {close[0]}?" if close else "")
+    prefixed = f"--refiner-{option.lstrip('-')}"  # a refiner option whose plain spelling was dropped as ambiguous
+    if prefixed in valid and prefixed not in close:
+        message += f" (the refiner's option is {prefixed})"
+    return message
+
+
+def _global_args(parser: argparse.ArgumentParser, *, command: bool) -> None:
+    """-v, -q and --debug, accepted before the command and after it (where their default is SUPPRESS, so a flag
+    given before the command is not reset by the command's parser)."""
+    group = parser.add_argument_group("global options") if command else parser
+    default = argparse.SUPPRESS if command else False
+    group.add_argument("-v", "--verbose", action="store_true", default=default, help="Log progress details.")
+    group.add_argument("-q", "--quiet", action="store_true", default=default, help="No progress bars.")
+    group.add_argument(
+        "--debug", action="store_true", default=default, help="Show the traceback of an error (not one line)."
+    )
+
+
+def _replaced_dir(out: Path) -> Path:
+    """A new ``<out>/replaced-<UTC YYYYmmdd-HHMMSS>/`` (suffixed -2, -3 ... within the same second)."""
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    target, n = out / f"replaced-{stamp}", 2
+    while target.exists():
+        target, n = out / f"replaced-{stamp}-{n}", n + 1
+    return target
+
+
+def _move_aside(out: Path, names: list[str], what: str) -> Path | None:
+    """Move ``names`` (files or folders under ``out``) into a new ``replaced-<time>/`` folder, deleting nothing;
+    prints where they went."""
+    names = [name for name in names if (out / name).exists()]
+    if not names:
+        return None
+    target = _replaced_dir(out)
+    target.mkdir(parents=True)
+    for name in names:
+        (out / name).rename(target / name)  # the same file system: a rename, nothing copied
+    print(f"moved {what} ({', '.join(names)}) to {target}")
+    return target
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -110,20 +269,81 @@ def _print_tables(means: dict, stds: dict) -> None:
         print("\nsanity checks\n" + "\n".join(f"- {c}" for c in checks))
 
 
-def _run_bench(args: argparse.Namespace, config, title: str) -> int:
+#: what each bench suite (and demo) writes into --out: what a rerun would replace, and --overwrite moves aside
+_SUITE_OUTPUTS: dict[str, tuple[str, ...]] = {
+    "demo": ("results.json", "results_seeds.json", "report.md", "base_to_new.png", "spurious_groups.png"),
+    "quick": ("results.json", "results_seeds.json", "report.md", "base_to_new.png", "spurious_groups.png"),
+    "full": ("results.json", "results_seeds.json", "report.md", "base_to_new.png", "spurious_groups.png"),
+    "calibration": ("calibration.json", "calibration.md"),
+    "mechanisms": ("mechanisms.json", "mechanisms.md"),
+    "refiner-sweep": ("sweep.json", "sweep.md", "sweep.png"),
+    "refiner-cost": ("cost.json", "cost.md"),
+    "counterfactual-quality": ("quality.json", "quality.md"),
+    "icm": ("icm.json", "icm.md"),
+    "icm-grid": ("icm_grid.json", "icm_grid.md"),
+}
+#: suites that save each (method, seed) run under runs/ (and few-shot splits under splits/) for a rerun to reuse
+_SAVED_RUNS = ("demo", "quick", "full", "calibration", "mechanisms")
+
+
+_BENCH_OVERWRITE_HELP = (
+    "Replace results of other settings already in --out: they are moved (not deleted), with the saved runs/ and "
+    "splits/, into <out>/replaced-<UTC YYYYmmdd-HHMMSS>/, and the benchmark starts afresh. Without it a rerun with "
+    "the same settings resumes (reusing the saved runs) and other settings are refused."
+)
+
+
+def _claim_bench_out(args: argparse.Namespace, suite: str, settings: dict[str, Any] | None = None) -> None:
+    """Refuse to replace the results of an earlier run in ``--out``, unless they were made with the same
+    ``settings`` (a rerun then reuses its saved runs and writes the same results) or ``--overwrite`` is given,
+    which moves them (and the saved runs) into ``<out>/replaced-<time>/``. Suites that record no settings
+    (``settings=None``) refuse any earlier output of theirs."""
+    from .report import recorded_settings
+
+    out = Path(args.out)
+    present = [name for name in _SUITE_OUTPUTS[suite] if (out / name).exists()]
+    if args.overwrite:
+        saved = ["runs", "splits"] if suite in _SAVED_RUNS else []
+        _move_aside(out, [*present, *saved], f"the previous {suite} results")
+        return
+    if not present:
+        return  # nothing finished there: a rerun resumes an interrupted run (saved runs of other settings rerun)
+    detail = ""
+    if settings is not None:
+        recorded = recorded_settings(out)
+        if recorded == settings:
+            return
+        if recorded is not None:
+            differs = sorted(k for k in {*recorded, *settings} if recorded.get(k) != settings.get(k))
+            shown = [f"{k} {_short(recorded.get(k))} -> {_short(settings.get(k))}" for k in differs[:4]]
+            detail = f" made with other settings ({'; '.join(shown)}{'; ...' if len(differs) > 4 else ''})"
+    raise UsageError(
+        f"{out} already holds {suite} results ({', '.join(present)}){detail}; pass --overwrite to move them into "
+        f"{out}/replaced-<UTC time>/ and start afresh, or choose another --out."
+    )
+
+
+def _short(value: Any, width: int = 40) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def _run_bench(args: argparse.Namespace, config, title: str, suite: str) -> int:
     from .benchmark import run_benchmark, summarize
     from .report import write_outputs
 
     started = time.time()
     backbone = _embedded_or_given(args.backbone)
     out = Path(args.out)
+    settings = {**config.to_dict(), "backbone": backbone.fingerprint()}
+    _claim_bench_out(args, suite, settings)
     raw = run_benchmark(backbone, config, out, progress=not args.quiet)
     means, stds = summarize(raw)
     header = (
         f"# {title}\n\nCommand: `{_command_line()}`  \nBackbone: `{backbone.name}`  \nSeeds: {config.seeds} "
         f"(mean ± std, %)  \nWall time: {time.time() - started:.0f} s"
     )
-    files = write_outputs(out, raw, means, stds, header=header, settings=config.to_dict())
+    files = write_outputs(out, raw, means, stds, header=header, settings=settings)
     _print_tables(means, stds)
     print(f"\nwrote {', '.join(str(out / f) for f in files)} ({time.time() - started:.0f} s)")
     return 0
@@ -139,17 +359,26 @@ def _set_fields(cls: type, args: argparse.Namespace) -> dict[str, Any]:
 _JSON_ADDONS = ("counterfactual", "invariance", "debias")
 
 
-def _json_option(text: str | None, option: str) -> dict[str, Any]:
+def _json_option(args: argparse.Namespace, addon: str) -> dict[str, Any]:
+    """The settings of ``addon`` given as ``--<addon>-config`` JSON, their field names checked."""
+    from .config import RobustConfig, unknown_name_error
+
+    option, text = f"--{addon}-config", getattr(args, f"{addon}_config")
     if not text:
         return {}
     try:
         value = json.loads(text)
     except json.JSONDecodeError as error:
-        raise SystemExit(
+        raise UsageError(
             f"{option} must be a JSON object such as '{{\"weight\": 0.5}}'; got {text!r} ({error})."
         ) from None
     if not isinstance(value, dict):
-        raise SystemExit(f"{option} must be a JSON object of config fields; got {text!r}.")
+        raise UsageError(f"{option} must be a JSON object of config fields; got {text!r}.")
+    cls = RobustConfig.nested[addon]
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in value:
+        if key not in names:
+            raise UsageError(f"{option}: {unknown_name_error(f'{cls.__name__} field', key, names)}")
     return value
 
 
@@ -172,7 +401,7 @@ def _demo(args: argparse.Namespace) -> int:
         refiner={"train_steps": 150, "inner_steps": 2},
         counterfactual={"train_steps": 100, "proximity_search": 0, "proximity_weight": 0.5},
     )
-    return _run_bench(args, config, "prompt_robust demo on the embedded world")
+    return _run_bench(args, config, "prompt_robust demo on the embedded world", "demo")
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -188,18 +417,20 @@ def _bench(args: argparse.Namespace) -> int:
 
     refiner = _set_fields(RefinerConfig, args)
     seeds = list(range(1, args.seeds + 1))
+    others = {name: _json_option(args, name) for name in _JSON_ADDONS}
+    if args.suite not in ("quick", "full"):  # these two compare settings once the config is built
+        _claim_bench_out(args, args.suite)
     if args.suite in ("refiner-sweep", "refiner-cost"):
         return _bench_refiner(args, refiner, seeds)
     if args.suite == "calibration":
         return _bench_calibration(args, seeds)
-    others = {name: _json_option(getattr(args, f"{name}_config"), f"--{name}-config") for name in _JSON_ADDONS}
     if args.suite == "mechanisms":
         return _bench_mechanisms(args, refiner, others, seeds)
     if args.suite in _FEATURE_SUITES:
         return _bench_features(args, others, seeds)
     # --methods, when given, wins over the suite's list
     config = dataclass_from_args(BenchConfig, args, methods=methods, seeds=seeds, refiner=refiner, **others)
-    return _run_bench(args, config, f"prompt_robust benchmark ({args.suite} suite)")
+    return _run_bench(args, config, f"prompt_robust benchmark ({args.suite} suite)", args.suite)
 
 
 #: suites on frozen features: suite -> (module, runner, formatter, add-on whose JSON config they take, file stem)
@@ -345,23 +576,79 @@ def _pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+#: what each dataset layout needs: option -> (what it is, "dir" or "file")
+_DATA_NEEDS: dict[str, dict[str, tuple[str, str]]] = {
+    "coop": {"split_file": ("split_zhou_<Dataset>.json", "file"), "image_dir": ("the split file's image root", "dir")},
+    "waterbirds": {"root": ("the Waterbirds folder holding metadata.csv", "dir")},
+    "celeba": {"root": ("the CelebA folder", "dir")},
+    "domainbed": {"root": ("the DomainBed dataset folder, one subfolder per domain", "dir"), "test_domains": ("", "")},
+}
+
+
+def _check_data_args(args: argparse.Namespace) -> None:
+    """Refuse missing or wrong data options before anything loads, naming the option."""
+    needs = _DATA_NEEDS[args.dataset]
+    missing = [name for name in needs if not getattr(args, name)]
+    if missing:
+        flags = " and ".join(f"--{name.replace('_', '-')}" for name in missing)
+        what = "; ".join(f"{needs[n][0]}" for n in missing if needs[n][0])
+        example = " (the held-out domains, e.g. --test-domains sketch)" if "test_domains" in missing else ""
+        raise UsageError(f"--dataset {args.dataset} needs {flags}{f' ({what})' if what else ''}{example}.")
+    for name, (what, kind) in needs.items():
+        path = Path(getattr(args, name)) if kind else None
+        if path is not None and not (path.is_dir() if kind == "dir" else path.is_file()):
+            flag = f"--{name.replace('_', '-')}"
+            found = "is not a folder" if kind == "dir" and path.exists() else "does not exist"
+            raise UsageError(f"{flag} {str(path)!r} {found}; it should be {what}.")
+
+
 def _dataset(args: argparse.Namespace, split: str, transform):
     from .data import loaders
 
     kind = args.dataset
     if kind == "coop":
-        if not args.split_file or not args.image_dir:
-            raise SystemExit("--dataset coop needs --split-file split_zhou_<Dataset>.json and --image-dir DIR")
         return loaders.load_coop_split(args.split_file, args.image_dir, split, transform=transform)
     if kind == "waterbirds":
         return loaders.load_waterbirds(args.root, split, transform=transform)
     if kind == "celeba":
         return loaders.load_celeba(args.root, args.target, args.spurious, split, transform=transform)
     dataset = loaders.load_domainbed(args.root, transform=transform)
-    if not args.test_domains:
-        raise SystemExit("--dataset domainbed needs --test-domains (the held-out domains)")
     train, tests = loaders.split_by_domain(dataset, args.test_domains)
     return train if split == "train" else tests
+
+
+#: a train run's artifacts under --out: what --overwrite moves aside before training afresh
+_RUN_ARTIFACTS = ["checkpoints", "cache", "split.json", "adapter"]
+
+
+def _check_train_out(args: argparse.Namespace) -> None:
+    """Refuse what would mix two runs in one --out, before anything loads."""
+    out = Path(args.out)
+    if args.overwrite and args.resume_new_settings:
+        raise UsageError(
+            "--overwrite starts a fresh run and --resume-new-settings continues the one in --out; pass one of them."
+        )
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {str(out)!r} is a file; give a folder for the run (checkpoints, split, adapter).")
+    if (out / "adapter" / "adapter_config.json").exists() and not (args.overwrite or args.resume_new_settings):
+        raise UsageError(
+            f"{out / 'adapter'} already holds an adapter (the run in --out is finished); pass --overwrite to train "
+            f"afresh (the old run is moved to {out}/replaced-<UTC time>/), --resume-new-settings to train it further "
+            "with the settings given now, or choose another --out."
+        )
+
+
+def _split_conflict(path: Path, meta: dict[str, Any] | None, indices: list[int] | None) -> str | None:
+    """Why the split saved at ``path`` is not the one this run uses (None: it is, or there is none)."""
+    if not path.is_file():
+        return None
+    from . import _io
+
+    saved = _io.read_json(path, "few-shot split")
+    if meta is not None and saved.get("indices") == indices and all(saved.get(k) == v for k, v in meta.items()):
+        return None
+    now = f"--k {meta['k']} --seed {meta['seed']}" if meta else "the whole training split (no --k)"
+    return f"k={saved.get('k')}, seed={saved.get('seed')} there; {now} now"
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -370,35 +657,55 @@ def _train(args: argparse.Namespace) -> int:
     from .data.loaders import transform_for
     from .training import FitConfig, fit
 
+    _check_data_args(args)
+    _check_train_out(args)
+    out = Path(args.out)
     backbone = _embedded_or_given(args.backbone)
     data = _dataset(args, "train", transform_for(backbone))
+    indices, meta = None, None
     if args.k:
-        indices = sample_few_shot(data.labels, args.k, args.seed)
-        save_split(Path(args.out) / "split.json", indices, meta={"k": args.k, "seed": args.seed, "n_total": len(data)})
-        data = data.subset(indices)
+        indices = [int(i) for i in sample_few_shot(data.labels, args.k, args.seed)]
+        meta = {"k": args.k, "seed": args.seed, "n_total": len(data)}
+    conflict = None if args.overwrite else _split_conflict(out / "split.json", meta, indices)
+    if conflict and not args.resume_new_settings:
+        raise UsageError(
+            f"{out / 'split.json'} holds the few-shot split of an earlier run ({conflict}); pass --overwrite to train "
+            f"afresh (the old run is moved to {out}/replaced-<UTC time>/), --resume-new-settings to continue it on "
+            "this split, or choose another --out."
+        )
     from .config import RefinerConfig, RobustConfig
 
-    adapter_dir = Path(args.out) / "adapter"
-    if not args.overwrite and (adapter_dir / "adapter_config.json").exists():
-        raise SystemExit(f"{adapter_dir} already holds an adapter; pass --overwrite or choose another --out.")
-    settings = {name: _json_option(getattr(args, f"{name}_config"), f"--{name}-config") for name in _JSON_ADDONS}
+    settings = {name: _json_option(args, name) for name in _JSON_ADDONS}
     settings["refiner"] = _set_fields(RefinerConfig, args)
     robust = RobustConfig(**{name: RobustConfig.nested[name](**settings[name]) for name in args.addons or []})
     learner = build_learner(args.learner, backbone, data.classnames)
     model = wrap(learner, robust)
-    config = dataclass_from_args(FitConfig, args, seed=args.seed)
-    model.prepare_addons(data, seed=args.seed, cache_dir=Path(args.out) / "cache", progress=not args.quiet)
-    result = fit(model, data, config, checkpoint_dir=Path(args.out) / "checkpoints")
+    config = dataclass_from_args(FitConfig, args, seed=args.seed, progress=not args.quiet)
+    # every input is checked: now the previous run's files may move (nothing is deleted)
+    if args.overwrite:
+        _move_aside(out, _RUN_ARTIFACTS, "the previous run's files")
+    elif args.resume_new_settings:
+        _move_aside(out, ["adapter", *(["split.json"] if conflict else [])], "the previous run's files")
+    if indices is not None and not (out / "split.json").is_file():
+        save_split(out / "split.json", indices, meta=meta)
+    if indices is not None:
+        data = data.subset(indices)
+    adapter_dir = out / "adapter"
+    model.prepare_addons(data, seed=args.seed, cache_dir=out / "cache", progress=not args.quiet)
+    # resume="new-settings": continue the checkpoint in --out with this run's data and settings
+    resume = "new-settings" if args.resume_new_settings else True
+    result = fit(model, data, config, checkpoint_dir=out / "checkpoints", resume=resume)
     logs = {}
     if len(model.stages()) > 1:
         logs = model.fit_addons(
             data,
             seed=args.seed,
-            cache_dir=Path(args.out) / "cache",
-            checkpoint_dir=Path(args.out) / "checkpoints",
+            cache_dir=out / "cache",
+            checkpoint_dir=out / "checkpoints",
             progress=not args.quiet,
+            resume=resume,
         )
-    model.save_pretrained(adapter_dir, overwrite=args.overwrite)
+    model.save_pretrained(adapter_dir)
     print(
         f"trained {'+'.join([args.learner, *(args.addons or [])])} for {result.steps} steps (final loss "
         f"{result.final_loss:.4f}); adapter in {adapter_dir}"
@@ -413,8 +720,11 @@ def _eval(args: argparse.Namespace) -> int:
     from .model import RobustPromptModel
     from .training import evaluate
 
+    _check_data_args(args)
+    if not (Path(args.adapter) / "adapter_config.json").is_file():
+        raise UsageError(f"--adapter {args.adapter!r} holds no adapter_config.json; give the adapter/ folder of a run.")
     backbone = _embedded_or_given(args.backbone)
-    model = RobustPromptModel.from_pretrained(args.adapter, backbone=backbone)
+    model = RobustPromptModel.from_pretrained(args.adapter, backbone=backbone, strict_backbone=args.strict_backbone)
     sets = _dataset(args, "test", transform_for(backbone))
     sets = sets if isinstance(sets, dict) else {"test": sets}
     report = {}
@@ -444,25 +754,26 @@ def _add_data_args(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from .benchmark import BenchConfig
-    from .config import RefinerConfig
     from .learners import LEARNERS
     from .pretrain import PretrainConfig
     from .training import FitConfig
 
-    parser = argparse.ArgumentParser(
-        prog="prompt-robust", description="Make CLIP prompt learners robust to distribution shift."
-    )
+    parser = _Parser(prog="prompt-robust", description="Make CLIP prompt learners robust to distribution shift.")
     parser.add_argument("--version", action="version", version=f"prompt_robust {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="Log progress details.")
-    parser.add_argument("-q", "--quiet", action="store_true", help="No progress bars.")
+    _global_args(parser, command=False)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    demo = commands.add_parser("demo", help="Compare zero-shot, CoOp and the add-ons on the embedded world.")
-    demo.add_argument("--out", default="prompt_robust_demo", help="Output directory.")
-    demo.add_argument("--backbone", help=argparse.SUPPRESS)
-    demo.set_defaults(func=_demo)
+    def command(name: str, text: str, func) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=text)
+        sub.set_defaults(func=func)
+        return sub
 
-    bench = commands.add_parser("bench", help="Every learner x add-on x task, mean ± std over seeds.")
+    demo = command("demo", "Compare zero-shot, CoOp and the add-ons on the embedded world.", _demo)
+    demo.add_argument("--out", default="prompt_robust_demo", help="Output directory.")
+    demo.add_argument("--overwrite", action="store_true", help=_BENCH_OVERWRITE_HELP)
+    demo.add_argument("--backbone", help=argparse.SUPPRESS)
+
+    bench = command("bench", "Every learner x add-on x task, mean ± std over seeds.", _bench)
     bench.add_argument(
         "--suite",
         choices=["quick", "full", "calibration", "mechanisms", "refiner-sweep", "refiner-cost", *_FEATURE_SUITES],
@@ -490,20 +801,19 @@ def build_parser() -> argparse.ArgumentParser:
         )
     bench.add_argument("--seeds", type=int, default=3, help="Number of seeds (1..N).")
     bench.add_argument("--out", default="prompt_robust_bench", help="Output directory.")
+    bench.add_argument("--overwrite", action="store_true", help=_BENCH_OVERWRITE_HELP)
     bench.add_argument("--backbone", help="Backbone spec; default: the embedded mini-CLIP.")
     # the add-on settings dicts come as --<addon>-config JSON (and the refiner's fields as options), below
     add_dataclass_args(bench, BenchConfig, skip=("seeds", "refiner", "counterfactual", "invariance", "debias"))
-    add_dataclass_args(bench, RefinerConfig)
-    bench.set_defaults(func=_bench)
+    _refiner_args(bench)
 
-    pretrain = commands.add_parser("pretrain-backbone", help="Pretrain the mini-CLIP on the embedded world.")
+    pretrain = command("pretrain-backbone", "Pretrain the mini-CLIP on the embedded world.", _pretrain)
     pretrain.add_argument("--out", help="Output directory (default: the package's embedded model directory).")
     pretrain.add_argument("--overwrite", action="store_true", help="Replace a model already saved there.")
     pretrain.add_argument("--checkpoint-dir", help="Resumable checkpoints (default: <out>.checkpoints).")
     add_dataclass_args(pretrain, PretrainConfig)
-    pretrain.set_defaults(func=_pretrain)
 
-    train = commands.add_parser("train", help="Tune a prompt learner on your dataset and save an adapter.")
+    train = command("train", "Tune a prompt learner on your dataset and save an adapter.", _train)
     _add_data_args(train)
     train.add_argument("--learner", default="coop", choices=sorted(LEARNERS), help="Prompt learner to train.")
     train.add_argument("--k", type=int, default=0, help="Shots per class (0: the whole training split).")
@@ -516,24 +826,85 @@ def build_parser() -> argparse.ArgumentParser:
     )
     for name in _JSON_ADDONS:
         train.add_argument(f"--{name}-config", help=f"Settings of the {name} add-on as a JSON object.")
-    train.add_argument("--out", required=True, help="Run directory (checkpoints, split, adapter).")
-    train.add_argument("--overwrite", action="store_true", help="Replace an adapter already saved there.")
+    train.add_argument(
+        "--out",
+        required=True,
+        help="Run directory (checkpoints, cache, split.json, adapter). An unfinished run there (checkpoints saved "
+        "with --checkpoint-every) resumes from its last checkpoint, refused if its data or settings differ; a finished "
+        "run is refused.",
+    )
+    train.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="Train afresh: the previous run's checkpoints/, cache/, split.json and adapter/ are moved (not deleted) "
+        "into <out>/replaced-<UTC YYYYmmdd-HHMMSS>/.",
+    )
+    train.add_argument(
+        "--resume-new-settings",
+        action="store_true",
+        help="Continue the run in --out from its last checkpoint with the data and settings given now (fresh "
+        "optimizer state); an adapter or split already there is moved into <out>/replaced-<time>/.",
+    )
     add_dataclass_args(train, FitConfig, skip=("seed",))
-    add_dataclass_args(train, RefinerConfig)
+    _refiner_args(train)
     train.add_argument("--seed", type=int, default=1, help="Seed of the few-shot split, initialisation and training.")
-    train.set_defaults(func=_train)
 
-    evaluate = commands.add_parser("eval", help="Evaluate a saved adapter on your dataset's test split.")
+    evaluate = command("eval", "Evaluate a saved adapter on your dataset's test split.", _eval)
     _add_data_args(evaluate)
     evaluate.add_argument("--adapter", required=True, help="Adapter directory written by train.")
-    evaluate.set_defaults(func=_eval)
+    evaluate.add_argument(
+        "--no-strict-backbone",
+        dest="strict_backbone",
+        action="store_false",
+        help="Attach the adapter to a backbone other than the one it was trained with (its fingerprint differs); "
+        "the numbers then describe that combination.",
+    )
+    for sub in commands.choices.values():
+        _global_args(sub, command=True)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the exit status (0; 2: a user's mistake; 1: an unexpected error)."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
-    return args.func(args)
+    with _library_progress_bars(not args.quiet):
+        try:
+            return args.func(args)
+        except KeyboardInterrupt:
+            if args.debug:
+                raise
+            return _fail("interrupted", 130)
+        except Exception as error:
+            if args.debug:
+                raise
+            if isinstance(error, _USER_ERRORS) or type(error).__module__.startswith(f"{__package__}."):
+                return _fail(_error_line(error, args.command), 2)
+            message = _cli_words(f"{type(error).__name__}: {error}", args.command)
+            return _fail(f"unexpected error ({message}); rerun with --debug for the traceback", 1)
+
+
+def _fail(message: str, status: int) -> int:
+    print(f"prompt-robust: error: {message}", file=sys.stderr)
+    return status
+
+
+@contextlib.contextmanager
+def _library_progress_bars(enabled: bool):
+    """With ``-q``, turn off the progress bars of libraries the library calls (transformers' weight loading) for
+    the command's duration; the library's own bars follow the ``progress=`` arguments the commands pass."""
+    if enabled or importlib.util.find_spec("transformers") is None:
+        yield
+        return
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 if __name__ == "__main__":

@@ -9,9 +9,14 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import functools
 import inspect
+import numbers
+import types
+import typing
+from collections import Counter
 from dataclasses import dataclass, field, fields
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, TypeVar, Union
 
 __all__ = [
     "ConfigMixin",
@@ -56,6 +61,15 @@ class ConfigMixin:
 
     @classmethod
     def from_dict(cls: type[T], data: dict[str, Any]) -> T:
+        """Build the config from a dict (e.g. parsed JSON): unknown keys and values of the wrong type (``"abc"``
+        for an int field) raise a ValueError naming the field; the dataclass then validates the values.
+
+        Example:
+            >>> RefinerConfig.from_dict({"num_steps": "5"})
+            Traceback (most recent call last):
+            ...
+            ValueError: RefinerConfig.num_steps must be an integer; got '5' (str). Fix the value, or leave the field out to use its default.
+        """
         if not isinstance(data, dict):
             raise TypeError(f"{cls.__name__}.from_dict expects a dict; got {type(data).__name__}.")
         names = [f.name for f in fields(cls)]
@@ -65,11 +79,82 @@ class ConfigMixin:
                 f"{cls.__name__} has no field(s) {', '.join(map(repr, unknown))}; valid fields: {', '.join(names)}. "
                 "The file may come from a newer prompt_robust version."
             )
+        hints = _field_types(cls)
         kwargs = {}
         for key, value in data.items():
+            hint = hints.get(key, Any)
+            if not _matches_type(value, hint):
+                raise ValueError(
+                    f"{cls.__name__}.{key} must be {_describe_type(hint)}; got {_short_repr(value)} "
+                    f"({type(value).__name__}). Fix the value, or leave the field out to use its default."
+                )
             sub = cls.nested.get(key)
             kwargs[key] = sub.from_dict(value) if sub is not None and isinstance(value, dict) else value
         return cls(**kwargs)
+
+
+@functools.cache
+def _field_types(cls: type) -> dict[str, Any]:
+    """The resolved annotations of a config dataclass (``{}`` when they cannot be resolved: nothing is checked)."""
+    try:
+        return typing.get_type_hints(cls)
+    except Exception:  # an annotation naming something unimportable: leave the checks to __post_init__
+        return {}
+
+
+def _matches_type(value: Any, hint: Any) -> bool:
+    """Whether ``value`` (from JSON or keyword arguments) has the type a field is annotated with.
+
+    Lenient where Python callers are: an int is a float, a tuple a list, numpy scalars are numbers; annotations
+    this check does not know are accepted (their ``__post_init__`` validates them).
+    """
+    origin = typing.get_origin(hint)
+    if hint is Any:
+        return True
+    if origin is Union or origin is types.UnionType:
+        return any(_matches_type(value, arg) for arg in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if hint is list or origin is list:
+        args = typing.get_args(hint)
+        return isinstance(value, (list, tuple)) and (not args or all(_matches_type(v, args[0]) for v in value))
+    if hint is dict or origin is dict:
+        args = typing.get_args(hint)
+        return isinstance(value, dict) and (
+            not args or all(_matches_type(k, args[0]) and _matches_type(v, args[1]) for k, v in value.items())
+        )
+    if isinstance(hint, type) and issubclass(hint, ConfigMixin):
+        return isinstance(value, (hint, dict))
+    return True
+
+
+def _describe_type(hint: Any) -> str:
+    """``int | None`` -> ``"an integer or null"``: the JSON a field accepts, for error messages."""
+    origin = typing.get_origin(hint)
+    if origin is Union or origin is types.UnionType:
+        return " or ".join(_describe_type(arg) for arg in typing.get_args(hint))
+    if hint is list or origin is list:
+        args = typing.get_args(hint)
+        return "a list" + (f" of {_describe_type(args[0]).split(' ', 1)[-1]}s" if args and args[0] is not Any else "")
+    if hint is dict or origin is dict:
+        return "a JSON object"
+    if isinstance(hint, type) and issubclass(hint, ConfigMixin):
+        return f"a JSON object (of {hint.__name__} fields)"
+    names = {type(None): "null", bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+    return names.get(hint, str(hint))
+
+
+def _short_repr(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _check(condition: bool, message: str) -> None:
@@ -421,7 +506,7 @@ class InvarianceConfig(ConfigMixin):
         for name in self.interventions:
             if name not in self.INTERVENTIONS:
                 raise unknown_name_error("intervention", name, self.INTERVENTIONS)
-        repeated = sorted({n for n in self.interventions if list(self.interventions).count(n) > 1})
+        repeated = sorted(n for n, count in Counter(self.interventions).items() if count > 1)
         _check(not repeated, f"interventions must be distinct; repeated: {repeated}. Use pairs_per_image for more.")
         _check(
             isinstance(self.intervention_params, dict)
@@ -566,7 +651,7 @@ class DebiasConfig(ConfigMixin):
                 f"split a class into groups), {example}; got {list(values)!r}{unused}.",
             )
             lowered = [name.lower() for name in names]
-            repeated = sorted({name for name in lowered if lowered.count(name) > 1})
+            repeated = sorted(name for name, count in Counter(lowered).items() if count > 1)
             _check(
                 not repeated,
                 f"attribute_values must be distinct (CLIP lowercases text); repeated: {repeated}; got "

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
+import os
+import re
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,15 +20,30 @@ from torch import nn
 from . import _io
 from .addons import ADDONS, RobustAddon
 from .backbones.base import ClipBackbone, find_backbone
-from .config import RobustConfig
+from .config import ConfigMixin, RobustConfig
+from .data.checks import check_batch, class_count
 from .learners import LEARNERS, PromptLearner
 
 __all__ = ["ADAPTER_CONFIG_NAME", "ADAPTER_WEIGHTS_NAME", "RobustOutput", "RobustPromptModel", "wrap"]
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
+# Format 1 gained an optional "weights" record ({"file", "sha256", "size"} of the weights file the config belongs
+# to); a config without it (older saves) loads unchecked, and older versions ignore it.
 FORMAT_VERSION = 1
 _REQUIRED_METHODS = ("prompt_tokens", "image_features", "forward")
+
+# Bounds on what an adapter config (untrusted input) may ask for, checked before anything is allocated.
+MAX_CONFIG_BYTES = 16 << 20
+MAX_CONFIG_DEPTH = 32
+MAX_CLASSES = 100_000
+MAX_CLASSNAME_CHARS = 1_000
+MAX_TEXT_CHARS = 10_000  # any other string of a learner or add-on config (templates, ctx_init, ...)
+MAX_LIST_ENTRIES = 10_000  # any list or object of a learner or add-on config
+MAX_VISUAL_TOKENS = 1_024  # VPT prompt tokens per layer
+# reads of a folder being saved into: a mismatched pair is read again this often before it is an error
+_LOAD_ATTEMPTS = 3
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 @dataclass
@@ -74,6 +95,283 @@ def _check_learner(learner: Any) -> None:
             "forward(pixel_values, prompt_override=None) -> logits and image_features(pixel_values); see "
             "docs/learner_contract.md."
         )
+
+
+def _non_finite_count(tensor: torch.Tensor) -> int:
+    if not (tensor.is_floating_point() or tensor.is_complex()):
+        return 0
+    return int((~torch.isfinite(tensor.detach())).sum())
+
+
+def _adapter_config_error(path: Path, problem: str, fix: str = "") -> ValueError:
+    fix = fix or "re-save the adapter with save_pretrained(), or restore the file from a copy"
+    return ValueError(f"adapter config {str(path)!r}: {problem} Fix: {fix}.")
+
+
+def _check_adapter_config(saved: Any, path: Path) -> dict[str, Any]:
+    """The parsed ``adapter_config.json`` if its structure is what :meth:`RobustPromptModel.save_pretrained`
+    writes (types of the top-level entries, the learner entry, the weights record); a ValueError otherwise."""
+    from . import __version__
+
+    if not isinstance(saved, dict):
+        raise _adapter_config_error(
+            path, f"the file must be a JSON object (as save_pretrained writes it); got a {type(saved).__name__}."
+        )
+    if saved.get("library") != "prompt_robust" or "format_version" not in saved:
+        raise ValueError(
+            f"{str(path.parent)!r} does not hold a prompt_robust adapter (no prompt_robust stamp in "
+            f'{str(path)!r}: it needs "library": "prompt_robust" and a "format_version").'
+        )
+    fmt, version = saved["format_version"], saved.get("prompt_robust_version")
+    if not isinstance(fmt, int) or isinstance(fmt, bool):
+        raise _adapter_config_error(path, f"'format_version' must be an integer; got {fmt!r}.")
+    if not isinstance(version, str):
+        raise _adapter_config_error(
+            path, f"'prompt_robust_version' must be a string such as {__version__!r}; got {version!r}."
+        )
+    if fmt != FORMAT_VERSION or _version_tuple(version) > _version_tuple(__version__):
+        raise ValueError(
+            f"adapter was saved by prompt_robust {version} (format {fmt}); this is prompt_robust {__version__} "
+            f"(format {FORMAT_VERSION}). Upgrade prompt_robust to load it ({str(path)!r})."
+        )
+    if "learner" not in saved:
+        raise _adapter_config_error(path, "the file has no 'learner' entry (which learner the weights belong to).")
+    info = saved["learner"]
+    if not isinstance(info, dict):
+        raise _adapter_config_error(path, f"'learner' must be a JSON object; got {type(info).__name__}.")
+    kind = info.get("type")
+    if not isinstance(kind, str):
+        raise _adapter_config_error(
+            path, f"learner.type must be a string (a learner name such as 'coop', or 'custom'); got {kind!r}."
+        )
+    if kind == "custom":
+        if not isinstance(info.get("class", ""), str):
+            raise _adapter_config_error(path, f"learner.class must be a string; got {info['class']!r}.")
+    else:
+        if not isinstance(info.get("config"), dict):
+            raise _adapter_config_error(
+                path, f"learner.config must be a JSON object of the learner's settings; got {info.get('config')!r}."
+            )
+        names = info.get("classnames")
+        if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+            shown = names if not isinstance(names, list) else [n for n in names if not isinstance(n, str)][:3]
+            raise _adapter_config_error(path, f"learner.classnames must be a list of strings; got {shown!r}.")
+        if len(names) > MAX_CLASSES:
+            raise _adapter_config_error(
+                path,
+                f"learner.classnames holds {len(names)} class names; at most {MAX_CLASSES} are accepted (every "
+                "class keeps its prompt's token embeddings in memory).",
+                "predict fewer classes per model, or re-save the adapter",
+            )
+        for i, name in enumerate(names):
+            if len(name) > MAX_CLASSNAME_CHARS:
+                raise _adapter_config_error(
+                    path,
+                    f"class name {i} has {len(name)} characters; at most {MAX_CLASSNAME_CHARS} are accepted (a class "
+                    "name must fit the text context of the backbone).",
+                    "use a shorter class name, or re-save the adapter",
+                )
+    for key in ("learner", "robust_config"):
+        _check_json_sizes(saved.get(key), key, path)
+    robust = saved.get("robust_config")
+    if not isinstance(robust, dict):
+        raise _adapter_config_error(
+            path, f"robust_config must be a JSON object (the add-ons' settings, {{}} for none); got {robust!r}."
+        )
+    if saved.get("backbone") is not None and not isinstance(saved["backbone"], dict):
+        raise _adapter_config_error(
+            path, f"'backbone' must be a JSON object or null (the backbone identity); got {saved['backbone']!r}."
+        )
+    record = saved.get("weights")
+    if record is not None and not (
+        isinstance(record, dict)
+        and record.get("file") == ADAPTER_WEIGHTS_NAME
+        and isinstance(record.get("sha256"), str)
+        and _SHA256.fullmatch(record["sha256"])
+        and isinstance(record.get("size"), int)
+        and not isinstance(record["size"], bool)
+        and record["size"] >= 0
+    ):
+        raise _adapter_config_error(
+            path,
+            f'the \'weights\' record must be {{"file": "{ADAPTER_WEIGHTS_NAME}", "sha256": <64 hex digits>, '
+            f'"size": <bytes>}}; got {record!r}.',
+            "re-save the adapter, or delete the 'weights' entry to load the weights file unchecked",
+        )
+    return saved
+
+
+def _check_json_sizes(value: Any, where: str, path: Path) -> None:
+    """Refuse oversized strings, lists and objects in a learner or add-on config (iterative: hostile input)."""
+    stack = [(value, where)]
+    while stack:
+        node, at = stack.pop()
+        if isinstance(node, str):
+            if len(node) > MAX_TEXT_CHARS:
+                raise _adapter_config_error(
+                    path, f"{at} is a string of {len(node)} characters; at most {MAX_TEXT_CHARS} are accepted."
+                )
+        elif isinstance(node, (list, dict)):
+            if at == "learner.classnames":  # bounded by _check_adapter_config, with their own limits
+                continue
+            if len(node) > MAX_LIST_ENTRIES:
+                raise _adapter_config_error(
+                    path,
+                    f"{at} has {len(node)} entries; at most {MAX_LIST_ENTRIES} are accepted (no setting needs more).",
+                )
+            if isinstance(node, dict):
+                stack.extend((child, f"{at}.{key}") for key, child in node.items())
+            else:
+                stack.extend((child, f"{at}[{i}]") for i, child in enumerate(node))
+
+
+def _size_caps(backbone: ClipBackbone | None) -> tuple[int, int, str]:
+    """``(max width, max layers, why)`` of an add-on network, from the backbone's size."""
+    if backbone is None:
+        return 8192, 48, "without a backbone to compare with"
+    width = max(backbone.text_width, backbone.vision_width, backbone.embed_dim)
+    layers = max(backbone.num_text_layers, backbone.num_vision_layers)
+    return (
+        max(1024, 4 * width),
+        max(12, 2 * layers),
+        f"4x the backbone width {width}, at least 1024; 2x its {layers} layers, at least 12",
+    )
+
+
+def _check_sizes(
+    learner_config: ConfigMixin | None, robust: RobustConfig, backbone: ClipBackbone | None, path: Path
+) -> None:
+    """Refuse sizes in an adapter config that would allocate far more than the backbone could use, before any
+    tensor is built (types and ranges were checked by the configs' ``from_dict``)."""
+    fix = "correct the value, or re-save the adapter from the model it belongs to"
+    if learner_config is not None and backbone is not None:
+        length = backbone.context_length
+        n_ctx = getattr(learner_config, "n_ctx", None)
+        if n_ctx is not None and not getattr(learner_config, "ctx_init", None) and n_ctx > length - 4:
+            raise _adapter_config_error(
+                path,
+                f"learner.config.n_ctx={n_ctx} does not fit the backbone's text context length {length} (BOS, a "
+                f"class name, '.' and EOT take at least 4 positions): at most {max(length - 4, 0)}.",
+                fix,
+            )
+        n_tokens = getattr(learner_config, "n_tokens", None)
+        if n_tokens is not None and n_tokens > MAX_VISUAL_TOKENS:
+            raise _adapter_config_error(
+                path,
+                f"learner.config.n_tokens={n_tokens} visual prompt tokens per layer; at most {MAX_VISUAL_TOKENS}.",
+                fix,
+            )
+        depth = getattr(learner_config, "depth", None)
+        # VPT refuses a depth beyond the vision tower (MaPLe caps its depth at the backbone's instead)
+        if n_tokens is not None and depth is not None and depth > backbone.num_vision_layers:
+            raise _adapter_config_error(
+                path,
+                f"learner.config.depth={depth} exceeds the {backbone.num_vision_layers} vision layers of this backbone.",
+                fix,
+            )
+    max_width, max_layers, why = _size_caps(backbone)
+    checks = []
+    if robust.refiner is not None:
+        checks += [("refiner.hidden_dim", robust.refiner.hidden_dim, max_width)]
+        checks += [("refiner.layers", robust.refiner.layers, max_layers)]
+    if robust.counterfactual is not None:
+        checks += [("counterfactual.hidden_dim", robust.counterfactual.hidden_dim, max_width)]
+        checks += [("counterfactual.depth", robust.counterfactual.depth, max_layers)]
+    for name, value, cap in checks:
+        if value > cap:
+            raise _adapter_config_error(
+                path, f"robust_config.{name}={value} is too large: at most {cap} for this backbone ({why}).", fix
+            )
+
+
+def _config_from_dict(config_class: type, data: dict[str, Any], where: str, path: Path) -> Any:
+    """``config_class.from_dict(data)`` with errors naming the adapter config and the entry."""
+    try:
+        return config_class.from_dict(data)
+    except (TypeError, ValueError) as err:
+        raise _adapter_config_error(path, f"{where}: {err}") from err
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _unchanged(path: Path, content: bytes) -> bool:
+    try:
+        return path.read_bytes() == content
+    except OSError:
+        return False
+
+
+def _staged_weights(weights_path: Path, record: Mapping[str, Any]) -> bytes | None:
+    """The content of a written-but-not-renamed weights file of the save that wrote the config (its temporary
+    file, found by size and hash), or None: a save killed between its two renames still loads completely."""
+    prefix = f".{weights_path.name}."
+    try:
+        entries = list(os.scandir(weights_path.parent))
+    except OSError:
+        return None
+    for entry in entries:
+        if not (entry.name.startswith(prefix) and entry.name.endswith(".tmp")):
+            continue
+        try:
+            if not entry.is_file(follow_symlinks=False) or entry.stat().st_size != record["size"]:
+                continue
+            data = Path(entry.path).read_bytes()
+        except OSError:  # renamed into place meanwhile: the next attempt reads it under its final name
+            continue
+        if _sha256(data) == record["sha256"]:
+            return data
+    return None
+
+
+def _read_adapter_pair(directory: Path) -> tuple[dict[str, Any], bytes]:
+    """The checked config and the weights' bytes of one save, never a mixture of two.
+
+    The config's ``weights`` record (size and sha256) must match the weights read; otherwise the written-but-not-
+    renamed weights of the save that wrote the config are used if present, else the pair is read again (a
+    concurrent save may have been between its two renames). A config without the record (older saves) is read
+    again after the weights and must be unchanged.
+    """
+    config_path, weights_path = directory / ADAPTER_CONFIG_NAME, directory / ADAPTER_WEIGHTS_NAME
+    for attempt in range(_LOAD_ATTEMPTS):
+        if attempt:
+            time.sleep(0.02 * attempt)
+        raw = _io.read_bytes(config_path, "adapter config", MAX_CONFIG_BYTES)
+        saved = _io.parse_json(raw, config_path, "adapter config", max_depth=MAX_CONFIG_DEPTH)
+        saved = _check_adapter_config(saved, config_path)
+        record = saved.get("weights")
+        try:
+            data = weights_path.read_bytes()
+        except FileNotFoundError:
+            data = None
+        if record is None:
+            if data is not None and _unchanged(config_path, raw):
+                return saved, data
+            continue
+        if data is not None and len(data) == record["size"] and _sha256(data) == record["sha256"]:
+            return saved, data
+        staged = _staged_weights(weights_path, record)
+        if staged is not None:
+            return saved, staged
+    if data is None:
+        raise FileNotFoundError(
+            f"adapter directory {str(directory)!r} is missing {ADAPTER_WEIGHTS_NAME}; an adapter folder holds "
+            f"{ADAPTER_CONFIG_NAME} and {ADAPTER_WEIGHTS_NAME} as written by save_pretrained()."
+        )
+    if record is None:
+        raise ValueError(
+            f"adapter config {str(config_path)!r} changed while its weights were read, {_LOAD_ATTEMPTS} times: a "
+            "concurrent save is writing this folder. Load it again once that save has finished."
+        )
+    _io.safetensors_from_bytes(data, weights_path, "adapter weights")  # a damaged file is named as such
+    raise ValueError(
+        f"adapter weights file {str(weights_path)!r} does not belong to {str(config_path)!r}: the config records "
+        f"{record['size']} bytes with sha256 {record['sha256'][:12]}..., the file has {len(data)} bytes with sha256 "
+        f"{_sha256(data)[:12]}... (read {_LOAD_ATTEMPTS} times). A save into this folder was interrupted or is still "
+        "running (a concurrent save), or one of the two files was replaced on its own. Save the adapter again with save_pretrained(directory, "
+        'overwrite=True); to load replaced weights on purpose, delete the "weights" entry of the config.'
+    )
 
 
 class RobustPromptModel(nn.Module):
@@ -134,6 +432,7 @@ class RobustPromptModel(nn.Module):
             labels: ``(batch,)`` class indices.
             **batch: extra per-sample fields some add-ons read (e.g. ``groups``); others are ignored.
         """
+        check_batch(pixel_values, labels, num_classes=class_count(self.learner))
         addons: list[RobustAddon] = list(self.addons.values())
         if labels is not None and self.stage != "prompt":
             for addon in addons:
@@ -227,6 +526,7 @@ class RobustPromptModel(nn.Module):
         cache_dir: str | Path | None = None,
         checkpoint_dir: str | Path | None = None,
         progress: bool = True,
+        resume: bool | str = True,
     ) -> dict[str, float]:
         """Train every add-on's own stages on ``dataset`` (after the learner's prompt was trained), then return to
         the ``"prompt"`` stage.
@@ -237,6 +537,9 @@ class RobustPromptModel(nn.Module):
             cache_dir: where add-ons cache what they derive from the data (e.g. the refiner's targets).
             checkpoint_dir: where each stage keeps resumable checkpoints (a subfolder per stage).
             progress: show progress bars.
+            resume: how each stage treats checkpoints already in its subfolder, as ``fit``'s ``resume``: True
+                continues an identical run, ``"new-settings"`` continues from the last good checkpoint with the
+                settings given now, False refuses existing checkpoints.
 
         Returns:
             Logs of the stages (final losses, target statistics).
@@ -247,7 +550,13 @@ class RobustPromptModel(nn.Module):
             for addon in self.addons.values():
                 logs.update(
                     addon.fit_stages(
-                        self, dataset, seed=seed, cache_dir=cache_dir, checkpoint_dir=checkpoint_dir, progress=progress
+                        self,
+                        dataset,
+                        seed=seed,
+                        cache_dir=cache_dir,
+                        checkpoint_dir=checkpoint_dir,
+                        progress=progress,
+                        resume=resume,
                     )
                 )
         finally:
@@ -308,8 +617,11 @@ class RobustPromptModel(nn.Module):
         """Write ``adapter_config.json`` and ``adapter_model.safetensors`` (trainable tensors only) to ``directory``.
 
         An existing adapter in ``directory`` is never replaced unless ``overwrite=True``; other files in the
-        folder are left alone. Each file is written to a temporary name and renamed into place, the config last,
-        so an interrupted save never leaves a loadable half-adapter.
+        folder are left alone. The two files are one unit: the config records the size and sha256 of the weights
+        it belongs to, both are written under temporary names, the config is renamed into place first, then the
+        weights. Whenever this is interrupted (even by SIGKILL), the folder loads as the old adapter or the new
+        one, never a mixture; concurrent saves into one folder take turns (see ``docs/adapters.md``,
+        "Guarantees"). Temporary files orphaned by killed saves are removed.
 
         Args:
             directory: target folder (created if missing).
@@ -317,16 +629,23 @@ class RobustPromptModel(nn.Module):
 
         Returns:
             The directory path.
+
+        Raises:
+            FileExistsError: ``directory`` holds an adapter and ``overwrite`` is False.
+            ValueError: a tensor holds NaN or Inf (training diverged).
         """
         from . import __version__
 
         directory = Path(directory)
-        existing = [n for n in (ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME) if (directory / n).exists()]
-        if existing and not overwrite:
-            raise FileExistsError(
-                f"{str(directory)!r} already holds an adapter ({', '.join(existing)}); pass overwrite=True to "
-                "replace it or choose another directory."
-            )
+        tensors = self.trainable_state_dict()
+        for name, tensor in tensors.items():
+            bad = _non_finite_count(tensor)
+            if bad:
+                raise ValueError(
+                    f"refusing to save: adapter tensor {name!r} holds {bad} non-finite value(s) (NaN or Inf) of "
+                    f"{tensor.numel()}, so the adapter could not predict; training diverged. Retrain with a lower "
+                    "learning rate (or gradient clipping), or save the model of an earlier checkpoint."
+                )
         learner = self.learner
         if isinstance(learner, PromptLearner):
             learner_info = {
@@ -338,6 +657,7 @@ class RobustPromptModel(nn.Module):
             cls = type(learner)
             learner_info = {"type": "custom", "class": f"{cls.__module__}:{cls.__qualname__}"}
         backbone = self.backbone
+        weights = _io.safetensors_bytes(tensors, {"format": "pt", "prompt_robust_version": __version__})
         config = {
             "library": "prompt_robust",
             "prompt_robust_version": __version__,
@@ -345,10 +665,38 @@ class RobustPromptModel(nn.Module):
             "learner": learner_info,
             "robust_config": self.config.to_dict(),
             "backbone": backbone.identity().to_dict() if backbone is not None else None,
+            "weights": {"file": ADAPTER_WEIGHTS_NAME, "sha256": _sha256(weights), "size": len(weights)},
         }
-        metadata = {"format": "pt", "prompt_robust_version": __version__}
-        _io.write_safetensors(directory / ADAPTER_WEIGHTS_NAME, self.trainable_state_dict(), metadata=metadata)
-        _io.write_json(directory / ADAPTER_CONFIG_NAME, config)
+        config_bytes = (json.dumps(config, indent=2, sort_keys=True) + "\n").encode("utf-8")
+        config_path, weights_path = directory / ADAPTER_CONFIG_NAME, directory / ADAPTER_WEIGHTS_NAME
+        directory.mkdir(parents=True, exist_ok=True)
+        with _io.directory_lock(directory):  # another save into this folder waits (checked inside: no race)
+            existing = [path.name for path in (config_path, weights_path) if path.exists()]
+            if existing and not overwrite:
+                raise FileExistsError(
+                    f"{str(directory)!r} already holds an adapter ({', '.join(existing)}); pass overwrite=True to "
+                    "replace it or choose another directory."
+                )
+            staged_weights = _io.stage_bytes(weights_path, weights)
+            staged_config = None
+            try:
+                staged_config = _io.stage_bytes(config_path, config_bytes)
+                _io.commit(staged_config, config_path)
+            except BaseException:
+                for staged in (staged_weights, staged_config):
+                    if staged is not None:
+                        staged.unlink(missing_ok=True)
+                raise
+            # The new config is visible: its weights must follow. If this rename is interrupted, it is tried once
+            # more; failing that the staged file stays, and a load finds it by the config's hash.
+            try:
+                _io.commit(staged_weights, weights_path)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    _io.commit(staged_weights, weights_path)
+                raise
+            for path in (config_path, weights_path):
+                _io.remove_stale_temps(path)
         return directory
 
     @classmethod
@@ -362,6 +710,10 @@ class RobustPromptModel(nn.Module):
     ) -> RobustPromptModel:
         """Load an adapter written by :meth:`save_pretrained`.
 
+        The config is untrusted input: its structure, value types and sizes (bounded by the backbone's) are
+        checked before anything is built, and the weights must be the ones the config records (a save that was
+        interrupted or is running concurrently is never loaded half; see ``docs/adapters.md``, "Guarantees").
+
         Args:
             directory: the adapter folder.
             backbone: the CLIP backbone to attach a reference learner to (required unless ``learner`` is given).
@@ -369,47 +721,54 @@ class RobustPromptModel(nn.Module):
             strict_backbone: refuse a backbone whose architecture or weights fingerprint differs from the one the
                 adapter was trained on.
 
+        Raises:
+            FileNotFoundError: the folder or one of its two files is missing.
+            ValueError: a damaged, malformed, oversized or mismatched file, weights from another save, NaN/Inf
+                weights, or another backbone; the message names the file and the fix.
+
         Example:
             >>> model = RobustPromptModel.from_pretrained("runs/coop", backbone=backbone)  # doctest: +SKIP
         """
-        from . import __version__
-
         directory = Path(directory)
         if not directory.is_dir():
             raise FileNotFoundError(f"adapter directory {str(directory)!r} does not exist.")
-        for name in (ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME):
-            if not (directory / name).is_file():
-                raise FileNotFoundError(
-                    f"adapter directory {str(directory)!r} is missing {name}; an adapter folder holds "
-                    f"{ADAPTER_CONFIG_NAME} and {ADAPTER_WEIGHTS_NAME} as written by save_pretrained()."
-                )
-        saved = _io.read_json(directory / ADAPTER_CONFIG_NAME, "adapter config")
-        if saved.get("library") != "prompt_robust" or "format_version" not in saved:
-            raise ValueError(f"{str(directory)!r} does not hold a prompt_robust adapter (no prompt_robust stamp).")
-        if saved["format_version"] != FORMAT_VERSION or _version_tuple(saved["prompt_robust_version"]) > _version_tuple(
-            __version__
-        ):
-            raise ValueError(
-                f"adapter was saved by prompt_robust {saved['prompt_robust_version']} (format "
-                f"{saved['format_version']}); this is prompt_robust {__version__} (format {FORMAT_VERSION}). "
-                "Upgrade prompt_robust to load it."
+        config_path = directory / ADAPTER_CONFIG_NAME
+        if not config_path.is_file():
+            raise FileNotFoundError(
+                f"adapter directory {str(directory)!r} is missing {ADAPTER_CONFIG_NAME}; an adapter folder holds "
+                f"{ADAPTER_CONFIG_NAME} and {ADAPTER_WEIGHTS_NAME} as written by save_pretrained()."
             )
+        saved, weights = _read_adapter_pair(directory)
         info = saved["learner"]
+        robust = _config_from_dict(RobustConfig, saved["robust_config"], "robust_config", config_path)
+        learner_cls = learner_config = None
         if learner is None:
             if info["type"] == "custom":
                 raise ValueError(
-                    f"the adapter holds a custom learner ({info['class']}); build it and pass learner=... to load "
-                    "its weights into it."
+                    f"the adapter holds a custom learner ({info.get('class', '?')}); build it and pass learner=... "
+                    "to load its weights into it."
                 )
             if backbone is None:
                 raise ValueError("pass backbone=... (the CLIP backbone the adapter was trained on).")
+            if not isinstance(backbone, ClipBackbone):
+                raise TypeError(
+                    f"backbone must be a prompt_robust ClipBackbone (e.g. prompt_robust.load_backbone(...)); got "
+                    f"{type(backbone).__name__}."
+                )
             if info["type"] not in LEARNERS:
-                raise ValueError(f"unknown learner type {info['type']!r} in the adapter; known: {sorted(LEARNERS)}.")
+                from .config import unknown_name_error
+
+                err = unknown_name_error("learner type", info["type"], list(LEARNERS))
+                raise _adapter_config_error(config_path, f"learner.type: {err}")
             learner_cls = LEARNERS[info["type"]]
-            learner = learner_cls(backbone, info["classnames"], learner_cls.config_class.from_dict(info["config"]))
-        elif isinstance(learner, PromptLearner) and info["type"] != learner.learner_type:
-            raise ValueError(f"the adapter holds a {info['type']!r} learner; got a {learner.learner_type!r} learner.")
-        found = find_backbone(learner)
+            learner_config = _config_from_dict(learner_cls.config_class, info["config"], "learner.config", config_path)
+            found = backbone
+        else:
+            if isinstance(learner, PromptLearner) and info["type"] != learner.learner_type:
+                raise ValueError(
+                    f"the adapter holds a {info['type']!r} learner; got a {learner.learner_type!r} learner."
+                )
+            found = find_backbone(learner)
         if strict_backbone and found is not None and saved.get("backbone"):
             diffs = found.identity().mismatches(saved["backbone"])
             if diffs:
@@ -417,13 +776,22 @@ class RobustPromptModel(nn.Module):
                     "this adapter was trained on another backbone: " + "; ".join(diffs) + ". Load it with the "
                     "backbone it was saved with, or pass strict_backbone=False to attach it anyway."
                 )
-        model = cls(learner, RobustConfig.from_dict(saved["robust_config"]))
-        model.load_adapter_weights(directory / ADAPTER_WEIGHTS_NAME)
+        _check_sizes(learner_config, robust, found, config_path)  # before anything is allocated
+        if learner is None:
+            learner = learner_cls(backbone, info["classnames"], learner_config)
+        model = cls(learner, robust)
+        model._load_adapter_tensors(
+            _io.safetensors_from_bytes(weights, directory / ADAPTER_WEIGHTS_NAME, "adapter weights"),
+            directory / ADAPTER_WEIGHTS_NAME,
+        )
         return model
 
     def load_adapter_weights(self, path: str | Path) -> None:
-        """Copy the tensors of an ``adapter_model.safetensors`` into this model, checking names and shapes."""
-        tensors = _io.read_safetensors(path, "adapter weights")
+        """Copy the tensors of an ``adapter_model.safetensors`` into this model, checking names, shapes and that
+        every value is finite (the model is unchanged when a check fails)."""
+        self._load_adapter_tensors(_io.read_safetensors(path, "adapter weights"), Path(path))
+
+    def _load_adapter_tensors(self, tensors: Mapping[str, torch.Tensor], path: Path) -> None:
         own = self.trainable_state_dict()
         missing = sorted(set(own) - set(tensors))
         unexpected = sorted(set(tensors) - set(own))
@@ -437,6 +805,13 @@ class RobustPromptModel(nn.Module):
                 raise ValueError(
                     f"adapter tensor {name!r} has shape {tuple(value.shape)}; the model expects "
                     f"{tuple(own[name].shape)} (different n_ctx, depth, class count or backbone width?)."
+                )
+            bad = _non_finite_count(value)
+            if bad:
+                raise ValueError(
+                    f"adapter tensor {name!r} in {str(path)!r} holds {bad} non-finite value(s) (NaN or Inf) of "
+                    f"{value.numel()}: the training that wrote it diverged. Retrain with a lower learning rate (or "
+                    "gradient clipping), or load an adapter saved before it diverged."
                 )
         with torch.no_grad():
             for name, value in tensors.items():

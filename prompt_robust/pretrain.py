@@ -537,7 +537,8 @@ def pretrain_backbone(
     if saved_config.is_file() and _io.read_json(saved_config) != config.to_dict():
         raise ValueError(
             f"{str(checkpoints)!r} holds checkpoints of a pretraining with other settings; resuming would mix two "
-            "runs. Use the same settings, another --out, or delete that checkpoint directory."
+            "runs. Use the same settings, or another checkpoint directory (--checkpoint-dir; pretrain_backbone("
+            "checkpoint_dir=...)), or move that one away to start over."
         )
     _io.write_json(saved_config, config.to_dict())
     started = time.time()

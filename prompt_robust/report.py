@@ -9,7 +9,7 @@ from typing import Any
 from . import _io
 from .benchmark import TASKS
 
-__all__ = ["sanity_checks", "write_outputs"]
+__all__ = ["recorded_settings", "sanity_checks", "write_outputs"]
 
 logger = logging.getLogger(__name__)
 
@@ -113,6 +113,22 @@ def _plots(out_dir: Path, means: dict, stds: dict) -> list[str]:
     return written
 
 
+def recorded_settings(out_dir: str | Path) -> dict[str, Any] | None:
+    """The settings :func:`write_outputs` recorded in ``out_dir/results_seeds.json`` (None: no readable record),
+    so a caller can tell a rerun of the same benchmark from one that would replace results of other settings.
+
+    Example:
+        >>> recorded_settings("no/such/dir") is None
+        True
+    """
+    path = Path(out_dir) / "results_seeds.json"
+    try:
+        settings = _io.read_json(path, "benchmark results").get("settings")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return settings if isinstance(settings, dict) else None
+
+
 def write_outputs(
     out_dir: str | Path, raw: dict, means: dict, stds: dict, *, header: str, settings: dict[str, Any]
 ) -> list[str]:
@@ -123,7 +139,7 @@ def write_outputs(
         raw: ``{method: {seed: {task: {metric: value}}}}``.
         means / stds: from :func:`prompt_robust.benchmark.summarize`.
         header: first lines of the report (what was run, with which command).
-        settings: the configuration, recorded in ``results_seeds.json``.
+        settings: the configuration, recorded in ``results_seeds.json`` (read back by :func:`recorded_settings`).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import shutil
 
 import pytest
 import torch
@@ -732,3 +733,20 @@ def test_shared_prompt_rows_encode_each_copy_once_with_the_same_values_and_gradi
     assert texts0 == 5 * len(CLASSNAMES)
     # CoCoOp shifts every row by its own image: nothing to merge; the others encode one row per copy
     assert texts == (texts0 if name == "cocoop" else 2 * len(CLASSNAMES))
+
+
+def test_refiner_stages_resume_bit_identical_from_their_checkpoints(bb, train_data, tmp_path):
+    """A run killed after the stage's last checkpoint but one continues from it and ends where an uninterrupted
+    run ends (the stages' fits write checkpoints into ``checkpoint_dir/<stage>/``)."""
+    _, whole = build(bb, "coop", train_steps=10)
+    whole.fit_addons(train_data, seed=3, checkpoint_dir=tmp_path / "whole", progress=False)
+    stage_dir = tmp_path / "whole" / "refiner"
+    saved = sorted(int(p.name.split("-")[1]) for p in stage_dir.glob("checkpoint-*"))
+    assert saved[-1] == 10 and len(saved) >= 2
+    shutil.copytree(stage_dir, tmp_path / "killed" / "refiner")
+    shutil.rmtree(tmp_path / "killed" / "refiner" / f"checkpoint-{saved[-1]}")  # as if killed before the end
+    _, resumed = build(bb, "coop", train_steps=10)
+    resumed.fit_addons(train_data, seed=3, checkpoint_dir=tmp_path / "killed", progress=False)
+    expected = whole.addons["refiner"].state_dict()
+    for name, value in resumed.addons["refiner"].state_dict().items():
+        assert torch.equal(value, expected[name]), name

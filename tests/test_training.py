@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from prompt_robust.eval import accuracy, accuracy_gap, harmonic_mean, per_group_accuracy, worst_group_accuracy
-from prompt_robust.training import FitConfig, FitResult, _lr_at, evaluate, fit
+from prompt_robust.training import CheckpointMismatchError, FitConfig, FitResult, _lr_at, evaluate, fit
 
 torch.set_num_threads(1)
 
@@ -204,15 +204,17 @@ def test_resume_when_already_finished_is_a_no_op(tmp_path):
     assert model.calls == 0 and again.steps == 4 and again.losses == first.losses
 
 
-def test_resume_skips_incomplete_checkpoints_and_warns_on_changed_config(tmp_path, caplog):
+def test_resume_skips_incomplete_checkpoints_and_refuses_changed_config(tmp_path, caplog):
     data = Separable(16, seed=0)
     config = FitConfig(steps=4, batch_size=8, checkpoint_every=2, progress=False)
     fit(TinyClassifier(), data, config, checkpoint_dir=tmp_path)
     (tmp_path / "checkpoint-99").mkdir()  # a half-written checkpoint: no files
     (tmp_path / "checkpoint-99" / "trainable.safetensors").write_bytes(b"")
     (tmp_path / ".tmp-checkpoint-abc").mkdir()  # left by a run killed while saving
-    with pytest.warns(UserWarning, match=r"changed FitConfig \(steps: 4 -> 6\)"):
-        result = fit(TinyClassifier(), data, FitConfig(steps=6, batch_size=8, progress=False), checkpoint_dir=tmp_path)
+    longer = FitConfig(steps=6, batch_size=8, progress=False)
+    with pytest.raises(CheckpointMismatchError, match=r"FitConfig\.steps: 4 -> 6"):
+        fit(TinyClassifier(), data, longer, checkpoint_dir=tmp_path)
+    result = fit(TinyClassifier(), data, longer, checkpoint_dir=tmp_path, resume="new-settings")
     assert result.resumed_from == 4 and result.steps == 6
     assert "ignoring incomplete checkpoint" in caplog.text
     assert not (tmp_path / ".tmp-checkpoint-abc").exists()

@@ -9,6 +9,8 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
+from .checks import check_batch
+
 __all__ = ["collate_images_labels", "hash_items", "item_as_dict", "ordered_loader"]
 
 
@@ -40,6 +42,7 @@ def collate_images_labels(items: list[Any]) -> dict[str, torch.Tensor]:
     dicts = [item_as_dict(item) for item in items]
     pixel_values = torch.stack([torch.as_tensor(item["pixel_values"]) for item in dicts])
     labels = torch.as_tensor([int(item["labels"]) for item in dicts], dtype=torch.long)
+    check_batch(pixel_values, labels)  # the add-ons' passes over a training set refuse what forward() refuses
     return {"pixel_values": pixel_values, "labels": labels}
 
 

@@ -368,6 +368,25 @@ def _int_field(value: str, allowed: tuple[int, ...], column: str, where: str) ->
     return number
 
 
+def _inside(base: Path, entry: str, where: str, what: str) -> Path:
+    """``base / entry`` for an entry of a metadata or split file, refused when it would leave ``base``.
+
+    The check is on the path's text (an absolute path, or more ``..`` than folders above it), not on where
+    symlinks lead: an image folder linked to other storage on purpose still loads, an entry cannot escape.
+    """
+    normal = os.path.normpath(entry)
+    if os.path.isabs(entry) or Path(entry).drive:
+        reason = "an absolute path"
+    elif normal == ".." or normal.startswith(".." + os.sep):
+        reason = "its '..' climb out of it"
+    else:
+        return base / normal
+    raise ValueError(
+        f"the {what} {entry!r} ({where}) points outside {str(base)!r} ({reason}); entries must be paths relative "
+        f"to {str(base)!r} that stay inside it. Fix that entry, or pass the folder the entries are relative to."
+    )
+
+
 def _readable(name: str) -> str:
     return name.replace("_", " ").lower()
 
@@ -421,7 +440,8 @@ def load_coop_split(
 
     Raises:
         FileNotFoundError: the split file or the image directory does not exist.
-        ValueError: unknown subset, malformed file, inconsistent or non-contiguous labels, empty subset.
+        ValueError: unknown subset, malformed file, inconsistent or non-contiguous labels, empty subset, an image
+            path that is absolute or climbs out of ``image_dir`` with ``..``.
 
     Example:
         >>> train = load_coop_split("oxford_pets/split_zhou_OxfordPets.json", "oxford_pets/images",
@@ -466,8 +486,12 @@ def load_coop_split(
     entries = data[subset]
     if not entries:
         raise ValueError(f"subset {subset!r} of CoOp split file {str(split_file)!r} is empty; choose another subset.")
+    paths = [
+        _inside(image_dir, path, f"CoOp split file {str(split_file)!r}, {subset}[{position}]", "image path")
+        for position, (path, _, _) in enumerate(entries)
+    ]
     return ImageListDataset(
-        [image_dir / path for path, _, _ in entries],
+        paths,
         [label for _, label, _ in entries],
         classnames,
         transform=transform,
@@ -507,7 +531,8 @@ def load_waterbirds(
 
     Raises:
         FileNotFoundError: ``root`` or ``metadata.csv`` does not exist.
-        ValueError: unknown split, missing columns or bad values in the CSV, empty split.
+        ValueError: unknown split, missing columns or bad values in the CSV, empty split, an ``img_filename``
+            that is absolute or climbs out of ``root`` with ``..``.
 
     Example:
         >>> test = load_waterbirds("data/waterbirds", "test", transform=transform_for(backbone))  # doctest: +SKIP
@@ -538,7 +563,7 @@ def load_waterbirds(
                 continue
             labels.append(_int_field(row["y"], (0, 1), "y", where))
             places.append(_int_field(row["place"], (0, 1), "place", where))
-            paths.append(root / row["img_filename"].strip())
+            paths.append(_inside(root, row["img_filename"].strip(), where, "img_filename"))
     if not paths:
         raise ValueError(f"Waterbirds split {split!r} (split == {wanted}) has no rows in {str(metadata)!r}.")
     return ImageListDataset(
@@ -596,7 +621,8 @@ def load_celeba(
 
     Raises:
         FileNotFoundError: a file or the image folder is missing.
-        ValueError: unknown attribute or split, malformed annotation lines, empty split.
+        ValueError: unknown attribute or split, malformed annotation lines, empty split, a file name that is
+            absolute or climbs out of ``img_align_celeba/`` with ``..``.
 
     Example:
         >>> test = load_celeba("data/celeba", "Blond_Hair", "Male", "test")  # doctest: +SKIP
@@ -635,7 +661,7 @@ def load_celeba(
         partition[fields[0]] = _int_field(fields[1], (0, 1, 2), "partition", where)
 
     wanted = SPLITS.index(split)
-    files: list[str] = []
+    files: list[Path] = []
     labels: list[int] = []
     attributes: list[int] = []
     rows = 0
@@ -654,7 +680,7 @@ def load_celeba(
             raise ValueError(f"{where}: image {name!r} has no entry in the partition file {str(partition_file)!r}.")
         if partition[name] != wanted:
             continue
-        files.append(name)
+        files.append(_inside(image_dir, name, where, "image file"))
         labels.append(_celeba_value(fields[t_col], target, where))
         attributes.append(_celeba_value(fields[s_col], spurious, where))
     if rows != count:
@@ -668,7 +694,7 @@ def load_celeba(
     classnames = [f"not {t_name}", t_name]
     attribute_names = [f"not {s_name}", s_name]
     return ImageListDataset(
-        [image_dir / name for name in files],
+        files,
         labels,
         classnames,
         transform=transform,
@@ -689,13 +715,76 @@ def _subdirs(path: Path) -> list[str]:
     return sorted(entry.name for entry in os.scandir(path) if entry.is_dir() and not entry.name.startswith("."))
 
 
-def _images_under(folder: Path) -> list[Path]:
-    found = []
-    for directory, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for filename in sorted(filenames):
-            if filename.lower().endswith(IMAGE_EXTENSIONS) and not filename.startswith("."):
-                found.append(Path(directory) / filename)
+def _link_conflict(real: str, own: str, class_dirs: dict[str, str]) -> str | None:
+    """Why a symlinked folder resolving to ``real`` must not be searched from the class folder ``own``: it is (or
+    lies in) another class folder, or it holds a class folder (the domain, the root, anything above). None: fine."""
+    path = Path(real)
+    for ancestor in (path, *path.parents):
+        name = class_dirs.get(str(ancestor))
+        if name is not None:
+            return None if str(ancestor) == own else f"it lies in the class folder {name}"
+    prefix = real.rstrip(os.sep) + os.sep
+    for class_real, name in class_dirs.items():
+        if class_real.startswith(prefix):
+            return f"it holds the class folder {name}"
+    return None
+
+
+def _images_under(folder: Path, class_dirs: dict[str, str], seen: set[str]) -> list[Path]:
+    """Image files under ``folder`` (recursively, sorted, hidden entries skipped), each real file once.
+
+    Symlinks are followed, but every real folder is searched once (a loop is entered once, not until the OS gives
+    up) and never a folder that is, lies in or holds another class folder (its images would be counted twice or
+    under the wrong class). ``seen`` holds the real paths of the images already listed by the whole load.
+
+    Args:
+        folder: the class folder.
+        class_dirs: real path -> ``"<domain>/<class>"`` of every class folder of the dataset.
+        seen: real paths of the images listed so far; updated.
+    """
+    own = os.path.realpath(folder)
+    visited = {own}
+    found: list[Path] = []
+    skipped: list[str] = []
+    stack = [(folder, own)]
+    while stack:
+        directory, real_dir = stack.pop()
+        try:
+            entries = sorted(os.scandir(directory), key=lambda entry: entry.name)
+        except OSError as err:
+            logger.warning("cannot list %s (%s); the images in it are skipped", directory, err)
+            continue
+        subdirs = []
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            link = entry.is_symlink()
+            real = os.path.realpath(entry.path) if link else os.path.join(real_dir, entry.name)
+            if entry.is_dir():  # follows symlinks
+                reason = "it was searched already (a loop)" if real in visited else None
+                reason = reason or (_link_conflict(real, own, class_dirs) if link else None)
+                if reason is not None:
+                    if link:
+                        skipped.append(f"{entry.path} -> {real} ({reason})")
+                    continue
+                visited.add(real)
+                subdirs.append((Path(entry.path), real))
+            elif entry.name.lower().endswith(IMAGE_EXTENSIONS):
+                if real in seen:
+                    skipped.append(f"{entry.path} (the same file as an image listed before)")
+                    continue
+                seen.add(real)
+                found.append(Path(entry.path))
+        stack.extend(reversed(subdirs))  # depth first, in name order (os.walk's order)
+    if skipped:
+        logger.warning(
+            "class folder %s: %d symlinked entr%s not followed, so that no image is listed twice or under another "
+            "class: %s",
+            folder,
+            len(skipped),
+            "y" if len(skipped) == 1 else "ies",
+            "; ".join(skipped[:5]) + (" ..." if len(skipped) > 5 else ""),
+        )
     return found
 
 
@@ -710,7 +799,9 @@ def load_domainbed(
 
     Classes are the class folder names, sorted, and must be the same in every domain. Images are the files with
     extensions jpg/jpeg/png/bmp (any case), searched recursively inside each class folder; hidden files and
-    folders are skipped. Items carry ``"domains"``, the index into ``domain_names``.
+    folders are skipped. Symlinks are followed, each real folder once (a symlink loop does not multiply the
+    images) and never into another class folder or a folder that holds one; an image reachable by two paths is
+    listed once (skipped links are logged). Items carry ``"domains"``, the index into ``domain_names``.
 
     Args:
         root: the dataset directory (e.g. ``data/PACS``).
@@ -764,13 +855,20 @@ def load_domainbed(
                 "domains=[...]."
             )
 
+    # every class folder of the dataset, loaded or not: symlinks into one are never followed from another
+    class_dirs = {
+        os.path.realpath(root / domain / name): f"{domain}/{name}"
+        for domain in available
+        for name in (classes_of[domain] if domain in classes_of else _subdirs(root / domain))
+    }
+    seen: set[str] = set()
     paths: list[Path] = []
     labels: list[int] = []
     domain_ids: list[int] = []
     for d, domain in enumerate(domain_names):
         before = len(paths)
         for label, classname in enumerate(classnames):
-            images = _images_under(root / domain / classname)
+            images = _images_under(root / domain / classname, class_dirs, seen)
             if not images:
                 logger.warning("class folder %s has no images", root / domain / classname)
             paths.extend(images)

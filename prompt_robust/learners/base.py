@@ -15,6 +15,7 @@ The reference learners derive from :class:`PromptLearner`; a user's own module o
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -99,9 +100,20 @@ def check_classnames(classnames: Sequence[str]) -> list[str]:
         raise ValueError("classnames is empty: pass the list of class names the model should predict.")
     if not all(names):
         raise ValueError(f"classnames contains an empty name: {list(classnames)!r}.")
-    dupes = sorted({name for name in names if names.count(name) > 1})
+    dupes = sorted(name for name, count in Counter(names).items() if count > 1)
     if dupes:
         raise ValueError(f"classnames must be unique; repeated: {dupes}.")
+    return names
+
+
+def _check_class_count(names: list[str]) -> list[str]:
+    """A prompt learner tells classes apart: with one class its softmax is always 1 and the loss always 0."""
+    if len(names) < 2:
+        raise ValueError(
+            f"a prompt learner needs at least 2 classes; got {len(names)} ({names!r}). With one class every "
+            "prediction has probability 1, the cross-entropy is 0 and nothing trains. Pass every class name of "
+            "the task (add a background/'other' class for a one-class detector)."
+        )
     return names
 
 
@@ -229,7 +241,7 @@ class PromptLearner(nn.Module):
         self.config = config
         self.backbone = backbone
         backbone.freeze()
-        self.classnames = check_classnames(classnames)
+        self.classnames = _check_class_count(check_classnames(classnames))
 
     # -- contract --------------------------------------------------------------------------------------------
     def prompt_tokens(self) -> dict[str, torch.Tensor]:
@@ -266,7 +278,7 @@ class PromptLearner(nn.Module):
     # -- class list --------------------------------------------------------------------------------------------
     def set_classnames(self, classnames: Sequence[str]) -> None:
         """Predict over another class list (e.g. the new classes of base-to-new); learned prompts are kept."""
-        self.classnames = check_classnames(classnames)
+        self.classnames = _check_class_count(check_classnames(classnames))
         self._build_class_state()
 
     def _build_class_state(self) -> None:

@@ -90,6 +90,20 @@ class PromptRefiner(RobustAddon):
     def scale(self, site: str) -> torch.Tensor:
         return getattr(self, self._scale_name(site))
 
+    def training_state(self) -> dict[str, torch.Tensor]:
+        # the step counter is a buffer, not a trained tensor: a resumed stage must continue counting from it
+        return {"trained_steps": self.trained_steps}
+
+    def load_training_state(self, state: Mapping[str, torch.Tensor]) -> None:
+        unknown = sorted(set(state) - {"trained_steps"})
+        if unknown:
+            raise ValueError(
+                f"the 'refiner' add-on's training state is {{'trained_steps'}}, but the checkpoint holds {unknown}; "
+                "it was written by a model with other add-ons."
+            )
+        if "trained_steps" in state:
+            self.trained_steps.copy_(state["trained_steps"])
+
     @property
     def ready(self) -> bool:
         """True once the generator has been trained (then it replaces the learner's prompt)."""
@@ -259,6 +273,7 @@ class PromptRefiner(RobustAddon):
         cache_dir: str | Path | None = None,
         checkpoint_dir: str | Path | None = None,
         progress: bool = True,
+        resume: bool | str = True,
     ) -> dict[str, float]:
         from ..training import FitConfig, fit
 
@@ -282,8 +297,10 @@ class PromptRefiner(RobustAddon):
                 warmup_steps=min(50, steps // 10),
                 seed=seed,
                 progress=progress,
+                # resumable stages: a killed run continues from its last checkpoint, bit-identical
+                checkpoint_every=None if checkpoint_dir is None else max(1, steps // 5),
             )
             folder = None if checkpoint_dir is None else Path(checkpoint_dir) / stage
-            result = fit(model, targets, fit_config, checkpoint_dir=folder)
+            result = fit(model, targets, fit_config, checkpoint_dir=folder, resume=resume)
             logs[f"{stage}/final_loss"] = result.final_loss
         return logs
