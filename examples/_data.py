@@ -7,7 +7,7 @@ A script's parser is ``add_data_args`` (backbone and dataset), the script's own 
 
 Base-to-new follows CoCoOp (Zhou et al., https://arxiv.org/abs/2203.05557): the classes are split in half, base
 first; prompts are tuned on ``k`` shots of each base class and tested on held-out images of the base classes and,
-with the class names swapped, of the new ones. On the embedded world the split is ``prompt_robust.data.tasks``'s.
+with the class names swapped, of the new ones. On the embedded world the split is ``prompt_robust.bench.tasks``'s.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import prompt_robust as pr
+from prompt_robust.bench.tasks import WorldTasks
 from prompt_robust.data import ImageListDataset, load_coop_split, sample_few_shot, save_split, transform_for
-from prompt_robust.data.tasks import WorldTasks
 from prompt_robust.eval.metrics import harmonic_mean
 from prompt_robust.training import FitConfig, evaluate
 

@@ -33,10 +33,10 @@ from _data import add_data_args, add_run_args, check_args, fit_config  # example
 
 import prompt_robust as pr
 import prompt_robust.debias as db
-from prompt_robust.benchmark import LEARNER_SETTINGS
+from prompt_robust.bench.runner import LEARNER_SETTINGS
+from prompt_robust.bench.tasks import SPURIOUS_BACKGROUNDS, WorldTasks
 from prompt_robust.cli import add_dataclass_args, dataclass_from_args
 from prompt_robust.data import load_waterbirds, sample_few_shot, transform_for
-from prompt_robust.data.tasks import SPURIOUS_BACKGROUNDS, WorldTasks
 from prompt_robust.training import evaluate, fit
 
 MODES = ("pseudo", "oracle", "groupdro", "jtt", "erm")

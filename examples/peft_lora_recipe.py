@@ -30,7 +30,7 @@ import torch
 from _data import add_data_args, add_run_args, check_args, few_shot_data, fit_config, save_shots
 
 import prompt_robust as pr
-from prompt_robust.benchmark import LEARNER_SETTINGS
+from prompt_robust.bench.runner import LEARNER_SETTINGS
 from prompt_robust.training import evaluate, fit
 
 

@@ -37,9 +37,9 @@ import transformers
 from _data import add_data_args, add_run_args  # examples/_data.py
 
 import prompt_robust as pr
+from prompt_robust.bench.tasks import SPURIOUS_BACKGROUNDS, WorldTasks
 from prompt_robust.cli import add_dataclass_args, dataclass_from_args
 from prompt_robust.data import load_waterbirds, transform_for
-from prompt_robust.data.tasks import SPURIOUS_BACKGROUNDS, WorldTasks
 from prompt_robust.integrations.trainer import ADAPTER_SUBDIR, RobustCallback, robust_metrics
 
 #: the spurious attribute's values in words: Waterbirds' places, in the loader's attribute order

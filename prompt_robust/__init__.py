@@ -16,6 +16,7 @@ from .invariance import InvariantProjection  # registers the "invariance" add-on
 from .learners import LEARNERS, PromptLearner, build_learner
 from .model import RobustOutput, RobustPromptModel, wrap
 from .refiner import PromptRefiner  # registers the "refiner" add-on
+from .training import FitConfig, evaluate, fit
 
 __all__ = [
     "LEARNERS",
@@ -24,6 +25,7 @@ __all__ = [
     "CounterfactualRegularizer",
     "DebiasConfig",
     "DebiasReweighting",
+    "FitConfig",
     "HFClipBackbone",
     "InvarianceConfig",
     "InvariantProjection",
@@ -35,6 +37,8 @@ __all__ = [
     "RobustPromptModel",
     "__version__",
     "build_learner",
+    "evaluate",
+    "fit",
     "load_backbone",
     "wrap",
 ]

@@ -29,7 +29,8 @@ __all__ = ["CONFIG_SECTIONS", "cli_markdown", "config_classes", "config_markdown
 CONFIG_SECTIONS: tuple[tuple[str, str, tuple[tuple[str, str], ...]], ...] = (
     (
         "Add-ons",
-        "`prompt_robust.wrap(learner, RobustConfig(...))` attaches one add-on per non-None field of `RobustConfig`; "
+        "`prompt_robust.wrap(learner, RobustConfig(...))` attaches one add-on per non-None keyword of `RobustConfig` "
+        "(one per registered add-on); "
         "[concepts.md](concepts.md) explains the methods and how they compose.",
         (
             ("prompt_robust.config", "RobustConfig"),
@@ -62,9 +63,9 @@ CONFIG_SECTIONS: tuple[tuple[str, str, tuple[tuple[str, str], ...]], ...] = (
         "The embedded benchmark, the mini-CLIP's pretraining and the procedural world; see "
         "[benchmark.md](benchmark.md).",
         (
-            ("prompt_robust.benchmark", "BenchConfig"),
-            ("prompt_robust.pretrain", "PretrainConfig"),
-            ("prompt_robust.data.world", "WorldConfig"),
+            ("prompt_robust.bench.runner", "BenchConfig"),
+            ("prompt_robust.bench.pretrain", "PretrainConfig"),
+            ("prompt_robust.bench.world", "WorldConfig"),
         ),
     ),
 )
@@ -187,7 +188,7 @@ def _cli_usage(parser: argparse.ArgumentParser) -> dict[str, list[str]]:
     """Config class name -> how the CLI exposes it (per subcommand)."""
     from .config import RobustConfig
 
-    json_options = {f"--{name}-config": RobustConfig.nested[name].__name__ for name in RobustConfig.nested}
+    json_options = {f"--{name}-config": cls.__name__ for name, cls in RobustConfig.addon_configs().items()}
     usage: dict[str, list[str]] = {}
     for command, sub in _subcommands(parser):
         per_class: dict[str, list[str]] = {}
@@ -210,6 +211,19 @@ def _cli_usage(parser: argparse.ArgumentParser) -> dict[str, list[str]]:
             option = f"--{prefixes.get(name, '')}field-name"
             usage.setdefault(name, []).append(f"`prompt-robust {command}`: one `{option}` option per field{note}")
     return usage
+
+
+def _field_rows(cls: type) -> list[tuple[str, str, str, str]]:
+    """``(field, type, default, description)`` of a config dataclass; for ``RobustConfig``, whose keywords are the
+    registered add-ons, one row per add-on (its config class and description)."""
+    from .config import RobustConfig
+
+    if cls is RobustConfig:
+        from .addons import ADDONS
+
+        return [(n, f"{a.config_class.__name__} | None", "None", a.description) for n, a in ADDONS.items()]
+    helps = field_help(cls)
+    return [(f.name, _type_name(f.type), _default(f), helps[f.name]) for f in dataclasses.fields(cls)]
 
 
 def config_markdown() -> str:
@@ -235,7 +249,6 @@ def config_markdown() -> str:
         lines += [f"## {title}", "", intro, ""]
         for module, name in entries:
             cls = getattr(importlib.import_module(module), name)
-            helps = field_help(cls)
             lines += [f"### {name}", "", f"`{module}.{name}`", ""]
             description = _description(cls)
             if description:
@@ -245,10 +258,9 @@ def config_markdown() -> str:
             if name in usage:
                 lines.append("")
             lines += ["| field | type | default | description |", "|---|---|---|---|"]
-            for f in dataclasses.fields(cls):
+            for field_name, type_name, default, text in _field_rows(cls):
                 lines.append(
-                    f"| `{f.name}` | {_code(_type_name(f.type))} | {_code(_default(f))} | "
-                    f"{_cell(_rst_to_markdown(helps[f.name]))} |"
+                    f"| `{field_name}` | {_code(type_name)} | {_code(default)} | {_cell(_rst_to_markdown(text))} |"
                 )
             lines.append("")
     return "\n".join(lines).rstrip("\n") + "\n"

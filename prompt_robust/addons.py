@@ -10,8 +10,8 @@ in a fixed order, for
 
 Add-ons that train something of their own after the prompt (the refiner's generator) declare ``stages``;
 ``RobustPromptModel.set_stage(name)`` then makes ``stage_parameters(name)`` the trainable tensors, and
-``stage_loss`` may replace the task loss in that stage. ``fit_stages`` runs them all, in order, after the
-prompt was trained; ``prepare`` fits what an add-on needs before the prompt is trained.
+``stage_loss`` may replace the task loss in that stage. ``plan_stages`` returns them as data
+(:class:`StagePlan`), which the model runs, in order, after the prompt was trained; ``prepare`` fits what an add-on needs before the prompt is trained.
 
 Adding a method = one module implementing these + one ``register_addon`` line.
 """
@@ -19,13 +19,38 @@ Adding a method = one module implementing these + one ``register_addon`` line.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass, is_dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-__all__ = ["ADDONS", "RobustAddon", "learner_feature_dim", "register_addon"]
+__all__ = ["ADDONS", "RobustAddon", "StagePlan", "addon_configs", "learner_feature_dim", "register_addon"]
+
+#: names RobustConfig uses itself
+_RESERVED = frozenset({"enabled", "to_dict", "from_dict", "addon_configs"})
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """One training stage an add-on asks for: in stage ``stage`` (its :meth:`RobustAddon.stage_parameters`
+    train), ``steps`` AdamW-or-SGD steps on ``dataset`` with these optimizer settings. The model runs it
+    (:meth:`RobustPromptModel.fit_addons`), with checkpoints in ``<checkpoint_dir>/<stage>/``.
+
+    Example:
+        >>> StagePlan("refiner", dataset=[], steps=100, lr=1e-3, batch_size=32).optimizer
+        'adamw'
+    """
+
+    stage: str
+    dataset: Any
+    steps: int
+    lr: float
+    batch_size: int
+    optimizer: str = "adamw"
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
 
 
 class RobustAddon(nn.Module):
@@ -38,6 +63,10 @@ class RobustAddon(nn.Module):
 
     name: ClassVar[str] = "abstract"
     config_class: ClassVar[type] = object
+    #: one line saying what the add-on does (RobustConfig's documentation lists it)
+    description: ClassVar[str] = ""
+    #: position in the model's forward among the enabled add-ons (lower first; ties: registration order)
+    order: ClassVar[int] = 100
     #: training stages this add-on owns (trained after the learner's own "prompt" stage)
     stages: ClassVar[tuple[str, ...]] = ()
 
@@ -99,20 +128,19 @@ class RobustAddon(nn.Module):
         features that the regularizer samples from during prompt tuning); returns logs."""
         return {}
 
-    def fit_stages(
+    def plan_stages(
         self,
         model: nn.Module,
         dataset: Any,
         *,
         seed: int = 0,
         cache_dir: str | Path | None = None,
-        checkpoint_dir: str | Path | None = None,
         progress: bool = True,
-        resume: bool | str = True,
-    ) -> dict[str, float]:
-        """Run this add-on's training stages on ``dataset`` after the prompt was trained; returns logs. Stages that
-        train through :func:`prompt_robust.training.fit` pass ``resume`` on to it."""
-        return {}
+    ) -> tuple[list[StagePlan], dict[str, float]]:
+        """The training stages this add-on needs after the prompt was trained, as data, and logs of preparing
+        them (e.g. the refiner's target statistics). :meth:`RobustPromptModel.fit_addons` runs each plan with
+        ``prompt_robust.training.fit``; an add-on never drives the training loop itself."""
+        return [], {}
 
     def detach(self) -> None:
         """Undo anything the add-on attached to the learner (hooks); called by ``unwrap()``."""
@@ -156,10 +184,51 @@ ADDONS: dict[str, type[RobustAddon]] = {}
 
 
 def register_addon(cls: type[RobustAddon]) -> type[RobustAddon]:
-    """Class decorator registering an add-on under ``cls.name`` (a ``RobustConfig`` field name)."""
-    from .config import RobustConfig
+    """Class decorator registering an add-on under ``cls.name``, with its config class ``cls.config_class``:
+    ``RobustConfig(<name>=<config>)`` then enables it, and adapters save and load it. This is the only line a
+    new add-on needs (see ``docs/design.md``).
 
-    if cls.name not in RobustConfig.nested:
-        raise ValueError(f"add-on name {cls.name!r} is not a RobustConfig field ({', '.join(RobustConfig.nested)}).")
-    ADDONS[cls.name] = cls
+    Raises:
+        ValueError: the name is not a lowercase identifier, is taken by another class, or the config class is not
+            a config dataclass (``ConfigMixin``).
+
+    Example:
+        >>> sorted(ADDONS)
+        ['counterfactual', 'debias', 'invariance', 'refiner']
+    """
+    from .config import ConfigMixin
+
+    name = cls.name
+    if not (isinstance(name, str) and name.isidentifier() and name == name.lower() and not name.startswith("_")):
+        raise ValueError(
+            f"an add-on name must be a lowercase identifier (it becomes a RobustConfig keyword); got {name!r}."
+        )
+    if name in _RESERVED:
+        raise ValueError(f"add-on name {name!r} is reserved by RobustConfig; choose another.")
+    config_class = cls.config_class
+    if not (isinstance(config_class, type) and issubclass(config_class, ConfigMixin) and is_dataclass(config_class)):
+        raise ValueError(
+            f"{cls.__name__}.config_class must be a @dataclass config deriving from prompt_robust.config.ConfigMixin "
+            f"(for saving and loading adapters); got {config_class!r}."
+        )
+    existing = ADDONS.get(name)
+    if existing is not None and (existing.__module__, existing.__qualname__) != (cls.__module__, cls.__qualname__):
+        raise ValueError(
+            f"add-on name {name!r} is already registered by {existing.__module__}.{existing.__qualname__}."
+        )
+    ADDONS[name] = cls
+    # run order: by ``order``, then by registration (the model's forward and RobustConfig list add-ons this way)
+    ordered = sorted(ADDONS.items(), key=lambda item: item[1].order)
+    ADDONS.clear()
+    ADDONS.update(ordered)
     return cls
+
+
+def addon_configs() -> dict[str, type]:
+    """``{name: config class}`` of the registered add-ons, in run order.
+
+    Example:
+        >>> list(addon_configs())
+        ['refiner', 'counterfactual', 'invariance', 'debias']
+    """
+    return {name: cls.config_class for name, cls in ADDONS.items()}

@@ -1,9 +1,10 @@
 """The ``prompt-robust`` command line: ``demo``, ``bench``, ``pretrain-backbone``, ``train``, ``eval``.
 
 Options of the training, benchmark and pretraining commands are generated from their config dataclasses
-(:class:`~prompt_robust.training.FitConfig`, :class:`~prompt_robust.benchmark.BenchConfig`,
-:class:`~prompt_robust.pretrain.PretrainConfig`), so the CLI and the Python API never disagree. The CLI prints its
-results; the library itself never prints.
+(:class:`~prompt_robust.training.FitConfig`, :class:`~prompt_robust.bench.runner.BenchConfig`,
+:class:`~prompt_robust.bench.pretrain.PretrainConfig`), so the CLI and the Python API never disagree. The CLI prints
+its results; the library itself never prints. ``bench --suite`` offers the suites registered in
+:data:`prompt_robust.bench.suites.SUITES`; the CLI knows none of them by name.
 
 A user's mistake (a missing or wrong option, a refused overwrite, a checkpoint of other settings) is answered with
 one line, ``prompt-robust: error: ...``, naming the option to fix, and exit status 2; an unexpected error exits
@@ -17,25 +18,24 @@ import contextlib
 import dataclasses
 import datetime
 import difflib
-import importlib
 import importlib.util
 import json
 import logging
 import re
 import shlex
 import sys
-import time
 import types
 import typing
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from . import __version__
 
-__all__ = ["UsageError", "main"]
+if TYPE_CHECKING:
+    from .bench.suites import Suite, SuiteRequest
 
-DEMO_METHODS = ["zeroshot", "coop"]
+__all__ = ["UsageError", "main"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -244,46 +244,10 @@ def _command_line() -> str:
     return "prompt-robust " + " ".join(shlex.quote(a) for a in sys.argv[1:])
 
 
-def _quick_methods() -> list[str]:
-    """Zero-shot, CoOp and CoOp with each available add-on."""
-    from .addons import ADDONS
-
-    return DEMO_METHODS + [f"coop+{name}" for name in sorted(ADDONS)]
-
-
 def _embedded_or_given(spec: str | None):
     from .backbones import load_backbone
 
     return load_backbone(spec or "embedded")
-
-
-def _print_tables(means: dict, stds: dict) -> None:
-    from .benchmark import TASKS
-    from .report import format_table, sanity_checks
-
-    for task in TASKS:
-        if task in means:
-            print(f"\n{task}\n" + format_table(task, means, stds))
-    checks = sanity_checks(means)
-    if checks:
-        print("\nsanity checks\n" + "\n".join(f"- {c}" for c in checks))
-
-
-#: what each bench suite (and demo) writes into --out: what a rerun would replace, and --overwrite moves aside
-_SUITE_OUTPUTS: dict[str, tuple[str, ...]] = {
-    "demo": ("results.json", "results_seeds.json", "report.md", "base_to_new.png", "spurious_groups.png"),
-    "quick": ("results.json", "results_seeds.json", "report.md", "base_to_new.png", "spurious_groups.png"),
-    "full": ("results.json", "results_seeds.json", "report.md", "base_to_new.png", "spurious_groups.png"),
-    "calibration": ("calibration.json", "calibration.md"),
-    "mechanisms": ("mechanisms.json", "mechanisms.md"),
-    "refiner-sweep": ("sweep.json", "sweep.md", "sweep.png"),
-    "refiner-cost": ("cost.json", "cost.md"),
-    "counterfactual-quality": ("quality.json", "quality.md"),
-    "icm": ("icm.json", "icm.md"),
-    "icm-grid": ("icm_grid.json", "icm_grid.md"),
-}
-#: suites that save each (method, seed) run under runs/ (and few-shot splits under splits/) for a rerun to reuse
-_SAVED_RUNS = ("demo", "quick", "full", "calibration", "mechanisms")
 
 
 _BENCH_OVERWRITE_HELP = (
@@ -293,18 +257,22 @@ _BENCH_OVERWRITE_HELP = (
 )
 
 
-def _claim_bench_out(args: argparse.Namespace, suite: str, settings: dict[str, Any] | None = None) -> None:
-    """Refuse to replace the results of an earlier run in ``--out``, unless they were made with the same
-    ``settings`` (a rerun then reuses its saved runs and writes the same results) or ``--overwrite`` is given,
-    which moves them (and the saved runs) into ``<out>/replaced-<time>/``. Suites that record no settings
-    (``settings=None``) refuse any earlier output of theirs."""
-    from .report import recorded_settings
+def _claim_bench_out(
+    args: argparse.Namespace, suite: Suite, settings: dict[str, Any] | None = None, label: str = ""
+) -> None:
+    """Refuse to replace the results of an earlier run of ``suite`` (a registered
+    :class:`~prompt_robust.bench.suites.Suite`; ``label``: the name to call it by) in ``--out``, unless they were
+    made with the same ``settings`` (a rerun then reuses its saved runs and writes the same results) or
+    ``--overwrite`` is given, which moves them (and the saved runs) into ``<out>/replaced-<time>/``. Suites that
+    record no settings (``settings=None``) refuse any earlier output of theirs."""
+    from .bench.report import recorded_settings
 
+    label = label or suite.name
     out = Path(args.out)
-    present = [name for name in _SUITE_OUTPUTS[suite] if (out / name).exists()]
+    present = [name for name in suite.outputs if (out / name).exists()]
     if args.overwrite:
-        saved = ["runs", "splits"] if suite in _SAVED_RUNS else []
-        _move_aside(out, [*present, *saved], f"the previous {suite} results")
+        saved = ["runs", "splits"] if suite.saves_runs else []
+        _move_aside(out, [*present, *saved], f"the previous {label} results")
         return
     if not present:
         return  # nothing finished there: a rerun resumes an interrupted run (saved runs of other settings rerun)
@@ -318,7 +286,7 @@ def _claim_bench_out(args: argparse.Namespace, suite: str, settings: dict[str, A
             shown = [f"{k} {_short(recorded.get(k))} -> {_short(settings.get(k))}" for k in differs[:4]]
             detail = f" made with other settings ({'; '.join(shown)}{'; ...' if len(differs) > 4 else ''})"
     raise UsageError(
-        f"{out} already holds {suite} results ({', '.join(present)}){detail}; pass --overwrite to move them into "
+        f"{out} already holds {label} results ({', '.join(present)}){detail}; pass --overwrite to move them into "
         f"{out}/replaced-<UTC time>/ and start afresh, or choose another --out."
     )
 
@@ -326,27 +294,6 @@ def _claim_bench_out(args: argparse.Namespace, suite: str, settings: dict[str, A
 def _short(value: Any, width: int = 40) -> str:
     text = json.dumps(value)
     return text if len(text) <= width else text[: width - 3] + "..."
-
-
-def _run_bench(args: argparse.Namespace, config, title: str, suite: str) -> int:
-    from .benchmark import run_benchmark, summarize
-    from .report import write_outputs
-
-    started = time.time()
-    backbone = _embedded_or_given(args.backbone)
-    out = Path(args.out)
-    settings = {**config.to_dict(), "backbone": backbone.fingerprint()}
-    _claim_bench_out(args, suite, settings)
-    raw = run_benchmark(backbone, config, out, progress=not args.quiet)
-    means, stds = summarize(raw)
-    header = (
-        f"# {title}\n\nCommand: `{_command_line()}`  \nBackbone: `{backbone.name}`  \nSeeds: {config.seeds} "
-        f"(mean ± std, %)  \nWall time: {time.time() - started:.0f} s"
-    )
-    files = write_outputs(out, raw, means, stds, header=header, settings=settings)
-    _print_tables(means, stds)
-    print(f"\nwrote {', '.join(str(out / f) for f in files)} ({time.time() - started:.0f} s)")
-    return 0
 
 
 def _set_fields(cls: type, args: argparse.Namespace) -> dict[str, Any]:
@@ -374,7 +321,7 @@ def _json_option(args: argparse.Namespace, addon: str) -> dict[str, Any]:
         ) from None
     if not isinstance(value, dict):
         raise UsageError(f"{option} must be a JSON object of config fields; got {text!r}.")
-    cls = RobustConfig.nested[addon]
+    cls = RobustConfig.addon_configs()[addon]
     names = [f.name for f in dataclasses.fields(cls)]
     for key in value:
         if key not in names:
@@ -382,182 +329,58 @@ def _json_option(args: argparse.Namespace, addon: str) -> dict[str, Any]:
     return value
 
 
-def _demo(args: argparse.Namespace) -> int:
-    from .benchmark import BenchConfig
+def _suite_request(args: argparse.Namespace, suite: Suite, label: str = "", **fields: Any) -> SuiteRequest:
+    """The :class:`~prompt_robust.bench.suites.SuiteRequest` of the command line (``fields``: the bench command's
+    settings); the suite's output directory is claimed through :func:`_claim_bench_out`."""
+    from .bench.suites import SuiteRequest
 
-    # the three shift tasks (base-to-new on `textures`, the dataset where zero-shot is weakest), 100 AdamW steps
-    # instead of the papers' schedules and small test sets keep the demo within 3 minutes on 2 cores; `bench`
-    # runs every task and dataset with the papers' schedules
-    config = BenchConfig(
-        methods=_quick_methods(),
-        seeds=[1],
-        datasets=["textures"],
-        steps=100,
-        optimizer="adamw",
-        lr=0.002,
-        batch_size=32,
-        test_per_class=10,
-        tasks=["base_to_new", "spurious", "domain_generalization"],
-        refiner={"train_steps": 150, "inner_steps": 2},
-        counterfactual={"train_steps": 100, "proximity_search": 0, "proximity_weight": 0.5},
+    return SuiteRequest(
+        out=args.out,
+        backbone=args.backbone,
+        progress=not args.quiet,
+        command=_command_line(),
+        claim=lambda settings: _claim_bench_out(args, suite, settings, label),
+        **fields,
     )
-    return _run_bench(args, config, "prompt_robust demo on the embedded world", "demo")
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .bench.suites import SUITES
+    from .bench.suites.standard import demo
+
+    # the quick suite's protocol on reduced settings, its outputs called the demo's
+    print(demo(_suite_request(args, SUITES["quick"], "demo", seeds=[1])))
+    return 0
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from .addons import ADDONS
-    from .benchmark import BenchConfig
-
-    if args.suite == "full":
-        learners = ["coop", "cocoop", "vpt", "maple"]
-        methods = ["zeroshot"] + learners + [f"{lr}+{a}" for lr in learners for a in sorted(ADDONS)]
-    else:
-        methods = _quick_methods()
+    from .bench.runner import BenchConfig
+    from .bench.suites import SUITES
     from .config import RefinerConfig
 
+    suite = SUITES[args.suite]
     refiner = _set_fields(RefinerConfig, args)
     seeds = list(range(1, args.seeds + 1))
     others = {name: _json_option(args, name) for name in _JSON_ADDONS}
-    if args.suite not in ("quick", "full"):  # these two compare settings once the config is built
-        _claim_bench_out(args, args.suite)
-    if args.suite in ("refiner-sweep", "refiner-cost"):
-        return _bench_refiner(args, refiner, seeds)
-    if args.suite == "calibration":
-        return _bench_calibration(args, seeds)
-    if args.suite == "mechanisms":
-        return _bench_mechanisms(args, refiner, others, seeds)
-    if args.suite in _FEATURE_SUITES:
-        return _bench_features(args, others, seeds)
-    # --methods, when given, wins over the suite's list
-    config = dataclass_from_args(BenchConfig, args, methods=methods, seeds=seeds, refiner=refiner, **others)
-    return _run_bench(args, config, f"prompt_robust benchmark ({args.suite} suite)", args.suite)
-
-
-#: suites on frozen features: suite -> (module, runner, formatter, add-on whose JSON config they take, file stem)
-_FEATURE_SUITES = {
-    "counterfactual-quality": (
-        "counterfactual.bench",
-        "counterfactual_quality_benchmark",
-        "format_quality",
-        "counterfactual",
-        "quality",
-    ),
-    "icm": ("invariance.bench", "icm_dg_benchmark", "format_icm", "invariance", "icm"),
-    "icm-grid": ("invariance.bench", "icm_grid_diagnostic", "format_icm_grid", "invariance", "icm_grid"),
-}
-
-
-def _bench_features(args: argparse.Namespace, others: dict[str, dict[str, Any]], seeds: list[int]) -> int:
-    """The counterfactual-quality, ICM and ICM-grid suites (frozen features of the embedded world)."""
-    from .config import RobustConfig
-
-    module_name, run_name, format_name, addon, stem = _FEATURE_SUITES[args.suite]
-    module = importlib.import_module(f".{module_name}", __package__)
-    started = time.time()
-    result = getattr(module, run_name)(
-        _embedded_or_given(args.backbone),
-        args.out,
+    request = _suite_request(
+        args,
+        suite,
         seeds=seeds,
-        config=RobustConfig.nested[addon](**others[addon]),
-        progress=not args.quiet,
-    )
-    print(getattr(module, format_name)(result))
-    print(f"\nwrote {stem}.json, {stem}.md to {args.out} ({time.time() - started:.0f} s); command: {_command_line()}")
-    return 0
-
-
-def _bench_calibration(args: argparse.Namespace, seeds: list[int]) -> int:
-    """The world's calibration against real CLIP's baseline behaviour (baselines only, no add-on)."""
-    from .benchmark import BenchConfig
-    from .calibration import calibration_benchmark, format_calibration
-
-    started = time.time()
-    bench = dataclass_from_args(BenchConfig, args, seeds=seeds)
-    result = calibration_benchmark(
-        _embedded_or_given(args.backbone),
-        args.out,
-        seeds=seeds,
-        bench=bench,
-        progress=not args.quiet,
-        command=_command_line(),
-    )
-    print(format_calibration(result))
-    counted = [row for row in result["targets"] if row["passed"] is not None]
-    failed = [row["key"] for row in counted if not row["passed"]]
-    print(
-        f"\n{len(counted) - len(failed)} of {len(counted)} targets met"
-        + (f"; missed: {', '.join(failed)}" if failed else "")
-    )
-    print(
-        f"wrote calibration.json, calibration.md to {args.out} ({time.time() - started:.0f} s); command: {_command_line()}"
-    )
-    return 0
-
-
-def _bench_mechanisms(
-    args: argparse.Namespace, refiner: dict[str, Any], others: dict[str, dict[str, Any]], seeds: list[int]
-) -> int:
-    """Each add-on on a task where its premise holds: oracle headroom, learner, learner + add-on."""
-    from .benchmark import BenchConfig
-    from .mechanisms import format_mechanisms, mechanisms_benchmark
-
-    started = time.time()
-    refiner.pop("targets", None)  # the suite compares every target rule
-    result = mechanisms_benchmark(
-        _embedded_or_given(args.backbone),
-        args.out,
-        seeds=seeds,
-        suites=args.mechanisms,
-        bench=dataclass_from_args(BenchConfig, args, seeds=seeds),
+        bench_options=_set_fields(BenchConfig, args),
         learner=args.learner,
+        mechanisms=args.mechanisms,
         refiner=refiner,
-        counterfactual=others["counterfactual"],
-        invariance=others["invariance"],
-        progress=not args.quiet,
-        command=_command_line(),
+        addons=others,
     )
-    print(format_mechanisms(result))
-    print(
-        f"wrote mechanisms.json, mechanisms.md to {args.out} ({time.time() - started:.0f} s); command: {_command_line()}"
-    )
-    return 0
-
-
-def _bench_refiner(args: argparse.Namespace, refiner: dict[str, Any], seeds: list[int]) -> int:
-    """The refiner's sampler steps sweep (embedded world) or cost profile (default: open_clip ViT-B-16, random)."""
-    from .benchmark import BenchConfig
-    from .config import RefinerConfig
-    from .refiner import bench
-
-    started = time.time()
-    out = Path(args.out)
-    if args.suite == "refiner-sweep":
-        config = dataclass_from_args(
-            BenchConfig, args, methods=[f"{args.learner}+refiner"], seeds=seeds, refiner=refiner, tasks=["base_to_new"]
-        )
-        result = bench.steps_sweep(
-            _embedded_or_given(args.backbone),
-            out,
-            learner=args.learner,
-            seeds=seeds,
-            bench_config=config,
-            progress=not args.quiet,
-        )
-        print(bench.format_sweep(result))
-        files = "sweep.json, sweep.md, sweep.png"
-    else:
-        from .backbones import load_backbone
-
-        backbone = load_backbone(args.backbone or "open_clip:ViT-B-16")
-        result = bench.cost_profile(backbone, out, refiner=RefinerConfig(**refiner), progress=not args.quiet)
-        print(bench.format_cost(result))
-        files = "cost.json, cost.md"
-    print(f"\nwrote {files} to {out} ({time.time() - started:.0f} s); command: {_command_line()}")
+    if not suite.resumes:  # the others compare settings once they know them
+        request.claim(None)
+    print(suite.run(request))
     return 0
 
 
 def _pretrain(args: argparse.Namespace) -> int:
-    from .pretrain import EMBEDDED_DIR, PretrainConfig, pretrain_backbone
+    from .backbones.embedded import EMBEDDED_DIR
+    from .bench.pretrain import PretrainConfig, pretrain_backbone
 
     config = dataclass_from_args(PretrainConfig, args)
     out = Path(args.out) if args.out else EMBEDDED_DIR
@@ -677,7 +500,7 @@ def _train(args: argparse.Namespace) -> int:
 
     settings = {name: _json_option(args, name) for name in _JSON_ADDONS}
     settings["refiner"] = _set_fields(RefinerConfig, args)
-    robust = RobustConfig(**{name: RobustConfig.nested[name](**settings[name]) for name in args.addons or []})
+    robust = RobustConfig(**{name: RobustConfig.addon_configs()[name](**settings[name]) for name in args.addons or []})
     learner = build_learner(args.learner, backbone, data.classnames)
     model = wrap(learner, robust)
     config = dataclass_from_args(FitConfig, args, seed=args.seed, progress=not args.quiet)
@@ -753,9 +576,11 @@ def _add_data_args(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .benchmark import BenchConfig
+    from .bench.pretrain import PretrainConfig
+    from .bench.runner import BenchConfig
+    from .bench.suites import SUITES
+    from .bench.suites.mechanisms import MECHANISMS
     from .learners import LEARNERS
-    from .pretrain import PretrainConfig
     from .training import FitConfig
 
     parser = _Parser(prog="prompt-robust", description="Make CLIP prompt learners robust to distribution shift.")
@@ -776,22 +601,16 @@ def build_parser() -> argparse.ArgumentParser:
     bench = command("bench", "Every learner x add-on x task, mean ± std over seeds.", _bench)
     bench.add_argument(
         "--suite",
-        choices=["quick", "full", "calibration", "mechanisms", "refiner-sweep", "refiner-cost", *_FEATURE_SUITES],
+        choices=list(SUITES),
         default="quick",
-        help="quick: zero-shot, CoOp, CoOp+each add-on; full: every learner x add-on; calibration: does the world "
-        "reproduce real CLIP's baseline behaviour (zero-shot, linear probe, CoOp, CoCoOp vs targets); mechanisms: each "
-        "add-on where its premise holds, against an oracle (LEARNER, default coop); refiner-sweep: sampler "
-        "steps x solver for LEARNER+refiner; refiner-cost: images/s of CoOp, CoOp+refiner, CoCoOp on a real-size "
-        "architecture (default backbone open_clip:ViT-B-16, random weights); icm: zero-shot / ICM zero-shot / linear "
-        "probe / ICM linear probe on the DG task; icm-grid: every (λ, k) of the ICM rule's grid scored on the test "
-        "styles (a diagnostic); counterfactual-quality: validity and proximity of counterfactuals.",
+        help="; ".join(f"{suite.name}: {suite.help}" for suite in SUITES.values()) + ".",
     )
     bench.add_argument("--learner", default="coop", help="Learner of the refiner sweep and the mechanism suites.")
     bench.add_argument(
         "--mechanisms",
         nargs="+",
-        default=["refiner", "refiner-tpt", "counterfactual", "invariance"],
-        choices=["refiner", "refiner-tpt", "counterfactual", "invariance"],
+        default=list(MECHANISMS),
+        choices=list(MECHANISMS),
         help="Which mechanism suites --suite mechanisms runs (refiner-tpt: the refiner's label-free targets on "
         "domain generalisation, against test-time prompt tuning applied to every test image).",
     )

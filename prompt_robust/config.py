@@ -694,33 +694,98 @@ class DebiasConfig(ConfigMixin):
         )
 
 
-@dataclass
-class RobustConfig(ConfigMixin):
-    """Which robustness add-ons ``wrap()`` attaches to a learner (None: off).
+class RobustConfig:
+    """Which robustness add-ons ``wrap()`` attaches to a learner: one keyword per registered add-on (None: off).
+
+    The keywords are the names of the registered add-ons (:func:`prompt_robust.addons.register_addon`): the
+    built-in ``refiner``, ``counterfactual``, ``invariance`` and ``debias``, and any add-on registered by your own
+    code, whose config class the registration supplies. Unset add-ons read as None.
 
     Example:
         >>> RobustConfig()  # no add-on: the wrapped model behaves exactly like the learner
         RobustConfig(refiner=None, counterfactual=None, invariance=None, debias=None)
+        >>> RobustConfig(refiner=RefinerConfig(num_steps=5)).enabled()
+        ['refiner']
     """
 
-    refiner: RefinerConfig | None = help_field(None, "Prompt-space diffusion refiner.")
-    counterfactual: CounterfactualConfig | None = help_field(None, "Counterfactual contrastive regularizer.")
-    invariance: InvarianceConfig | None = help_field(None, "Invariant causal mechanism projection.")
-    debias: DebiasConfig | None = help_field(None, "Annotation-free debiasing with group reweighting.")
+    def __init__(self, **addons: Any) -> None:
+        object.__setattr__(self, "_addons", {})
+        for name, value in addons.items():
+            setattr(self, name, value)
 
-    nested: ClassVar[dict[str, type]] = {
-        "refiner": RefinerConfig,
-        "counterfactual": CounterfactualConfig,
-        "invariance": InvarianceConfig,
-        "debias": DebiasConfig,
-    }
+    @staticmethod
+    def addon_configs() -> dict[str, type]:
+        """``{add-on name: its config class}`` of every registered add-on, in the order the model runs them."""
+        from .addons import addon_configs
 
-    def __post_init__(self) -> None:
-        for name, cls in self.nested.items():
-            value = getattr(self, name)
-            if value is not None and not isinstance(value, cls):
-                raise TypeError(f"RobustConfig.{name} must be a {cls.__name__} or None; got {type(value).__name__}.")
+        return addon_configs()
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        known = self.addon_configs()
+        if name not in known:
+            if isinstance(value, ConfigMixin):  # an add-on's config under a name nothing registered: a typo
+                raise unknown_name_error("add-on", name, list(known))
+            # other attributes stay possible, as on a dataclass: integrations set their own (Trainer: use_cache)
+            object.__setattr__(self, name, value)
+            return
+        if value is not None and not isinstance(value, known[name]):
+            raise TypeError(
+                f"RobustConfig.{name} must be a {known[name].__name__} or None; got {type(value).__name__}."
+            )
+        if value is None:
+            self._addons.pop(name, None)
+        else:
+            self._addons[name] = value
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        known = self.addon_configs()
+        if name in known:
+            return self._addons.get(name)
+        raise AttributeError(f"RobustConfig has no add-on {name!r}; registered add-ons: {', '.join(known)}.")
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, RobustConfig) and self._addons == other._addons
+
+    __hash__ = None  # mutable, like the dataclass configs
+
+    def __repr__(self) -> str:
+        return "RobustConfig(" + ", ".join(f"{n}={self._addons.get(n)!r}" for n in self.addon_configs()) + ")"
 
     def enabled(self) -> list[str]:
-        """Names of the add-ons that are switched on, in a fixed order."""
-        return [name for name in self.nested if getattr(self, name) is not None]
+        """Names of the add-ons that are switched on, in the order the model runs them."""
+        return [name for name in self.addon_configs() if name in self._addons]
+
+    def to_dict(self) -> dict[str, Any]:
+        """``{name: config dict or None}`` of every registered add-on (JSON-ready)."""
+        return {n: (self._addons[n].to_dict() if n in self._addons else None) for n in self.addon_configs()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RobustConfig:
+        """Build it from :meth:`to_dict`'s output. A key naming an add-on that is not registered in this process
+        is refused when it is enabled (import the module that registers it first) and skipped when it is None.
+
+        Example:
+            >>> RobustConfig.from_dict({"refiner": {"num_steps": 3}, "debias": None}).enabled()
+            ['refiner']
+        """
+        if not isinstance(data, dict):
+            raise TypeError(f"RobustConfig.from_dict expects a dict; got {type(data).__name__}.")
+        known = cls.addon_configs()
+        addons = {}
+        for name, value in data.items():
+            if name not in known:
+                if value is None:
+                    continue
+                raise ValueError(
+                    f"the config enables add-on {name!r}, which is not registered in this process (registered: "
+                    f"{', '.join(known)}). Import the module that registers it (register_addon) before loading."
+                )
+            if value is not None and not isinstance(value, dict):
+                raise ValueError(
+                    f"RobustConfig.{name} must be a JSON object of {known[name].__name__} fields or null; got "
+                    f"{_short_repr(value)} ({type(value).__name__})."
+                )
+            addons[name] = None if value is None else known[name].from_dict(value)
+        return cls(**addons)

@@ -1,23 +1,23 @@
-"""Small building blocks shared by the add-ons' networks."""
+"""Small torch helpers shared across the package (the flow networks' time embedding lives in
+:mod:`prompt_robust.flows`)."""
 
 from __future__ import annotations
 
-import math
-
 import torch
+from torch import nn
 
-__all__ = ["time_embedding"]
+__all__ = ["module_device"]
 
 
-def time_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
-    """Sinusoidal features of times ``t`` in ``[0, 1]``: ``(b,) -> (b, dim)`` (the flow networks' time input).
+def module_device(module: nn.Module) -> torch.device:
+    """The device of ``module``'s first parameter; the CPU for a module without parameters.
+
+    Args:
+        module: any module (a learner, a wrapped model).
 
     Example:
-        >>> time_embedding(torch.tensor([0.0, 1.0]), 5).shape
-        torch.Size([2, 5])
+        >>> module_device(torch.nn.Linear(2, 2)), module_device(torch.nn.ReLU())
+        (device(type='cpu'), device(type='cpu'))
     """
-    half = dim // 2
-    freqs = torch.exp(-math.log(1000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / max(half, 1))
-    angles = 1000.0 * t.float().unsqueeze(-1) * freqs  # (b, half)
-    emb = torch.cat([angles.sin(), angles.cos()], dim=-1)
-    return emb if dim % 2 == 0 else torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
+    first = next(module.parameters(), None)
+    return first.device if first is not None else torch.device("cpu")

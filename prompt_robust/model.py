@@ -544,21 +544,36 @@ class RobustPromptModel(nn.Module):
         Returns:
             Logs of the stages (final losses, target statistics).
         """
+        from .training import FitConfig, fit
+
         logs: dict[str, float] = {}
         was_training = self.training
         try:
             for addon in self.addons.values():
-                logs.update(
-                    addon.fit_stages(
-                        self,
-                        dataset,
+                plans, addon_logs = addon.plan_stages(self, dataset, seed=seed, cache_dir=cache_dir, progress=progress)
+                logs.update(addon_logs)
+                for plan in plans:
+                    if plan.stage not in addon.stages:
+                        raise ValueError(
+                            f"the {addon.name!r} add-on planned stage {plan.stage!r}, which it does not declare "
+                            f"(its stages: {list(addon.stages)})."
+                        )
+                    self.set_stage(plan.stage)
+                    config = FitConfig(
+                        steps=plan.steps,
+                        batch_size=plan.batch_size,
+                        lr=plan.lr,
+                        optimizer=plan.optimizer,
+                        weight_decay=plan.weight_decay,
+                        warmup_steps=plan.warmup_steps,
                         seed=seed,
-                        cache_dir=cache_dir,
-                        checkpoint_dir=checkpoint_dir,
                         progress=progress,
-                        resume=resume,
+                        # resumable stages: a killed run continues from its last checkpoint, bit-identical
+                        checkpoint_every=None if checkpoint_dir is None else max(1, plan.steps // 5),
                     )
-                )
+                    folder = None if checkpoint_dir is None else Path(checkpoint_dir) / plan.stage
+                    result = fit(self, plan.dataset, config, checkpoint_dir=folder, resume=resume)
+                    logs[f"{plan.stage}/final_loss"] = result.final_loss
         finally:
             self.set_stage("prompt")
             self.train(was_training)

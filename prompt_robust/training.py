@@ -52,12 +52,14 @@ import torch
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, default_collate
+from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from . import _io
 from .config import ConfigMixin, _check, help_field, unknown_name_error
+from .data.items import batch_as_dict, collate_items
 from .eval.metrics import accuracy, accuracy_gap, per_group_accuracy, worst_group_accuracy
+from .layers import module_device
 
 __all__ = [
     "CheckpointDamagedError",
@@ -255,30 +257,6 @@ def _epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[
     return [order[i : i + batch_size] for i in range(0, n, batch_size)]
 
 
-def _as_batch(batch: Any) -> dict[str, Any]:
-    """A collated batch as a dict with 'pixel_values' and 'labels' (plus any extra keys)."""
-    if isinstance(batch, Mapping):
-        out = dict(batch)
-    elif isinstance(batch, (tuple, list)) and len(batch) == 2:
-        out = {"pixel_values": batch[0], "labels": batch[1]}
-    else:
-        raise TypeError(
-            "a batch must be a dict with 'pixel_values' and 'labels' (plus optional extra keys) or a "
-            f"(pixel_values, labels) pair; got {type(batch).__name__}. Make dataset items (or collate_fn) return one."
-        )
-    if "pixel_values" not in out:
-        raise ValueError(f"the batch has no 'pixel_values'; got keys {sorted(out)}. Rename the input key.")
-    return out
-
-
-def _collate(items: list[Any]) -> dict[str, Any]:
-    first = items[0]
-    if isinstance(first, (tuple, list)) and len(first) == 2 and not isinstance(first, Mapping):
-        pixel_values, labels = default_collate([tuple(item) for item in items])
-        return {"pixel_values": pixel_values, "labels": labels}
-    return _as_batch(default_collate(items))
-
-
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
@@ -300,7 +278,7 @@ def _loader(dataset: Dataset, batches: list[list[int]], collate_fn: Callable | N
     return DataLoader(
         dataset,
         batch_sampler=batches,
-        collate_fn=collate_fn or _collate,
+        collate_fn=collate_fn or collate_items,
         num_workers=config.num_workers,
         generator=torch.Generator().manual_seed(config.seed),
     )
@@ -1076,7 +1054,8 @@ def fit(
               ``True`` (so rerunning the same call after an interruption is still bit-identical).
 
         collate_fn: turns a list of items into a batch dict (or a ``(pixel_values, labels)`` pair); by default
-            tensors are stacked and numbers become tensors.
+            :func:`prompt_robust.data.items.collate_items` (tensors are stacked, numbers become tensors, every key
+            of the items is kept).
 
     Returns:
         A :class:`FitResult` with the step reached and the loss history.
@@ -1301,7 +1280,7 @@ def _fit_locked(
             epoch, skip = divmod(step, steps_per_epoch)
             batches = _epoch_batches(n, config.batch_size, config.seed, epoch)[skip:]
             for batch in _loader(dataset, batches, collate_fn, config):
-                batch = _to_device(_as_batch(batch), device)
+                batch = _to_device(batch_as_dict(batch), device)
                 pixel_values, labels = batch.pop("pixel_values"), batch.pop("labels", None)
                 if labels is None:
                     raise ValueError(f"the batch has no 'labels'; got keys {[*sorted(batch), 'pixel_values']}.")
@@ -1417,9 +1396,8 @@ def evaluate(
     n = len(dataset)
     if n == 0:
         raise ValueError("the dataset is empty; evaluate needs at least one example.")
-    first = next(model.parameters(), None)
-    device = first.device if first is not None else torch.device("cpu")
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_fn or _collate)
+    device = module_device(model)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_fn or collate_items)
 
     predictions: list[torch.Tensor] = []
     labels: list[torch.Tensor] = []
@@ -1428,7 +1406,7 @@ def evaluate(
     model.eval()
     try:
         for batch in loader:
-            batch = _as_batch(batch)
+            batch = batch_as_dict(batch)
             if "labels" not in batch:
                 raise ValueError(f"the batch has no 'labels'; got keys {sorted(batch)}.")
             if groups_key is not None:

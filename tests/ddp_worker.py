@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 
 import prompt_robust as pr
 from prompt_robust.backbones.tiny import tiny_clip_backbone
-from prompt_robust.data.tasks import WorldTasks
+from prompt_robust.bench.tasks import WorldTasks
 from prompt_robust.integrations.trainer import RobustCallback
 
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 from conftest import make_backbone
 
-from prompt_robust import calibration
-from prompt_robust.benchmark import BenchConfig
-from prompt_robust.data.tasks import TaskData
+from prompt_robust.bench.runner import BenchConfig
+from prompt_robust.bench.suites import calibration
+from prompt_robust.bench.tasks import TaskData
 
 
 def _run(base: float, new: float, styles: tuple[float, float, float], source: float, worst: float) -> dict:

@@ -9,7 +9,7 @@ import torch
 from conftest import make_backbone
 
 from prompt_robust import cli
-from prompt_robust.benchmark import TASKS
+from prompt_robust.bench.runner import TASKS
 from prompt_robust.config import CounterfactualConfig
 
 
@@ -83,7 +83,7 @@ def test_pretrain_backbone_then_use_it(tmp_path, capsys):
     argv += ["--warmup-steps", "1", "--checkpoint-every", "1"]
     assert cli.main(argv) == 0
     record = json.loads((out / "pretrain_record.json").read_text())
-    from prompt_robust.data.world_v2 import DATASETS
+    from prompt_robust.bench.world_v2 import DATASETS
 
     groups = {f"{d}/{half}" for d in DATASETS for half in ("base", "new")}
     assert record["config"]["steps"] == 2 and set(record["zero_shot"]) == groups

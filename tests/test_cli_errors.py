@@ -261,7 +261,7 @@ def test_eval_names_no_strict_backbone(tmp_path, waterbirds, backbone_dir):
 @pytest.fixture
 def fake_benchmark(monkeypatch):
     """run_benchmark replaced by a stand-in that returns fixed results (the protocol itself is tested elsewhere)."""
-    import prompt_robust.benchmark as benchmark
+    from prompt_robust.bench import runner
 
     calls = []
 
@@ -269,7 +269,7 @@ def fake_benchmark(monkeypatch):
         calls.append(config)
         return {"coop": {1: {"base_to_new": {"base": 0.5, "new": 0.4, "hm": 0.44}}}}
 
-    monkeypatch.setattr(benchmark, "run_benchmark", fake_run)
+    monkeypatch.setattr(runner, "run_benchmark", fake_run)
     return calls
 
 

@@ -539,7 +539,7 @@ def _attribute_world(d: int = 16, seed: int = 0):
 
 def test_attribute_offsets_recover_the_attribute_directions_without_the_class(bb, monkeypatch):
     basis, labels, attributes, features = _attribute_world(bb.embed_dim)
-    from prompt_robust.debias import pseudo
+    from prompt_robust import attributes as pseudo
 
     # a zero-shot attribute classifier that reads the attribute exactly
     monkeypatch.setattr(pseudo, "attribute_text_features", lambda *args, **kwargs: basis[8:10].clone())
@@ -563,7 +563,7 @@ def test_attribute_offsets_recover_the_attribute_directions_without_the_class(bb
 def _split_by_sign(monkeypatch, d: int) -> None:
     """A zero-shot attribute classifier that reads the sign of a fixed direction (the random test backbone
     names no attribute)."""
-    from prompt_robust.debias import pseudo
+    from prompt_robust import attributes as pseudo
 
     v = F.normalize(torch.randn(d, generator=torch.Generator().manual_seed(5)), dim=0)
     monkeypatch.setattr(pseudo, "attribute_text_features", lambda *args, **kwargs: torch.stack([v, -v]))
@@ -607,7 +607,7 @@ def test_attribute_twins_survive_save_and_load(bb, train_data, batch, tmp_path, 
 
 def test_an_attribute_value_nobody_has_is_refused(bb, monkeypatch):
     basis, labels, _, features = _attribute_world(bb.embed_dim)
-    from prompt_robust.debias import pseudo
+    from prompt_robust import attributes as pseudo
 
     # a classifier that reads every image as the first value
     monkeypatch.setattr(
@@ -621,7 +621,7 @@ def test_an_attribute_value_nobody_has_is_refused(bb, monkeypatch):
 
 def test_a_value_nobody_has_is_dropped_when_two_remain(bb, monkeypatch, caplog):
     basis, labels, attributes, features = _attribute_world(bb.embed_dim)
-    from prompt_robust.debias import pseudo
+    from prompt_robust import attributes as pseudo
 
     # the first two values read the attribute exactly; "lava" (-basis[8] - basis[9]) never wins
     text = torch.stack([basis[8], basis[9], -basis[8] - basis[9]])
@@ -648,8 +648,8 @@ def test_auto_twin_uses_attribute_twins_exactly_when_the_attribute_is_named(bb):
 
 
 def test_background_kept_reads_both_sides_with_the_attribute_classifier(bb, monkeypatch):
-    from prompt_robust.counterfactual.bench import background_kept
-    from prompt_robust.debias import pseudo
+    from prompt_robust import attributes as pseudo
+    from prompt_robust.bench.suites.counterfactual import background_kept
 
     d = bb.embed_dim
     basis = torch.eye(d)

@@ -15,7 +15,7 @@ from torch import nn
 
 import prompt_robust as pr
 import prompt_robust.debias as db  # registers the "debias" add-on
-from prompt_robust.data.tasks import TaskData
+from prompt_robust.bench.tasks import TaskData
 from prompt_robust.training import FitConfig, evaluate, fit
 
 DIM = 8

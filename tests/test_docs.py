@@ -13,7 +13,8 @@ import pytest
 
 import prompt_robust
 from prompt_robust import _docgen
-from prompt_robust.config import ConfigMixin
+from prompt_robust.addons import ADDONS
+from prompt_robust.config import ConfigMixin, RobustConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
@@ -76,6 +77,11 @@ def test_every_config_dataclass_and_field_is_documented():
     for cls in documented:
         section = next((s for s in sections if s.startswith(cls.__name__ + "\n")), None)
         assert section is not None, f"docs/config.md has no section for {cls.__name__}"
+        if cls is RobustConfig:  # its keywords are the registered add-ons
+            for name, addon in ADDONS.items():
+                assert re.search(rf"^\| `{name}` \| `{addon.config_class.__name__} \\| None`", section, re.M), name
+                assert addon.description, f"add-on {name!r} has no description"
+            continue
         helps = _docgen.field_help(cls)
         for f in dataclasses.fields(cls):
             assert re.search(rf"^\| `{f.name}` \|", section, re.M), f"{cls.__name__}.{f.name} is not in docs/config.md"

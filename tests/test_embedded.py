@@ -9,7 +9,8 @@ import re
 import pytest
 
 from prompt_robust.backbones import load_backbone
-from prompt_robust.pretrain import EMBEDDED_DIR, EMBEDDED_V1_DIR, RECORD_NAME, pretrained_world, zero_shot_report
+from prompt_robust.backbones.embedded import EMBEDDED_DIR, EMBEDDED_V1_DIR
+from prompt_robust.bench.pretrain import RECORD_NAME, pretrained_world, zero_shot_report
 
 #: spec, directory, world version, image size
 SHIPPED = [("embedded", EMBEDDED_DIR, 2, 48), ("embedded-v1", EMBEDDED_V1_DIR, 1, 32)]
@@ -48,7 +49,7 @@ def test_recorded_zero_shot_accuracy_is_reproduced(shipped):
         assert sorted(groups) == ["all", "base", "cross", "new"]
         assert recorded["base"]["avg"] >= 0.7, "the mini-CLIP must be good enough for prompt learning to matter"
     else:
-        from prompt_robust.data.world_v2 import DATASETS
+        from prompt_robust.bench.world_v2 import DATASETS
 
         assert sorted(groups) == sorted(f"{d}/{half}" for d in DATASETS for half in ("base", "new"))
         # strong on common objects, weak on the fine-grained and rare-concept datasets, as real CLIP is

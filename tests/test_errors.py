@@ -136,12 +136,12 @@ def test_config_validation():
     assert pr.RobustConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
 
 
-def test_unavailable_add_on_is_refused_clearly(hf_backbone, monkeypatch):
+def test_unavailable_add_on_is_refused_clearly(monkeypatch):
     from prompt_robust import addons
 
     # an add-on named in RobustConfig but not registered (as in a build without it)
     monkeypatch.setattr(addons, "ADDONS", {k: v for k, v in addons.ADDONS.items() if k != "refiner"})
     monkeypatch.setattr("prompt_robust.model.ADDONS", addons.ADDONS)
-    learner = pr.build_learner("coop", hf_backbone, CLASSNAMES, n_ctx=2)
-    with pytest.raises(NotImplementedError, match="not available in this version"):
-        pr.wrap(learner, pr.RobustConfig(refiner=RefinerConfig()))
+    # RobustConfig's keywords are the registered add-ons: the config itself names the problem
+    with pytest.raises(ValueError, match=r"unknown add-on 'refiner'; valid: counterfactual, debias, invariance"):
+        pr.RobustConfig(refiner=RefinerConfig())

@@ -17,8 +17,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import prompt_robust as pr
-from prompt_robust.data import world
-from prompt_robust.data.tasks import BASE_CLASSES, NEW_CLASSES, WorldTasks
+from prompt_robust.bench import world
+from prompt_robust.bench.tasks import BASE_CLASSES, NEW_CLASSES, WorldTasks
 from prompt_robust.integrations.trainer import TRAINING_STATE_FILE
 from prompt_robust.training import evaluate
 

@@ -9,7 +9,7 @@ from conftest import CLASSNAMES
 
 import prompt_robust as pr
 import prompt_robust.invariance as inv  # registers the "invariance" add-on
-from prompt_robust.data.tasks import TaskData
+from prompt_robust.bench.tasks import TaskData
 from prompt_robust.invariance import interventions as iv
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -9,10 +9,10 @@ import pytest
 import torch
 from conftest import make_backbone
 
-from prompt_robust import mechanisms
-from prompt_robust.benchmark import BenchConfig
-from prompt_robust.data import world
-from prompt_robust.data.tasks import WorldTasks
+from prompt_robust.bench import world
+from prompt_robust.bench.runner import BenchConfig
+from prompt_robust.bench.suites import mechanisms
+from prompt_robust.bench.tasks import WorldTasks
 
 
 def test_group_purity_on_known_partitions():
@@ -161,7 +161,7 @@ def test_spurious_twins_flip_one_factor_image_by_image():
 
 
 def test_counterfactual_mechanism_suite_end_to_end(tmp_path, monkeypatch):
-    from prompt_robust.debias import pseudo
+    from prompt_robust import attributes as pseudo
 
     backbone = make_backbone("hf")
     # the random test backbone names no background: read the sign of a fixed direction instead
@@ -215,7 +215,7 @@ def test_benchmark_names_the_nuisance_attribute_for_debias_and_attribute_counter
 
 def test_benchmark_prepares_the_add_ons_of_zero_shot_clip(tmp_path):
     """Zero-shot CLIP has no prompt to train, but its add-ons (ICM's projection) must still be fitted."""
-    from prompt_robust.benchmark import _Runner
+    from prompt_robust.bench.runner import _Runner
 
     bench = BenchConfig(k=1, pool_per_class=2, test_per_class=1, world_version=2)
     bench.invariance = {"lam": 1.0, "dim": 8}

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 from prompt_robust.backbones.tiny import build_clip_tokenizer, tiny_clip_backbone
-from prompt_robust.data import world
-from prompt_robust.pretrain import PretrainConfig, _Contrastive, _RenderBatch
+from prompt_robust.bench import world
+from prompt_robust.bench.pretrain import PretrainConfig, _Contrastive, _RenderBatch
 
 
 def _collate(**kwargs):

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from prompt_robust.data import world
-from prompt_robust.data.tasks import (
+from prompt_robust.bench import world
+from prompt_robust.bench.tasks import (
     BASE_CLASSES,
     NEW_CLASSES,
     SPURIOUS_CLASSES,

@@ -9,7 +9,7 @@ import torch
 from conftest import make_backbone
 
 import prompt_robust as pr
-from prompt_robust.data.tasks import WorldTasks
+from prompt_robust.bench.tasks import WorldTasks
 
 transformers = pytest.importorskip("transformers")
 from prompt_robust.integrations.trainer import (  # noqa: E402

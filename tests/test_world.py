@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from prompt_robust.data.world import (
+from prompt_robust.bench.world import (
     BACKGROUNDS,
     CLASSES,
     COLOUR_RGB,
@@ -85,7 +85,7 @@ def test_same_seed_same_batch_and_other_seed_differs():
 
 def test_independent_of_python_hash_seed():
     code = (
-        "import torch; from prompt_robust.data.world import generate; b = generate(12, seed=5); "
+        "import torch; from prompt_robust.bench.world import generate; b = generate(12, seed=5); "
         "print(float(b.images.double().sum()), '|'.join(b.captions))"
     )
     env = {**os.environ, "PYTHONHASHSEED": "12345", "OMP_NUM_THREADS": "1"}

@@ -9,8 +9,8 @@ import re
 import pytest
 import torch
 
-from prompt_robust.data import world, world_v2
-from prompt_robust.data.tasks import WorldTasks
+from prompt_robust.bench import world, world_v2
+from prompt_robust.bench.tasks import WorldTasks
 
 torch.set_num_threads(1)
 

@@ -31,6 +31,7 @@ from ..addons import RobustAddon, learner_feature_dim, learner_logit_scale, regi
 from ..backbones.base import find_backbone
 from ..config import CounterfactualConfig
 from ..data.items import ordered_loader
+from ..layers import module_device
 from .feature_flow import FeatureFlow, fit_feature_flow
 from .generator import CounterfactualGenerator, choose_targets
 
@@ -83,13 +84,15 @@ class CounterfactualRegularizer(RobustAddon):
     """
 
     name = "counterfactual"
+    description = "Counterfactual contrastive regularizer."
+    order = 20
     config_class = CounterfactualConfig
 
     def __init__(self, learner: nn.Module, config: CounterfactualConfig) -> None:
         super().__init__(learner, config)
         feature_dim = learner_feature_dim(learner)
         num_classes = _num_classes(learner)
-        device = next((p.device for p in learner.parameters()), torch.device("cpu"))
+        device = module_device(learner)
         self.flow = FeatureFlow(feature_dim, num_classes, config.hidden_dim, config.depth).to(device)
         self.flow.requires_grad_(False)
         self.generator = CounterfactualGenerator.from_config(self.flow, config)
@@ -136,7 +139,7 @@ class CounterfactualRegularizer(RobustAddon):
             ``(twins (b, d), attributes (b,), targets (b,))``.
         """
         self._check_ready()
-        from ..debias.pseudo import classify_attributes
+        from ..attributes import classify_attributes
 
         z = F.normalize(features.detach().float(), dim=-1)  # (b, d)
         seen = self.attribute_seen.nonzero().flatten()  # the values the training set showed (>= 2)
@@ -158,7 +161,7 @@ class CounterfactualRegularizer(RobustAddon):
         class-centred mean ``o_a = mean_c (mu_{c,a} - mu_c)`` over the classes that have it: the attribute's own
         part of a feature, with the class's removed (the class and the attribute are correlated in the data
         this add-on is for, so plain value means would also move the class)."""
-        from ..debias.pseudo import attribute_text_features, classify_attributes
+        from ..attributes import attribute_text_features, classify_attributes
 
         config = self.config
         text = attribute_text_features(self.learner, config.attribute_values, config.attribute_templates)

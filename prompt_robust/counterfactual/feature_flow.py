@@ -27,7 +27,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .. import _io
-from ..layers import time_embedding
+from ..flows.matching import flow_matching_loss
+from ..flows.time import TimeEmbedding
 
 __all__ = ["FeatureFlow", "FeatureFlowNet", "FlowFitResult", "fit_feature_flow"]
 
@@ -88,7 +89,7 @@ class FeatureFlowNet(nn.Module):
         self.num_classes = num_classes
         self.hidden_dim = hidden_dim
         self.inputs = nn.Linear(feature_dim, hidden_dim)
-        self.time = nn.Sequential(nn.Linear(hidden_dim, hidden_dim), nn.SiLU(), nn.Linear(hidden_dim, hidden_dim))
+        self.time = TimeEmbedding(hidden_dim)
         self.class_embedding = nn.Embedding(num_classes + 1, hidden_dim)  # last row: the null condition
         self.blocks = nn.ModuleList(_Block(hidden_dim) for _ in range(depth))
         self.norm = nn.LayerNorm(hidden_dim, elementwise_affine=False)
@@ -121,8 +122,7 @@ class FeatureFlowNet(nn.Module):
         """
         batch = x.shape[0]
         dtype = self.inputs.weight.dtype
-        t = t.reshape(-1).expand(batch) if t.numel() == 1 else t.reshape(batch)
-        context = self.time(time_embedding(t, self.hidden_dim).to(dtype)) + self.class_embedding(labels)  # (b, h)
+        context = self.time(t, batch) + self.class_embedding(labels)  # (b, h)
         h = self.inputs(x.to(dtype)) + context  # (b, h)
         for block in self.blocks:
             h = block(h, context)
@@ -202,25 +202,32 @@ class FeatureFlow(nn.Module):
         self.feature_scale.fill_(float(1.0 / rms))
 
     def flow_matching_loss(
-        self, features: torch.Tensor, labels: torch.Tensor, *, cond_dropout: float = 0.0, generator=None
+        self,
+        features: torch.Tensor,
+        labels: torch.Tensor,
+        *,
+        cond_dropout: float = 0.0,
+        generator: torch.Generator | None = None,
     ) -> torch.Tensor:
-        """Conditional flow matching on the straight path from noise to the standardised features, with the
-        label replaced by the null index with probability ``cond_dropout``.
+        """Conditional flow matching (:func:`prompt_robust.flows.flow_matching_loss`) on the straight path from
+        noise to the standardised features, with the label replaced by the null index with probability
+        ``cond_dropout``.
 
         Args:
             features: ``(b, d)`` raw features.
             labels: ``(b,)`` class indices.
             cond_dropout: probability of training the marginal field on a sample.
-            generator: CPU ``torch.Generator`` for the noise, times and dropout (None: global RNG).
+            generator: CPU ``torch.Generator`` for the noise, times and dropout (None: the global CPU RNG).
         """
         x1 = self.encode(features)  # (b, d)
-        batch, device = x1.shape[0], x1.device
-        x0 = torch.randn(x1.shape, generator=generator).to(device, x1.dtype)
-        t = torch.rand(batch, 1, generator=generator).to(device, x1.dtype)  # (b, 1)
-        drop = torch.rand(batch, generator=generator).to(device) < cond_dropout
-        labels = torch.where(drop, torch.full_like(labels, self.null_index), labels)
-        xt = (1 - t) * x0 + t * x1
-        return F.mse_loss(self.velocity(xt, t.squeeze(1), labels), x1 - x0)
+        # every draw comes from the CPU stream (the global one without a generator): noise, times, then dropout
+        generator = torch.default_generator if generator is None else generator
+
+        def velocity(xt: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            drop = torch.rand(x1.shape[0], generator=generator).to(x1.device) < cond_dropout
+            return self.velocity(xt, t, torch.where(drop, torch.full_like(labels, self.null_index), labels))
+
+        return flow_matching_loss(velocity, x1, generator=generator)
 
 
 @dataclass

@@ -21,20 +21,21 @@ For a factual feature ``z`` of class ``y`` and a target class ``y'``:
    validity_margin``). The inversion is shared; every bisection step is one more guided integration. Where no
    tried ``λ`` is valid, the ``z'`` of the lower end is kept. Without a validator, ``λ = proximity_weight``.
 
-Both integrations use :class:`prompt_robust.refiner.ODESampler` on ``s ∈ [0, 1]`` with time reparametrised
+Both integrations use :class:`prompt_robust.flows.ODESampler` on ``s ∈ [0, 1]`` with time reparametrised
 onto the sub-interval (``t = 1 - s · noise_level`` backwards, ``t = t_0 + s · noise_level`` forwards).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
-from ..config import CounterfactualConfig, _check, unknown_name_error
-from ..refiner.sampler import ODESampler
+from ..config import CounterfactualConfig, unknown_name_error
+from ..flows import ODESampler
 from .feature_flow import FeatureFlow
 
 __all__ = ["TARGET_MODES", "CounterfactualGenerator", "CounterfactualOutput", "choose_targets"]
@@ -119,17 +120,13 @@ class CounterfactualGenerator:
 
     Args:
         flow: a trained :class:`FeatureFlow`.
-        noise_level: how far back the factual feature is inverted (``t_0 = 1 - noise_level``), in ``(0, 1]``.
-        guidance_scale: ``w``, weight of the pull towards the target class (1 with ``negative_guidance=0``: the
-            plain target-conditional field).
-        negative_guidance: ``w_neg``, weight of the push away from the factual class.
-        proximity_weight: ``λ`` in ``[0, 1)``, share of the straight path back to the factual feature (the lower
-            end of the search).
-        proximity_search: bisection steps of the per-sample ``λ`` search (0: fixed ``λ``).
-        proximity_max: upper end of the search interval.
-        validity_margin: margin the validator's target-class score must clear.
-        num_steps: fixed ODE steps of each integration.
-        method: ``"euler"`` or ``"midpoint"`` (``rk4`` would evaluate the proximity term at ``t = 1``).
+        config: the generation settings (:class:`prompt_robust.CounterfactualConfig`'s ``noise_level``,
+            ``guidance_scale`` (``w``), ``negative_guidance`` (``w_neg``), ``proximity_weight`` (``λ``, the lower end
+            of the search), ``proximity_search``, ``proximity_max``, ``validity_margin``, ``num_steps`` and
+            ``method``; its other fields are not read); None: the config's defaults. ``method`` is ``"euler"`` or
+            ``"midpoint"`` (``rk4`` would evaluate the proximity term at ``t = 1``).
+        **overrides: any of those nine settings, replacing the config's value (validated as the config
+            validates it).
 
     Paper: https://arxiv.org/abs/2507.19882
 
@@ -142,62 +139,43 @@ class CounterfactualGenerator:
     """
 
     METHODS: ClassVar[tuple[str, ...]] = CounterfactualConfig.METHODS
+    #: the :class:`prompt_robust.CounterfactualConfig` fields the generator reads
+    SETTINGS: ClassVar[tuple[str, ...]] = (
+        "noise_level",
+        "guidance_scale",
+        "negative_guidance",
+        "proximity_weight",
+        "proximity_search",
+        "proximity_max",
+        "validity_margin",
+        "num_steps",
+        "method",
+    )
 
-    def __init__(
-        self,
-        flow: FeatureFlow,
-        *,
-        noise_level: float = 0.5,
-        guidance_scale: float = 3.0,
-        negative_guidance: float = 1.0,
-        proximity_weight: float = 0.0,
-        proximity_search: int = 0,
-        proximity_max: float = 0.8,
-        validity_margin: float = 0.0,
-        num_steps: int = 5,
-        method: str = "midpoint",
-    ) -> None:
-        _check(0 < noise_level <= 1, f"noise_level must be in (0, 1]; got {noise_level!r}.")
-        _check(guidance_scale >= 0, f"guidance_scale must be >= 0; got {guidance_scale!r}.")
-        _check(negative_guidance >= 0, f"negative_guidance must be >= 0; got {negative_guidance!r}.")
-        _check(
-            0 <= proximity_weight < 1,
-            f"proximity_weight must be in [0, 1) (1 would return the factual feature itself); got {proximity_weight!r}.",
-        )
-        _check(proximity_search >= 0, f"proximity_search must be >= 0; got {proximity_search!r}.")
-        _check(
-            proximity_search == 0 or proximity_weight < proximity_max < 1,
-            f"the λ search interval [proximity_weight, proximity_max] must lie in [0, 1) and not be empty; got "
-            f"[{proximity_weight!r}, {proximity_max!r}].",
-        )
-        _check(validity_margin >= 0, f"validity_margin must be >= 0; got {validity_margin!r}.")
-        if method not in self.METHODS:
-            raise unknown_name_error("counterfactual ODE method", method, self.METHODS)
+    def __init__(self, flow: FeatureFlow, config: CounterfactualConfig | None = None, **overrides: Any) -> None:
+        unknown = sorted(set(overrides) - set(self.SETTINGS))
+        if unknown:
+            raise TypeError(
+                f"CounterfactualGenerator got unknown setting(s) {unknown}; the settings it takes are "
+                f"{', '.join(self.SETTINGS)} (fields of CounterfactualConfig)."
+            )
+        config = CounterfactualConfig() if config is None else config
+        if overrides:
+            config = dataclasses.replace(config, **overrides)  # re-validated by CounterfactualConfig
         self.flow = flow
-        self.noise_level = float(noise_level)
-        self.guidance_scale = float(guidance_scale)
-        self.negative_guidance = float(negative_guidance)
-        self.proximity_weight = float(proximity_weight)
-        self.proximity_search = int(proximity_search)
-        self.proximity_max = float(proximity_max)
-        self.validity_margin = float(validity_margin)
-        self.sampler = ODESampler(num_steps, method)
+        self.noise_level = float(config.noise_level)
+        self.guidance_scale = float(config.guidance_scale)
+        self.negative_guidance = float(config.negative_guidance)
+        self.proximity_weight = float(config.proximity_weight)
+        self.proximity_search = int(config.proximity_search)
+        self.proximity_max = float(config.proximity_max)
+        self.validity_margin = float(config.validity_margin)
+        self.sampler = ODESampler(config.num_steps, config.method)
 
     @classmethod
     def from_config(cls, flow: FeatureFlow, config: CounterfactualConfig) -> CounterfactualGenerator:
-        """Build from a :class:`prompt_robust.CounterfactualConfig`."""
-        return cls(
-            flow,
-            noise_level=config.noise_level,
-            guidance_scale=config.guidance_scale,
-            negative_guidance=config.negative_guidance,
-            proximity_weight=config.proximity_weight,
-            proximity_search=config.proximity_search,
-            proximity_max=config.proximity_max,
-            validity_margin=config.validity_margin,
-            num_steps=config.num_steps,
-            method=config.method,
-        )
+        """Build from a :class:`prompt_robust.CounterfactualConfig` (the same as ``cls(flow, config)``)."""
+        return cls(flow, config)
 
     @property
     def t0(self) -> float:

@@ -7,8 +7,9 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from ..eval.probe import LinearProbe
 
 __all__ = ["CounterfactualQuality", "counterfactual_quality", "fit_linear_probe"]
 
@@ -21,7 +22,9 @@ def fit_linear_probe(
     weight_decay: float = 1e-4,
     max_iter: int = 200,
 ) -> nn.Linear:
-    """A multinomial logistic-regression probe fitted by full-batch L-BFGS (deterministic).
+    """A multinomial logistic-regression probe fitted by full-batch L-BFGS (deterministic): the library's
+    :class:`prompt_robust.eval.LinearProbe` in float32 on the features' device, on unnormalised features, with
+    L-BFGS's default stopping rules and ``nn.Linear``'s kernel, returned as that module.
 
     Fit it on features the feature flow was *not* trained on (a held-out split), so validity measures whether
     the counterfactuals carry the target class's features, not whether they copy the flow's training points.
@@ -30,7 +33,7 @@ def fit_linear_probe(
         features: ``(n, d)``.
         labels: ``(n,)`` class indices.
         num_classes: number of classes (default: ``labels.max() + 1``).
-        weight_decay: L2 strength on the weights.
+        weight_decay: L2 penalty ``weight_decay · ||W||²`` on the weights.
         max_iter: L-BFGS iterations.
 
     Returns:
@@ -47,21 +50,21 @@ def fit_linear_probe(
             f"{tuple(labels.shape)}."
         )
     num_classes = int(labels.max()) + 1 if num_classes is None else int(num_classes)
-    x = features.detach().float()
-    y = labels.detach().long().to(x.device)
-    probe = nn.Linear(x.shape[1], num_classes).to(x.device)
-    nn.init.zeros_(probe.weight)
-    nn.init.zeros_(probe.bias)
-    optimizer = torch.optim.LBFGS(probe.parameters(), lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe")
-
-    def closure() -> torch.Tensor:
-        optimizer.zero_grad()
-        loss = F.cross_entropy(probe(x), y) + weight_decay * probe.weight.pow(2).sum()
-        loss.backward()
-        return loss
-
-    with torch.enable_grad():
-        optimizer.step(closure)
+    fitted = LinearProbe(
+        2 * weight_decay,  # LinearProbe's penalty is reg/2 · ||W||²
+        max_iter=max_iter,
+        normalize=False,
+        dtype=torch.float32,
+        device=None,
+        tolerance_grad=1e-7,  # torch.optim.LBFGS's defaults
+        tolerance_change=1e-9,
+        history_size=100,
+        fused=True,  # the returned nn.Linear's own kernel
+    ).fit(features, labels, num_classes)
+    probe = nn.Linear(features.shape[1], num_classes).to(features.device)
+    with torch.no_grad():
+        probe.weight.copy_(fitted.weight)
+        probe.bias.copy_(fitted.bias)
     return probe.requires_grad_(False).eval()
 
 

@@ -1,4 +1,7 @@
-"""Data: the embedded procedural world, loaders for real datasets in their standard layouts, few-shot splits."""
+"""Data: loaders for real datasets in their standard layouts, few-shot splits and input checks.
+
+The embedded procedural world and its tasks belong to the synthetic benchmark (:mod:`prompt_robust.bench`).
+"""
 
 from __future__ import annotations
 

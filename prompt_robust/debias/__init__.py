@@ -12,17 +12,17 @@ Annotations", https://arxiv.org/abs/2503.08368) and the group-robustness baselin
 See ``docs/debias.md``.
 """
 
-from ._data import INDEX_KEY, IndexedDataset, with_index
-from .addon import DebiasReweighting
-from .jtt import jtt_error_set
-from .metrics import group_robustness
-from .pseudo import (
+from ..attributes import (
     DEFAULT_TEMPLATES,
     attribute_text_features,
     classify_attributes,
     pseudo_attribute_labels,
     pseudo_label_accuracy,
 )
+from ._data import INDEX_KEY, IndexedDataset, with_index
+from .addon import DebiasReweighting
+from .jtt import jtt_error_set
+from .metrics import group_robustness
 from .weights import balanced_group_weights, dpt_group_weights, ema_update, groupdro_update
 
 __all__ = [

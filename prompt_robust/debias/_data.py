@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset
-from torch.utils.data._utils.collate import default_collate
-from tqdm.auto import tqdm
+from torch.utils.data import Dataset
 
 from ..data.items import item_as_dict
 
@@ -71,37 +68,6 @@ def with_index(dataset: Dataset) -> IndexedDataset:
         0
     """
     return dataset if isinstance(dataset, IndexedDataset) else IndexedDataset(dataset)
-
-
-def _pick(item: Any, keys: Sequence[str]) -> dict[str, Any]:
-    """Only ``keys`` of an item: nothing else (e.g. a true attribute) is ever read."""
-    if isinstance(item, Mapping):
-        missing = [key for key in keys if key not in item]
-        if missing:
-            raise ValueError(f"dataset items have no {missing} key(s); got keys {sorted(item)}.")
-        return {key: item[key] for key in keys}
-    return {key: value for key, value in item_as_dict(item).items() if key in keys}
-
-
-def _collate_keys(keys: Sequence[str]):
-    def collate(items: list[Any]) -> dict[str, Any]:
-        picked = [_pick(item, keys) for item in items]
-        return {key: default_collate([p[key] for p in picked]) for key in keys}
-
-    return collate
-
-
-def iterate_batches(
-    dataset: Dataset, batch_size: int, keys: Sequence[str], *, desc: str, progress: bool
-) -> Iterator[tuple[int, dict[str, Any]]]:
-    """``(start, {key: batch})`` over ``dataset`` in order, reading only ``keys`` of each item."""
-    if len(dataset) == 0:
-        raise ValueError(f"{desc}: the dataset is empty.")
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=_collate_keys(keys))
-    start = 0
-    for batch in tqdm(loader, desc=desc, disable=not progress):
-        yield start, batch
-        start += len(batch[keys[0]])
 
 
 def column(dataset: Dataset, key: str) -> torch.Tensor:

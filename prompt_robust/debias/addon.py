@@ -29,9 +29,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..addons import RobustAddon, register_addon
+from ..attributes import attribute_text_features, classify_attributes, pseudo_label_accuracy
 from ..config import DebiasConfig
-from ._data import INDEX_KEY, column, iterate_batches
-from .pseudo import attribute_text_features, classify_attributes, pseudo_label_accuracy
+from ..data.items import iterate_batches
+from ..layers import module_device
+from ._data import INDEX_KEY, column
 from .weights import balanced_group_weights, dpt_group_weights, ema_update, group_means, groupdro_update
 
 __all__ = ["DebiasReweighting"]
@@ -88,6 +90,8 @@ class DebiasReweighting(RobustAddon):
     """
 
     name = "debias"
+    description = "Annotation-free debiasing with group reweighting."
+    order = 40
     config_class = DebiasConfig
 
     def __init__(self, learner: nn.Module, config: DebiasConfig) -> None:
@@ -190,10 +194,6 @@ class DebiasReweighting(RobustAddon):
     def _nonempty_counts(self) -> list[int]:
         return [n for n in self.group_counts.tolist() if n > 0]
 
-    def _learner_device(self) -> torch.device:
-        param = next(self.learner.parameters(), None)
-        return param.device if param is not None else torch.device("cpu")
-
     def _num_classes(self, labels: torch.Tensor) -> int:
         classnames = getattr(self.learner, "classnames", None) or []
         return max(len(classnames), int(labels.max()) + 1)
@@ -206,7 +206,7 @@ class DebiasReweighting(RobustAddon):
     def _prepare_pseudo(self, model: nn.Module, dataset: Any, progress: bool) -> dict[str, float]:
         values = [v.strip() for v in self.config.attribute_values]
         n_values = len(values)
-        device = self._learner_device()
+        device = module_device(self.learner)
         self._attribute_text = attribute_text_features(self.learner, values, self.config.templates)  # (A, d)
         labels, attributes, p_true = [], [], []
         was_training = model.training

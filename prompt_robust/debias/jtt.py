@@ -12,7 +12,8 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from ._data import iterate_batches
+from ..data.items import iterate_batches
+from ..layers import module_device
 
 __all__ = ["jtt_error_set"]
 
@@ -50,8 +51,7 @@ def jtt_error_set(model: nn.Module, dataset: Dataset, *, batch_size: int = 64, p
     """
     was_training = model.training
     model.eval()
-    first = next(model.parameters(), None)
-    device = first.device if first is not None else torch.device("cpu")
+    device = module_device(model)
     errors = []
     try:
         keys = ["pixel_values", "labels"]

@@ -38,16 +38,21 @@ def _paired(predictions: _Ints, labels: _Ints) -> tuple[list, list]:
 
 
 def accuracy(predictions: _Ints, labels: _Ints) -> float:
-    """Fraction of predictions equal to the labels.
+    """Fraction of predictions equal to the labels (the library's one top-1 accuracy).
 
     Args:
-        predictions: predicted class indices, ``(n,)``.
+        predictions: predicted class indices ``(n,)``, or class scores ``(n, n_classes)`` (e.g. logits), of which
+            the highest-scoring class is the prediction.
         labels: true class indices, ``(n,)``.
 
     Example:
         >>> accuracy([0, 1, 1, 0], [0, 1, 0, 0])
         0.75
+        >>> accuracy(torch.tensor([[2.0, 1.0], [0.0, 1.0]]), torch.tensor([0, 0]))  # logits
+        0.5
     """
+    if isinstance(predictions, torch.Tensor) and predictions.dim() == 2:
+        predictions = predictions.argmax(dim=-1)  # (n,)
     preds, labs = _paired(predictions, labels)
     return sum(p == y for p, y in zip(preds, labs, strict=True)) / len(labs)
 

@@ -23,6 +23,7 @@ from torch import nn
 from ..addons import RobustAddon, learner_logit_scale, register_addon
 from ..backbones.base import find_backbone
 from ..config import InvarianceConfig
+from ..layers import module_device
 from .features import interventional_features
 from .icm import ICMProjection
 from .interventions import text_deltas, text_pairs
@@ -60,6 +61,8 @@ class InvariantProjection(RobustAddon):
     """
 
     name = "invariance"
+    description = "Invariant causal mechanism projection."
+    order = 30
     config_class = InvarianceConfig
 
     def __init__(self, learner: nn.Module, config: InvarianceConfig) -> None:
@@ -79,7 +82,7 @@ class InvariantProjection(RobustAddon):
                 f"InvarianceConfig.dim={config.dim} exceeds the feature size {d} of this backbone; use dim <= {d} "
                 "or None (chosen on held-out data)."
             )
-        device = next((p.device for p in learner.parameters()), torch.device("cpu"))
+        device = module_device(learner)
         # eigenvectors of M as columns, by DESCENDING eigenvalue; the first `kept_dim` columns are P
         self.register_buffer("basis", torch.eye(d, device=device))  # (d, d)
         self.register_buffer("eigenvalues", torch.zeros(d, dtype=torch.float64, device=device))  # (d,)

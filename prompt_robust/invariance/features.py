@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from .. import _io
 from ..backbones.base import find_backbone
 from ..data.items import hash_items, ordered_loader
+from ..layers import module_device
 from .interventions import get_intervention, intervene
 
 __all__ = ["InterventionalFeatures", "interventional_features", "split_fit_val"]
@@ -223,7 +224,7 @@ def interventional_features(
                 raise ValueError(f"the cache file {str(path)!r} is damaged ({err}); delete it to recompute.") from err
             logger.info("interventional features loaded from %s", path)
             return feats
-    device = next((p.device for p in learner.parameters()), torch.device("cpu"))
+    device = module_device(learner)
     generator = torch.Generator().manual_seed(int(seed))
     loader = ordered_loader(dataset, batch_size)
     clean, intervened, labels = [], [], []

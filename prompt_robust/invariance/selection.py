@@ -24,9 +24,11 @@ from collections.abc import Sequence
 import torch
 
 from ..config import InvarianceConfig
+from ..eval.metrics import accuracy
+from ..eval.probe import LinearProbe
 from .features import InterventionalFeatures, split_fit_val
 from .icm import ICMProjection, Selection, dims_from_fractions, select_lam_dim
-from .predict import LinearProbe, accuracy, zero_shot_logits
+from .predict import zero_shot_logits
 
 __all__ = ["PREDICTORS", "choose_lam_dim", "fit_from_config", "intervention_sets"]
 

@@ -1,8 +1,9 @@
-"""Prompt-space diffusion refiner: sampler, velocity network, overfitted targets and the add-on."""
+"""Prompt-space diffusion refiner: velocity network, overfitted targets and the add-on (the ODE sampler, shared with
+the counterfactual generator, lives in :mod:`prompt_robust.flows` and is re-exported here)."""
 
+from ..flows import SOLVER_ORDERS, ODESampler, SamplerOutput
 from .addon import PromptRefiner
 from .network import PromptFlowNet
-from .sampler import SOLVER_ORDERS, ODESampler, SamplerOutput
 from .targets import (
     TARGET_RULES,
     RefinerTargets,

@@ -21,13 +21,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ..addons import RobustAddon, learner_feature_dim, register_addon
+from ..addons import RobustAddon, StagePlan, learner_feature_dim, register_addon
 from ..config import RefinerConfig
+from ..flows import ODESampler, flow_matching_loss
 from .network import PromptFlowNet
-from .sampler import ODESampler
 from .targets import COND_KEY, DELTA_PREFIX, RefinerTargets, build_targets
 
 __all__ = ["PromptRefiner"]
@@ -55,6 +54,8 @@ class PromptRefiner(RobustAddon):
     """
 
     name = "refiner"
+    description = "Prompt-space diffusion refiner."
+    order = 10
     config_class = RefinerConfig
     stages = ("refiner", "refiner_joint")
 
@@ -177,15 +178,17 @@ class PromptRefiner(RobustAddon):
         return self.refined_prompts(pixel_values)
 
     def flow_matching_loss(self, cond: torch.Tensor, deltas: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """Conditional flow matching on the straight path ``x_t = (1 - t) x_0 + t x_1`` from noise ``x_0`` to the
-        normalised offset ``x_1``: the network regresses the constant velocity ``x_1 - x_0``."""
+        """Conditional flow matching (:func:`prompt_robust.flows.flow_matching_loss`) on the straight path
+        ``x_t = (1 - t) x_0 + t x_1`` from noise ``x_0`` to the normalised offset ``x_1``: the network regresses
+        the constant velocity ``x_1 - x_0``."""
         dtype = self.net.position.dtype
         x1 = self._pack({site: deltas[site].to(dtype) / self.scale(site) for site in self.sites})  # (b, D)
-        x0 = torch.randn_like(x1)
-        t = torch.rand(x1.shape[0], 1, device=x1.device, dtype=dtype)
-        xt = (1 - t) * x0 + t * x1
-        predicted = self._pack(self.net(self._unpack(xt), t.squeeze(1), cond.to(dtype)))
-        return F.mse_loss(predicted, x1 - x0)
+        cond = cond.to(dtype)
+
+        def velocity(xt: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return self._pack(self.net(self._unpack(xt), t, cond))  # (b, D)
+
+        return flow_matching_loss(velocity, x1)
 
     def _batch_targets(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor] | None:
         keys = [DELTA_PREFIX + site for site in self.sites]
@@ -264,43 +267,25 @@ class PromptRefiner(RobustAddon):
         logger.info("refiner targets: %s", targets.summary())
         return targets
 
-    def fit_stages(
+    def plan_stages(
         self,
         model: nn.Module,
         dataset: Any,
         *,
         seed: int = 0,
         cache_dir: str | Path | None = None,
-        checkpoint_dir: str | Path | None = None,
         progress: bool = True,
-        resume: bool | str = True,
-    ) -> dict[str, float]:
-        from ..training import FitConfig, fit
-
+    ) -> tuple[list[StagePlan], dict[str, float]]:
         config = self.config
         targets = self.build_targets(dataset, cache_dir=cache_dir, progress=progress, seed=seed)
         logs = {f"refiner/targets_{k}": v for k, v in targets.summary().items()}
         batch = min(config.train_batch_size, len(targets))
-        for stage, steps, lr in (
-            ("refiner", config.train_steps, config.train_lr),
-            ("refiner_joint", config.joint_steps, config.joint_lr),
-        ):
-            if steps == 0:
-                continue
-            model.set_stage(stage)
-            fit_config = FitConfig(
-                steps=steps,
-                batch_size=batch,
-                lr=lr,
-                optimizer="adamw",
-                weight_decay=0.0,
-                warmup_steps=min(50, steps // 10),
-                seed=seed,
-                progress=progress,
-                # resumable stages: a killed run continues from its last checkpoint, bit-identical
-                checkpoint_every=None if checkpoint_dir is None else max(1, steps // 5),
+        plans = [
+            StagePlan(stage, targets, steps, lr, batch, optimizer="adamw", warmup_steps=min(50, steps // 10))
+            for stage, steps, lr in (
+                ("refiner", config.train_steps, config.train_lr),
+                ("refiner_joint", config.joint_steps, config.joint_lr),
             )
-            folder = None if checkpoint_dir is None else Path(checkpoint_dir) / stage
-            result = fit(model, targets, fit_config, checkpoint_dir=folder, resume=resume)
-            logs[f"{stage}/final_loss"] = result.final_loss
-        return logs
+            if steps > 0
+        ]
+        return plans, logs

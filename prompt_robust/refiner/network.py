@@ -7,7 +7,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from ..layers import time_embedding
+from ..flows.time import TimeEmbedding
 
 __all__ = ["PromptFlowNet"]
 
@@ -52,7 +52,7 @@ class PromptFlowNet(nn.Module):
         self.hidden_dim = hidden_dim
         self.inputs = nn.ModuleDict({name: nn.Linear(w, hidden_dim) for name, (_, w) in self.sites.items()})
         self.position = nn.Parameter(torch.randn(total, hidden_dim) * 0.02)  # (T, h) over all sites' tokens
-        self.time = nn.Sequential(nn.Linear(hidden_dim, hidden_dim), nn.SiLU(), nn.Linear(hidden_dim, hidden_dim))
+        self.time = TimeEmbedding(hidden_dim)
         self.cond = nn.Sequential(nn.Linear(cond_dim, hidden_dim), nn.SiLU(), nn.Linear(hidden_dim, hidden_dim))
         self.blocks = nn.ModuleList(
             nn.TransformerEncoderLayer(
@@ -83,8 +83,7 @@ class PromptFlowNet(nn.Module):
         dtype = self.position.dtype
         tokens = torch.cat([self.inputs[name](x[name].to(dtype)) for name in self.sites], dim=1)  # (b, T, h)
         tokens = tokens + self.position
-        t = t.reshape(-1).expand(batch) if t.numel() == 1 else t.reshape(batch)
-        context = self.time(time_embedding(t, self.hidden_dim).to(dtype)) + self.cond(cond.to(dtype))  # (b, h)
+        context = self.time(t, batch) + self.cond(cond.to(dtype))  # (b, h)
         for block, mod in zip(self.blocks, self.modulation[:-1], strict=True):
             scale, shift = mod(context).unsqueeze(1).chunk(2, dim=-1)  # (b, 1, h) each
             tokens = block(tokens * (1 + scale) + shift)

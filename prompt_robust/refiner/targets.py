@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from .. import _io
 from ..data.checks import check_batch, class_count
 from ..data.items import collate_images_labels, hash_items, item_as_dict
+from ..layers import module_device
 from ..learners.base import shared_prompt_rows
 
 __all__ = [
@@ -539,7 +540,7 @@ def build_targets(
         raise unknown_name_error("refiner target rule", rule, TARGET_RULES)
     if len(dataset) == 0:
         raise ValueError("the dataset is empty: the refiner needs training samples to overfit prompts on.")
-    device = next((p.device for p in learner.parameters()), torch.device("cpu"))
+    device = module_device(learner)
     folder = None
     if cache_dir is not None:
         key: dict[str, Any] = {"targets": rule}

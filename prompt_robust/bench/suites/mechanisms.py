@@ -50,18 +50,21 @@ from typing import Any
 
 import torch
 
-from . import _io
-from .backbones.base import ClipBackbone
-from .benchmark import BenchConfig, _accuracy, _outputs, _Runner
-from .config import RefinerConfig, RobustConfig
-from .data.fewshot import unused_indices
-from .data.tasks import TaskData
-from .model import wrap
-from .training import fit
+from ... import _io
+from ...backbones.base import ClipBackbone
+from ...config import RefinerConfig, RobustConfig
+from ...data.fewshot import unused_indices
+from ...eval.metrics import accuracy
+from ...model import wrap
+from ...training import fit
+from ..runner import BenchConfig, _accuracy, _outputs, _Runner
+from ..tasks import TaskData
+from .base import SuiteRequest, register_suite
 
 __all__ = [
     "COUNTERFACTUAL_TWINS",
     "ICM_ORACLES",
+    "MECHANISMS",
     "REFINER_RULES",
     "TPT_RULES",
     "counterfactual_mechanism",
@@ -120,9 +123,11 @@ def _scored(model, val: TaskData, test: TaskData) -> tuple[dict[str, Any], torch
     """``{"val", "test", "groups": {group: test accuracy}}`` and the test predictions, from one pass over each
     set (a refined model's forward is the suite's most expensive step)."""
     predictions = _outputs(model, test)[0]
-    correct = predictions == test.labels
-    groups = {name: float(correct[test.groups == g].float().mean()) for g, name in enumerate(test.group_names or [])}
-    return {"val": _accuracy(model, val), "test": float(correct.float().mean()), "groups": groups}, predictions
+    groups = {
+        name: accuracy(predictions[test.groups == g], test.labels[test.groups == g])
+        for g, name in enumerate(test.group_names or [])
+    }
+    return {"val": _accuracy(model, val), "test": accuracy(predictions, test.labels), "groups": groups}, predictions
 
 
 def _held_out(pool: TaskData, used: Sequence[int], strata: torch.Tensor, per_stratum: int, seed: int) -> TaskData:
@@ -182,7 +187,7 @@ def refiner_mechanism(
         ``{"learner", "oracle", "refiner:<rule>" (each ``{"val", "test", "groups": {style: acc}}``),
         "diagnostics": {rule: {...}}}``.
     """
-    from .refiner.diagnostics import label_decodability, prediction_agreement
+    from ...refiner.diagnostics import label_decodability, prediction_agreement
 
     tasks = runner.tasks
     train, indices = tasks.styled_train(k, seed)
@@ -251,7 +256,7 @@ def refiner_mechanism(
 def _tpt_predictions(learner, data: TaskData, config: RefinerConfig, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Predictions of ``learner`` with every image's own label-free prompt (the rule of ``config``: its
     ``inner_steps``, ``inner_lr``, ``entropy_views``, ``entropy_keep``), and those prompts' offsets ``(N, D)``."""
-    from .refiner.targets import _logits, entropy_prompts
+    from ...refiner.targets import _logits, entropy_prompts
 
     generator = torch.Generator().manual_seed(20_000 + seed)
     base = {site: p.detach() for site, p in learner.prompt_tokens().items()}
@@ -279,7 +284,7 @@ def _tpt_predictions(learner, data: TaskData, config: RefinerConfig, seed: int) 
 
 
 def _style_scores(correct: dict[str, torch.Tensor]) -> dict[str, float]:
-    from .data.tasks import TARGET_STYLES
+    from ..tasks import TARGET_STYLES
 
     scores = {split: float(hits.float().mean()) for split, hits in correct.items()}
     scores["avg"] = statistics.fmean(scores[s] for s in TARGET_STYLES)
@@ -302,7 +307,7 @@ def refiner_tpt_mechanism(
         ``{"learner", "oracle", "refiner:<rule>": {"val", <style>..., "avg"}, "diagnostics": {...}}``; ``val`` is
         accuracy on unused training-pool photos.
     """
-    from .refiner.diagnostics import label_decodability
+    from ...refiner.diagnostics import label_decodability
 
     tasks = runner.tasks
     train, indices = tasks.dg_train(runner.config.k, seed)
@@ -347,11 +352,11 @@ def refiner_tpt_mechanism(
 
 
 def _worst_and_avg(model, data: TaskData) -> dict[str, float]:
-    from .eval.metrics import per_group_accuracy, worst_group_accuracy
+    from ...eval.metrics import per_group_accuracy, worst_group_accuracy
 
     predictions = _outputs(model, data)[0]
     groups = per_group_accuracy(predictions, data.labels, data.groups)
-    return {"avg": float((predictions == data.labels).float().mean()), "worst_group": worst_group_accuracy(groups)}
+    return {"avg": accuracy(predictions, data.labels), "worst_group": worst_group_accuracy(groups)}
 
 
 def counterfactual_mechanism(
@@ -367,10 +372,10 @@ def counterfactual_mechanism(
         ``{"learner", "oracle", "counterfactual:<twin>": {"val": {...}, "test": {...}}, "diagnostics": {...}}``,
         each split with ``avg`` and ``worst_group``.
     """
-    from .config import CounterfactualConfig
-    from .data.tasks import SPURIOUS_BACKGROUNDS, TaskData
-    from .debias.pseudo import classify_attributes
-    from .learners.base import image_features_in_batches
+    from ...attributes import classify_attributes
+    from ...config import CounterfactualConfig
+    from ...learners.base import image_features_in_batches
+    from ..tasks import SPURIOUS_BACKGROUNDS, TaskData
 
     tasks, n = runner.tasks, runner.config.spurious_per_class
     train = tasks.spurious_train(n, seed)
@@ -432,15 +437,15 @@ def _fresh_learner(runner: _Runner, learner: str, classes: Sequence[str], seed: 
 def icm_mechanism(setup: Any, seed: int) -> dict[str, Any]:
     """One seed of the ICM suite: plain zero-shot, ICM with the configured interventions and ICM with each
     oracle's true twins, every projection chosen by the same rule on held-out training images (see the module
-    docstring). ``setup``: the ICM suites' shared state (``invariance.bench._DGSetup``).
+    docstring). ``setup``: the ICM suites' shared state (``bench.suites.icm._DGSetup``).
 
     Returns:
         ``{"zero_shot", "icm", <oracle>...: {style: acc, "avg"}, "chosen": {method: {"lam", "dim"}}}``.
     """
-    from .data.tasks import TARGET_STYLES
-    from .invariance.features import InterventionalFeatures
-    from .invariance.predict import compare_predictors
-    from .learners.base import image_features_in_batches
+    from ...invariance.features import InterventionalFeatures
+    from ...invariance.predict import compare_predictors
+    from ...learners.base import image_features_in_batches
+    from ..tasks import TARGET_STYLES
 
     feats = setup.features(seed)
     _, indices = setup.tasks.dg_train(setup.k, seed)
@@ -470,8 +475,8 @@ def icm_mechanism(setup: Any, seed: int) -> dict[str, Any]:
 def _nuisance_overlap(setup: Any, seeds: Sequence[int]) -> dict[str, Any]:
     """Per twin factor, the share of the true twins' feature differences inside the class-mean span
     (:func:`prompt_robust.invariance.icm.class_subspace_share`) over ``seeds``, and what random directions give."""
-    from .invariance.icm import class_subspace_share
-    from .learners.base import image_features_in_batches
+    from ...invariance.icm import class_subspace_share
+    from ...learners.base import image_features_in_batches
 
     feats = {seed: setup.features(seed) for seed in seeds}
     shares: dict[str, dict[str, float]] = {}
@@ -491,7 +496,8 @@ def _mean_std(values: Sequence[float]) -> dict[str, float]:
     return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
 
 
-SUITES: tuple[str, ...] = ("refiner", "refiner-tpt", "counterfactual", "invariance")
+#: the mechanism suites ``mechanisms_benchmark`` runs (``bench --suite mechanisms --mechanisms ...``)
+MECHANISMS: tuple[str, ...] = ("refiner", "refiner-tpt", "counterfactual", "invariance")
 
 
 def _seeded(out_dir: Path, suite: str, seeds: Sequence[int], settings: dict[str, Any], run, progress: bool) -> dict:
@@ -600,7 +606,7 @@ def _counterfactual_summary(per_seed: dict[int, Any], seeds: Sequence[int], lear
 
 
 def _icm_summary(per_seed: dict[int, Any], seeds: Sequence[int], preservation: dict[str, Any]) -> dict[str, Any]:
-    from .data.tasks import TARGET_STYLES
+    from ..tasks import TARGET_STYLES
 
     methods = ["zero_shot", "icm", *ICM_ORACLES]
     keys = [*TARGET_STYLES, "avg"]
@@ -623,7 +629,7 @@ def mechanisms_benchmark(
     out_dir: str | Path,
     *,
     seeds: Sequence[int] = (1, 2, 3),
-    suites: Sequence[str] = SUITES,
+    suites: Sequence[str] = MECHANISMS,
     bench: BenchConfig | None = None,
     learner: str = "coop",
     k: int = 4,
@@ -642,7 +648,7 @@ def mechanisms_benchmark(
         backbone: the CLIP (the embedded mini-CLIP in the CLI).
         out_dir: output directory.
         seeds: few-shot draws and initialisations.
-        suites: which of :data:`SUITES` to run.
+        suites: which of :data:`MECHANISMS` to run.
         bench: benchmark settings (learner schedules, pool and test sizes, ``k`` of the ICM suite's photo shots).
         learner / k: the refiner suite's prompt learner and its shots per class and style.
         refiner / counterfactual / invariance: config overrides of the add-ons (the refiner's ``targets`` and the
@@ -653,13 +659,13 @@ def mechanisms_benchmark(
     Returns:
         ``{suite: {...}, "command", "wall_seconds", "backbone"}``.
     """
-    from .config import InvarianceConfig
+    from ...config import InvarianceConfig
 
     for suite in suites:
-        if suite not in SUITES:
-            from .config import unknown_name_error
+        if suite not in MECHANISMS:
+            from ...config import unknown_name_error
 
-            raise unknown_name_error("mechanism suite", suite, SUITES)
+            raise unknown_name_error("mechanism suite", suite, MECHANISMS)
     started = time.time()
     out_dir = Path(out_dir)
     config = bench or BenchConfig()
@@ -693,7 +699,7 @@ def mechanisms_benchmark(
         result["counterfactual"] = _counterfactual_summary(per_seed, seeds, learner)
     if "invariance" in suites:
         from .calibration import intervention_preservation
-        from .invariance.bench import _DGSetup
+        from .icm import _DGSetup
 
         icm_config = InvarianceConfig(**(invariance or {}))
         setup = _DGSetup(backbone, icm_config, out_dir, config.k, config.test_per_class)
@@ -796,3 +802,31 @@ def format_mechanisms(result: dict[str, Any]) -> str:
             lines += ["| twin factor | share |", "|---|---|"]
             lines += [f"| {f} | {v['mean']:.2f} ± {v['std']:.2f} |" for f, v in overlap["factors"].items()]
     return "\n".join(lines)
+
+
+@register_suite(
+    "mechanisms",
+    outputs=("mechanisms.json", "mechanisms.md"),
+    help="each add-on where its premise holds, against an oracle (LEARNER, default coop)",
+    saves_runs=True,
+)
+def _mechanisms_suite(request: SuiteRequest) -> str:
+    started = time.time()
+    refiner = {k: v for k, v in request.refiner.items() if k != "targets"}  # the suite compares every target rule
+    result = mechanisms_benchmark(
+        request.load_backbone(),
+        request.out,
+        seeds=request.seeds,
+        suites=MECHANISMS if request.mechanisms is None else request.mechanisms,
+        bench=request.bench_config(seeds=request.seeds),
+        learner=request.learner,
+        refiner=refiner,
+        counterfactual=request.addons.get("counterfactual", {}),
+        invariance=request.addons.get("invariance", {}),
+        progress=request.progress,
+        command=request.command,
+    )
+    return (
+        f"{format_mechanisms(result)}\nwrote mechanisms.json, mechanisms.md to {request.out} "
+        f"({time.time() - started:.0f} s); command: {request.command}"
+    )

@@ -13,10 +13,11 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .. import _io
-from ..backbones.base import ClipBackbone
-from ..config import RefinerConfig, RobustConfig
-from .sampler import SOLVER_ORDERS
+from ... import _io
+from ...backbones.base import ClipBackbone
+from ...config import RefinerConfig, RobustConfig
+from ...flows import SOLVER_ORDERS
+from .base import SuiteRequest, register_suite
 
 __all__ = ["cost_profile", "steps_sweep"]
 
@@ -53,8 +54,8 @@ def steps_sweep(
     Returns:
         ``{"rows": [{method, steps, evaluations, base, new, hm, ms_per_image (mean over seeds), *_std}], ...}``.
     """
-    from ..benchmark import BenchConfig, _Runner
-    from ..eval.metrics import harmonic_mean
+    from ...eval.metrics import harmonic_mean
+    from ..runner import BenchConfig, _Runner
 
     config = bench_config or BenchConfig(methods=[f"{learner}+refiner"], seeds=list(seeds), tasks=["base_to_new"])
     out_dir = Path(out_dir)
@@ -163,7 +164,7 @@ def cost_profile(
     Returns:
         ``{"rows": [{method, images_per_s, ms_per_batch, sampler_ms_per_batch, sampler_share}], ...}``.
     """
-    from .. import build_learner, wrap
+    from ... import build_learner, wrap
 
     refiner = refiner or RefinerConfig()
     names = [f"class{i}" for i in range(num_classes)]
@@ -236,3 +237,42 @@ def format_cost(result: dict[str, Any]) -> str:
         sampler = f"{r['sampler_ms_per_batch']:.1f}" if r["sampler_ms_per_batch"] else "-"
         lines.append(f"| {r['method']} | {r['images_per_s']:.2f} | {r['ms_per_batch']:.0f} | {sampler} | {share} |")
     return "\n".join(lines)
+
+
+@register_suite(
+    "refiner-sweep",
+    outputs=("sweep.json", "sweep.md", "sweep.png"),
+    help="sampler steps x solver for LEARNER+refiner",
+)
+def _sweep_suite(request: SuiteRequest) -> str:
+    started = time.time()
+    out = Path(request.out)
+    config = request.bench_config(
+        methods=[f"{request.learner}+refiner"], seeds=request.seeds, refiner=request.refiner, tasks=["base_to_new"]
+    )
+    result = steps_sweep(
+        request.load_backbone(),
+        out,
+        learner=request.learner,
+        seeds=request.seeds,
+        bench_config=config,
+        progress=request.progress,
+    )
+    return (
+        f"{format_sweep(result)}\n\nwrote sweep.json, sweep.md, sweep.png to {out} ({time.time() - started:.0f} s); "
+        f"command: {request.command}"
+    )
+
+
+@register_suite(
+    "refiner-cost",
+    outputs=("cost.json", "cost.md"),
+    help="images/s of CoOp, CoOp+refiner, CoCoOp on a real-size architecture (default backbone "
+    "open_clip:ViT-B-16, random weights)",
+)
+def _cost_suite(request: SuiteRequest) -> str:
+    started = time.time()
+    out = Path(request.out)
+    backbone = request.load_backbone("open_clip:ViT-B-16")
+    result = cost_profile(backbone, out, refiner=RefinerConfig(**request.refiner), progress=request.progress)
+    return f"{format_cost(result)}\n\nwrote cost.json, cost.md to {out} ({time.time() - started:.0f} s); command: {request.command}"

@@ -28,8 +28,8 @@ from dataclasses import fields as dataclass_fields
 import torch
 from torch.utils.data import Dataset
 
+from ..data.fewshot import sample_few_shot
 from . import world, world_v2
-from .fewshot import sample_few_shot
 
 __all__ = [
     "BASE_CLASSES",

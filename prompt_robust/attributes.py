@@ -23,9 +23,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from ..backbones.base import find_backbone
-from ..config import DebiasConfig
-from ._data import iterate_batches
+from .backbones.base import find_backbone
+from .config import DebiasConfig
+from .data.items import iterate_batches
 
 __all__ = [
     "DEFAULT_TEMPLATES",
@@ -180,6 +180,6 @@ def pseudo_label_accuracy(pseudo_labels: Any, true_attributes: Any) -> float:
         >>> pseudo_label_accuracy([0, 1, 1, 0], [0, 1, 0, 0])
         0.75
     """
-    from ..eval.metrics import accuracy
+    from .eval.metrics import accuracy
 
     return accuracy(torch.as_tensor(pseudo_labels).flatten(), torch.as_tensor(true_attributes).flatten())

@@ -1,7 +1,8 @@
 """Fixed-grid ODE sampling of a velocity field from ``t = 0`` (noise) to ``t = 1`` (data), with torchdiffeq.
 
-The sampler knows nothing about the network it integrates: it takes any ``velocity(t, x) -> dx/dt``. One
-algorithm choice per name, answered with the valid names when unknown (as torchdiffeq's ``odeint`` does).
+The sampler knows nothing about the network it integrates: it takes any ``velocity(t, x) -> dx/dt`` (the refiner's
+prompt-space network, the counterfactual generator's guided feature field). One algorithm choice per name,
+answered with the valid names when unknown (as torchdiffeq's ``odeint`` does).
 """
 
 from __future__ import annotations

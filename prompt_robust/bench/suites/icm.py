@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import statistics
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -12,15 +13,16 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .. import _io
-from ..backbones.base import ClipBackbone
-from ..config import InvarianceConfig
-from ..learners.base import image_features_in_batches
-from .features import interventional_features
-from .icm import dims_from_fractions
-from .interventions import text_deltas, text_pairs
-from .predict import compare_predictors
-from .selection import fit_from_config
+from ... import _io
+from ...backbones.base import ClipBackbone
+from ...config import InvarianceConfig
+from ...invariance.features import interventional_features
+from ...invariance.icm import dims_from_fractions
+from ...invariance.interventions import text_deltas, text_pairs
+from ...invariance.predict import compare_predictors
+from ...invariance.selection import fit_from_config
+from ...learners.base import image_features_in_batches
+from .base import SuiteRequest, register_suite
 
 __all__ = ["format_icm", "format_icm_grid", "icm_dg_benchmark", "icm_grid_diagnostic"]
 
@@ -32,8 +34,8 @@ class _DGSetup:
     test features; and per seed the training shots' interventional features (cached, split saved)."""
 
     def __init__(self, backbone: ClipBackbone, config: InvarianceConfig, out_dir: Path, k: int, test_per_class: int):
-        from .. import build_learner
-        from ..data.tasks import WorldTasks
+        from ... import build_learner
+        from ..tasks import WorldTasks
 
         self.backbone, self.config, self.out_dir, self.k = backbone, config, out_dir, k
         self.tasks = WorldTasks(
@@ -63,7 +65,7 @@ class _DGSetup:
         return fit_from_config(feats, config, text_features=self.text, text_deltas=self.text_deltas, seed=seed)
 
     def features(self, seed: int):
-        from ..data.fewshot import save_split
+        from ...data.fewshot import save_split
 
         train, indices = self.tasks.dg_train(self.k, seed)
         meta = {"task": "domain_generalization", "k": self.k, "seed": seed}
@@ -99,7 +101,7 @@ def icm_dg_benchmark(
     chosen on held-out training images only (``InvarianceConfig`` rule), then the four predictors on each unseen
     style. Returns and writes ``icm.json`` / ``icm.md`` (mean ± std over seeds).
     """
-    from ..data.tasks import TARGET_STYLES
+    from ..tasks import TARGET_STYLES
 
     config = config or InvarianceConfig()
     out_dir = Path(out_dir)
@@ -160,7 +162,7 @@ def icm_grid_diagnostic(
     pick would raise the unseen-style average, i.e. whether a failure lies in the rule or in the interventions.
     Writes ``icm_grid.json`` / ``icm_grid.md``.
     """
-    from ..data.tasks import TARGET_STYLES
+    from ..tasks import TARGET_STYLES
 
     config = config or InvarianceConfig()
     out_dir = Path(out_dir)
@@ -207,4 +209,44 @@ def format_icm_grid(result: dict[str, Any]) -> str:
     return "\n".join(lines) + (
         "\n\nUnseen-style average accuracy, %. Every grid point with k < d is scored on the test styles (a "
         "diagnostic of what the rule could reach, not a result)."
+    )
+
+
+@register_suite(
+    "icm",
+    outputs=("icm.json", "icm.md"),
+    help="zero-shot / ICM zero-shot / linear probe / ICM linear probe on the DG task",
+)
+def _icm_suite(request: SuiteRequest) -> str:
+    started = time.time()
+    result = icm_dg_benchmark(
+        request.load_backbone(),
+        request.out,
+        seeds=request.seeds,
+        config=InvarianceConfig(**request.addons.get("invariance", {})),
+        progress=request.progress,
+    )
+    return (
+        f"{format_icm(result)}\n\nwrote icm.json, icm.md to {request.out} ({time.time() - started:.0f} s); "
+        f"command: {request.command}"
+    )
+
+
+@register_suite(
+    "icm-grid",
+    outputs=("icm_grid.json", "icm_grid.md"),
+    help="every (λ, k) of the ICM rule's grid scored on the test styles (a diagnostic)",
+)
+def _icm_grid_suite(request: SuiteRequest) -> str:
+    started = time.time()
+    result = icm_grid_diagnostic(
+        request.load_backbone(),
+        request.out,
+        seeds=request.seeds,
+        config=InvarianceConfig(**request.addons.get("invariance", {})),
+        progress=request.progress,
+    )
+    return (
+        f"{format_icm_grid(result)}\n\nwrote icm_grid.json, icm_grid.md to {request.out} ({time.time() - started:.0f} s); "
+        f"command: {request.command}"
     )

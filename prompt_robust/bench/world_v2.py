@@ -18,7 +18,7 @@ Everything stays a pure function of seeds.
 
 Example:
     >>> import random
-    >>> from prompt_robust.data import world
+    >>> from prompt_robust.bench import world
     >>> attrs = world.sample_attributes(3, seed=0, classes=ALL_SHAPES, patterns=world.PATTERNS)
     >>> all(text.endswith(".") for text in captions(attrs, seed=0))
     True
@@ -272,7 +272,7 @@ def caption(attrs: world.Attributes, i: int, rng: random.Random, effect: str | N
             may name.
 
     Example:
-        >>> from prompt_robust.data import world
+        >>> from prompt_robust.bench import world
         >>> attrs = world.sample_attributes(1, seed=0, classes=("circle",))
         >>> caption(attrs, 0, random.Random(0)).endswith(".")
         True

@@ -5,6 +5,7 @@ validity (a held-out linear probe assigns ``z'`` to ``y'``) and median proximity
 from __future__ import annotations
 
 import statistics
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -12,12 +13,13 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .. import _io
-from ..backbones.base import ClipBackbone
-from ..config import CounterfactualConfig
-from ..data.fewshot import unused_indices
-from ..learners.base import image_features_in_batches
-from .metrics import counterfactual_quality, fit_linear_probe
+from ... import _io
+from ...backbones.base import ClipBackbone
+from ...config import CounterfactualConfig
+from ...counterfactual.metrics import counterfactual_quality, fit_linear_probe
+from ...data.fewshot import unused_indices
+from ...learners.base import image_features_in_batches
+from .base import SuiteRequest, register_suite
 
 __all__ = ["counterfactual_quality_benchmark", "format_quality"]
 
@@ -37,9 +39,9 @@ def counterfactual_quality_benchmark(
     minimal-change search is judged by the zero-shot classifier (the learner being tuned, in training), never by
     the held-out probe that measures validity.
     """
-    from .. import build_learner, wrap
-    from ..config import RobustConfig
-    from ..data.tasks import WorldTasks
+    from ... import build_learner, wrap
+    from ...config import RobustConfig
+    from ..tasks import WorldTasks
 
     config = config or CounterfactualConfig()
     out_dir = Path(out_dir)
@@ -91,9 +93,9 @@ def background_kept(learner: Any, factual: torch.Tensor, counterfactuals: torch.
         factual: ``(n, d)`` unit-norm factual features.
         counterfactuals: ``(n, K, d)`` their counterfactuals.
     """
-    from ..config import CounterfactualConfig
-    from ..data import world
-    from ..debias.pseudo import attribute_text_features, classify_attributes
+    from ...attributes import attribute_text_features, classify_attributes
+    from ...config import CounterfactualConfig
+    from .. import world
 
     text = attribute_text_features(learner, list(world.BACKGROUNDS), CounterfactualConfig().attribute_templates)
     read = classify_attributes(factual, text)[0]  # (n,)
@@ -119,3 +121,21 @@ def format_quality(result: dict[str, Any]) -> str:
         f"{s['proximity']:.3f} | {100 * m['factual_validity']:.1f} ± {100 * s['factual_validity']:.1f}% | {kept} |"
     )
     return "\n".join(lines)
+
+
+@register_suite(
+    "counterfactual-quality", outputs=("quality.json", "quality.md"), help="validity and proximity of counterfactuals"
+)
+def _quality_suite(request: SuiteRequest) -> str:
+    started = time.time()
+    result = counterfactual_quality_benchmark(
+        request.load_backbone(),
+        request.out,
+        seeds=request.seeds,
+        config=CounterfactualConfig(**request.addons.get("counterfactual", {})),
+        progress=request.progress,
+    )
+    return (
+        f"{format_quality(result)}\n\nwrote quality.json, quality.md to {request.out} ({time.time() - started:.0f} s); "
+        f"command: {request.command}"
+    )

@@ -2,7 +2,7 @@
 
 The recipe is CLIP's (Radford et al., https://arxiv.org/abs/2103.00020): a symmetric InfoNCE loss between image
 and caption embeddings with a learned temperature, AdamW with warm-up and cosine decay. The data is an endless
-stream of freshly rendered world images with their captions (:mod:`prompt_robust.data.world`), every batch a pure
+stream of freshly rendered world images with their captions (:mod:`prompt_robust.bench.world`), every batch a pure
 function of its indices, so a run is reproducible from its seed and resumes exactly from a checkpoint
 (:func:`prompt_robust.training.fit` does the loop).
 
@@ -33,25 +33,21 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from . import _io
-from .backbones.hf_clip import OPENAI_MEAN, OPENAI_STD, HFClipBackbone
-from .backbones.tiny import build_clip_tokenizer, tiny_clip_backbone
-from .config import ConfigMixin, _check, help_field
-from .data import world, world_v2
+from .. import _io
+from ..backbones.hf_clip import OPENAI_MEAN, OPENAI_STD, HFClipBackbone
+from ..backbones.tiny import build_clip_tokenizer, tiny_clip_backbone
+from ..config import ConfigMixin, _check, help_field
+from . import world, world_v2
 
 __all__ = [
-    "EMBEDDED_DIR",
-    "EMBEDDED_V1_DIR",
     "PretrainConfig",
     "pretrain_backbone",
     "pretrained_world",
     "zero_shot_report",
 ]
 
-#: where the shipped mini-CLIP lives inside the package (pretrained on world 2)
-EMBEDDED_DIR = Path(__file__).resolve().parent / "assets" / "mini_clip"
-#: the first mini-CLIP, pretrained on world 1 (32 px): ``load_backbone("embedded-v1")``
-EMBEDDED_V1_DIR = Path(__file__).resolve().parent / "assets" / "mini_clip_v1"
+#: the record written beside the weights (config, command, zero-shot accuracy); the shipped models in
+#: :data:`prompt_robust.backbones.embedded.EMBEDDED_DIR` carry one
 RECORD_NAME = "pretrain_record.json"
 
 
@@ -499,8 +495,8 @@ def pretrain_backbone(
     Returns:
         The record written to ``pretrain_record.json`` (config, time, zero-shot accuracies).
     """
-    from . import __version__
-    from .training import FitConfig, fit
+    from .. import __version__
+    from ..training import FitConfig, fit
 
     config = config or PretrainConfig()
     out_dir = Path(out_dir)

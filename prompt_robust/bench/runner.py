@@ -23,28 +23,28 @@ import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from . import _io
-from .backbones.base import ClipBackbone
-from .config import ConfigMixin, RobustConfig, _check, help_field, unknown_name_error
-from .data import world
-from .data.fewshot import save_split
-from .data.tasks import (
+from .. import _io
+from ..backbones.base import ClipBackbone
+from ..config import ConfigMixin, RobustConfig, _check, help_field, unknown_name_error
+from ..data.fewshot import save_split
+from ..eval.metrics import accuracy, accuracy_gap, harmonic_mean, per_group_accuracy, worst_group_accuracy
+from ..learners import LEARNERS, build_learner
+from ..model import RobustPromptModel, wrap
+from ..training import FitConfig, fit
+from . import world
+from .tasks import (
     SPURIOUS_BACKGROUNDS,
     TARGET_STYLES,
     TASKS_VERSION,
     TaskData,
     WorldTasks,
 )
-from .eval.metrics import accuracy, accuracy_gap, harmonic_mean, per_group_accuracy, worst_group_accuracy
-from .learners import LEARNERS, build_learner
-from .model import RobustPromptModel, wrap
-from .training import FitConfig, fit
 
 __all__ = ["TASKS", "BenchConfig", "parse_method", "run_benchmark", "summarize"]
 
@@ -71,6 +71,11 @@ LEARNER_TRAINING: dict[str, dict[str, Any]] = {
     "maple": {"optimizer": "sgd", "lr": 0.0035, "batch_size": 4, "epochs": 5},
 }
 _DEFAULT_TRAINING: dict[str, Any] = {"optimizer": "sgd", "lr": 0.002, "batch_size": 32, "epochs": 200}
+
+
+def _addon_configs() -> dict[str, type]:
+    """The registered add-ons the benchmark can run: those with a settings field in :class:`BenchConfig`."""
+    return {name: cls for name, cls in RobustConfig.addon_configs().items() if name in BenchConfig.ADDON_FIELDS}
 
 
 @dataclass
@@ -102,6 +107,9 @@ class BenchConfig(ConfigMixin):
         {}, "DebiasConfig fields of the +debias methods (attribute_values default to each task's backgrounds)."
     )
 
+    #: the add-ons with a settings field above (the benchmark runs only these)
+    ADDON_FIELDS: ClassVar[tuple[str, ...]] = ("refiner", "counterfactual", "invariance", "debias")
+
     def __post_init__(self) -> None:
         _check(len(self.methods) > 0, "methods must name at least one method.")
         for method in self.methods:
@@ -111,8 +119,8 @@ class BenchConfig(ConfigMixin):
             if task not in TASKS:
                 raise unknown_name_error("task", task, TASKS)
         _check(self.k >= 1 and self.k <= self.pool_per_class, f"k must be in 1..pool_per_class; got {self.k!r}.")
-        for name in RobustConfig.nested:  # unknown fields or bad values fail here
-            RobustConfig.nested[name](**self.addon_settings(name))
+        for name in _addon_configs():  # unknown fields or bad values fail here
+            _addon_configs()[name](**self.addon_settings(name))
         for name in ("spurious_per_class", "test_per_class", "retrieval_size"):
             _check(getattr(self, name) >= 1, f"{name} must be >= 1; got {getattr(self, name)!r}.")
         for name in ("steps", "batch_size"):
@@ -121,7 +129,7 @@ class BenchConfig(ConfigMixin):
         _check(self.lr is None or self.lr > 0, f"lr must be > 0 or None; got {self.lr!r}.")
         _check(self.world_version in (1, 2), f"world_version must be 1 or 2; got {self.world_version!r}.")
         if self.datasets is not None:
-            from .data.world_v2 import DATASETS
+            from .world_v2 import DATASETS
 
             _check(len(self.datasets) > 0, "datasets must name at least one dataset (or be None: all).")
             _check(self.world_version == 2, "datasets selects world 2's datasets; world 1 has one dataset.")
@@ -159,15 +167,15 @@ def parse_method(method: str) -> tuple[str, list[str]]:
         raise unknown_name_error("learner", learner, list(LEARNERS))
     for addon in addons:
         name, _, mode = addon.partition(":")
-        if name not in RobustConfig.nested:
-            raise unknown_name_error("add-on", name, list(RobustConfig.nested))
-        if mode and "mode" not in {f.name for f in dataclasses.fields(RobustConfig.nested[name])}:
+        if name not in _addon_configs():
+            raise unknown_name_error("add-on", name, list(_addon_configs()))
+        if mode and "mode" not in {f.name for f in dataclasses.fields(_addon_configs()[name])}:
             raise ValueError(f"add-on {name!r} has no modes; write {learner}+{name} without ':{mode}'.")
     return learner, addons
 
 
 def _addon_config(name: str, mode: str, settings: dict[str, Any]) -> Any:
-    return RobustConfig.nested[name](**{**settings, **({"mode": mode} if mode else {})})
+    return _addon_configs()[name](**{**settings, **({"mode": mode} if mode else {})})
 
 
 @torch.no_grad()
@@ -369,7 +377,7 @@ def _run_settings(config: dict[str, Any], method: str) -> dict[str, Any]:
     return {
         key: value
         for key, value in config.items()
-        if key not in ("methods", "seeds") and not (key in RobustConfig.nested and (key not in used or not value))
+        if key not in ("methods", "seeds") and not (key in _addon_configs() and (key not in used or not value))
     }
 
 

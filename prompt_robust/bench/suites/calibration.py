@@ -24,11 +24,13 @@ from typing import Any
 
 import torch
 
-from . import _io
-from .backbones.base import ClipBackbone
-from .benchmark import BenchConfig, run_benchmark, summarize, world_tasks
-from .data.fewshot import unused_indices
-from .data.tasks import TARGET_STYLES, WorldTasks
+from ... import _io
+from ...backbones.base import ClipBackbone
+from ...data.fewshot import unused_indices
+from ...eval.metrics import accuracy
+from ..runner import BenchConfig, run_benchmark, summarize, world_tasks
+from ..tasks import TARGET_STYLES, WorldTasks
+from .base import SuiteRequest, register_suite
 
 __all__ = [
     "TARGETS",
@@ -76,9 +78,9 @@ TARGETS: tuple[Target, ...] = (
 def _probe_accuracy(backbone: ClipBackbone, tasks: WorldTasks, dataset: str, k: int, seed: int) -> dict[str, float]:
     """16-shot linear probe on ``dataset``'s base classes: the L2 strength with the best validation accuracy (the
     pool's unused images), then its accuracy on the base test set."""
-    from .invariance.predict import LinearProbe
-    from .learners import build_learner
-    from .learners.base import image_features_in_batches
+    from ...eval.probe import LinearProbe
+    from ...learners import build_learner
+    from ...learners.base import image_features_in_batches
 
     learner = build_learner(
         "zeroshot", backbone, list(tasks.base_classes(dataset)), templates=[tasks.template(dataset)]
@@ -124,10 +126,10 @@ def intervention_preservation(
     :data:`RETUNE_GRID` that reaches it (``{"params", "ratio"}``), or None when none does (or it has no strength
     to lower). Everything is measured on training images only.
     """
-    from .config import InvarianceConfig
-    from .invariance.interventions import intervene
-    from .learners import build_learner
-    from .learners.base import image_features_in_batches
+    from ...config import InvarianceConfig
+    from ...invariance.interventions import intervene
+    from ...learners import build_learner
+    from ...learners.base import image_features_in_batches
 
     names = list(interventions or InvarianceConfig.INTERVENTIONS)
     defaults = InvarianceConfig().intervention_params  # the shipped strength of each intervention
@@ -135,16 +137,16 @@ def intervention_preservation(
     learner = build_learner("zeroshot", backbone, list(tasks.dg_classes()))
     text = learner.fixed_text_features([f"a photo of a {c}." for c in tasks.dg_classes()])  # (n_cls, d)
 
-    def accuracy(pixels: torch.Tensor) -> float:
+    def zero_shot(pixels: torch.Tensor) -> float:
         features = image_features_in_batches(learner, pixels)
-        return float(((features @ text.t()).argmax(-1) == pool.labels).float().mean())
+        return accuracy(features @ text.t(), pool.labels)
 
-    clean = accuracy(pool.pixel_values)
+    clean = zero_shot(pool.pixel_values)
 
     def intervened(name: str, params: dict[str, Any]) -> float:
         generator = torch.Generator().manual_seed(seed)
         mean, std = backbone.image_mean, backbone.image_std
-        return accuracy(intervene(pool.pixel_values, name, mean=mean, std=std, generator=generator, **params))
+        return zero_shot(intervene(pool.pixel_values, name, mean=mean, std=std, generator=generator, **params))
 
     def ratio(name: str, params: dict[str, Any]) -> float:
         return intervened(name, params) / clean if clean else 0.0
@@ -361,3 +363,33 @@ def format_calibration(result: dict[str, Any]) -> str:
         for method, row in means["spurious"].items():
             lines.append(f"| {method} | {100 * row['avg']:.1f} | {100 * row['worst_group']:.1f} |")
     return "\n".join(lines)
+
+
+@register_suite(
+    "calibration",
+    outputs=("calibration.json", "calibration.md"),
+    help="does the world reproduce real CLIP's baseline behaviour (zero-shot, linear probe, CoOp, CoCoOp vs targets)",
+    saves_runs=True,
+)
+def _calibration_suite(request: SuiteRequest) -> str:
+    started = time.time()
+    bench = request.bench_config(seeds=request.seeds)
+    result = calibration_benchmark(
+        request.load_backbone(),
+        request.out,
+        seeds=request.seeds,
+        bench=bench,
+        progress=request.progress,
+        command=request.command,
+    )
+    counted = [row for row in result["targets"] if row["passed"] is not None]
+    failed = [row["key"] for row in counted if not row["passed"]]
+    return "\n".join(
+        [
+            format_calibration(result),
+            f"\n{len(counted) - len(failed)} of {len(counted)} targets met"
+            + (f"; missed: {', '.join(failed)}" if failed else ""),
+            f"wrote calibration.json, calibration.md to {request.out} ({time.time() - started:.0f} s); command: "
+            f"{request.command}",
+        ]
+    )

@@ -6,8 +6,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from . import _io
-from .benchmark import TASKS
+from .. import _io
+from .runner import TASKS
 
 __all__ = ["recorded_settings", "sanity_checks", "write_outputs"]
 
@@ -137,7 +137,7 @@ def write_outputs(
     Args:
         out_dir: output directory.
         raw: ``{method: {seed: {task: {metric: value}}}}``.
-        means / stds: from :func:`prompt_robust.benchmark.summarize`.
+        means / stds: from :func:`prompt_robust.bench.runner.summarize`.
         header: first lines of the report (what was run, with which command).
         settings: the configuration, recorded in ``results_seeds.json`` (read back by :func:`recorded_settings`).
     """
