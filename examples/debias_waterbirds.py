@@ -32,7 +32,7 @@ import torch
 from _data import add_data_args, add_run_args, check_args, fit_config  # examples/_data.py
 
 import prompt_robust as pr
-import prompt_robust.debias as db
+import prompt_robust.addons.debias as db
 from prompt_robust.bench.runner import LEARNER_SETTINGS
 from prompt_robust.bench.tasks import SPURIOUS_BACKGROUNDS, WorldTasks
 from prompt_robust.cli import add_dataclass_args, dataclass_from_args

@@ -31,9 +31,9 @@ from _data import add_data_args, add_run_args, check_args, world_tasks  # exampl
 from torch.utils.data import DataLoader
 
 import prompt_robust as pr
+from prompt_robust.addons.invariance import compare_predictors
 from prompt_robust.cli import add_dataclass_args, dataclass_from_args
 from prompt_robust.data import load_domainbed, sample_few_shot, split_by_domain, transform_for
-from prompt_robust.invariance import compare_predictors
 
 PREDICTORS = ("zero_shot", "icm_zero_shot", "linear_probe", "icm_linear_probe")
 

@@ -8,14 +8,14 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from .addons.counterfactual import CounterfactualConfig, CounterfactualRegularizer  # registers "counterfactual"
+from .addons.debias import DebiasConfig, DebiasReweighting  # registers "debias"
+from .addons.invariance import InvarianceConfig, InvariantProjection  # registers "invariance"
+from .addons.refiner import PromptRefiner, RefinerConfig  # registers "refiner"
 from .backbones import ClipBackbone, HFClipBackbone, load_backbone
-from .config import CounterfactualConfig, DebiasConfig, InvarianceConfig, RefinerConfig, RobustConfig
-from .counterfactual import CounterfactualRegularizer  # registers the "counterfactual" add-on
-from .debias import DebiasReweighting  # registers the "debias" add-on
-from .invariance import InvariantProjection  # registers the "invariance" add-on
+from .config import RobustConfig
 from .learners import LEARNERS, PromptLearner, build_learner
 from .model import RobustOutput, RobustPromptModel, wrap
-from .refiner import PromptRefiner  # registers the "refiner" add-on
 from .training import FitConfig, evaluate, fit
 
 __all__ = [

@@ -34,10 +34,10 @@ CONFIG_SECTIONS: tuple[tuple[str, str, tuple[tuple[str, str], ...]], ...] = (
         "[concepts.md](concepts.md) explains the methods and how they compose.",
         (
             ("prompt_robust.config", "RobustConfig"),
-            ("prompt_robust.config", "RefinerConfig"),
-            ("prompt_robust.config", "CounterfactualConfig"),
-            ("prompt_robust.config", "InvarianceConfig"),
-            ("prompt_robust.config", "DebiasConfig"),
+            ("prompt_robust.addons.refiner.config", "RefinerConfig"),
+            ("prompt_robust.addons.counterfactual.config", "CounterfactualConfig"),
+            ("prompt_robust.addons.invariance.config", "InvarianceConfig"),
+            ("prompt_robust.addons.debias.config", "DebiasConfig"),
         ),
     ),
     (

@@ -24,7 +24,6 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from .backbones.base import find_backbone
-from .config import DebiasConfig
 from .data.items import iterate_batches
 
 __all__ = [
@@ -35,12 +34,15 @@ __all__ = [
     "pseudo_label_accuracy",
 ]
 
-#: the default zero-shot prompts of an attribute value (``DebiasConfig.templates``)
-DEFAULT_TEMPLATES: tuple[str, ...] = tuple(DebiasConfig.__dataclass_fields__["templates"].default_factory())
+#: the default zero-shot prompts of an attribute value (``DebiasConfig.templates`` defaults to them)
+DEFAULT_TEMPLATES: tuple[str, ...] = ("a photo with a {}.", "a photo of something on a {}.", "an image showing a {}.")
 
 
 def _check_values(attribute_values: Sequence[str], templates: Sequence[str]) -> tuple[list[str], list[str]]:
-    # the same rules (and messages) as DebiasConfig, for callers that use the functions directly
+    # the same rules (and messages) as DebiasConfig, for callers that use the functions directly (imported here:
+    # the add-on's config imports this module's DEFAULT_TEMPLATES)
+    from .addons.debias.config import DebiasConfig
+
     config = DebiasConfig(attribute_values=list(attribute_values), templates=list(templates))
     return [v.strip() for v in config.attribute_values], list(config.templates)
 

@@ -101,7 +101,7 @@ def _refiner_args(parser: argparse.ArgumentParser) -> None:
     """The refiner's fields as ``--refiner-<field>``. The plain spellings (``--train-steps``) stay where they are
     unambiguous; ``--method`` and ``--targets`` do not, as they read like ``bench --methods`` and the calibration
     suite's targets (``bench --method coop`` once set the refiner's ODE solver to 'coop')."""
-    from .config import RefinerConfig
+    from .addons.refiner.config import RefinerConfig
 
     fields = tuple(f.name for f in dataclasses.fields(RefinerConfig) if f.name not in ("method", "targets"))
     add_dataclass_args(parser, RefinerConfig, prefix="refiner-", unprefixed=fields)
@@ -354,9 +354,9 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
+    from .addons.refiner.config import RefinerConfig
     from .bench.runner import BenchConfig
     from .bench.suites import SUITES
-    from .config import RefinerConfig
 
     suite = SUITES[args.suite]
     refiner = _set_fields(RefinerConfig, args)
@@ -496,7 +496,8 @@ def _train(args: argparse.Namespace) -> int:
             f"afresh (the old run is moved to {out}/replaced-<UTC time>/), --resume-new-settings to continue it on "
             "this split, or choose another --out."
         )
-    from .config import RefinerConfig, RobustConfig
+    from .addons.refiner.config import RefinerConfig
+    from .config import RobustConfig
 
     settings = {name: _json_option(args, name) for name in _JSON_ADDONS}
     settings["refiner"] = _set_fields(RefinerConfig, args)

@@ -2,7 +2,9 @@
 
 * the synthetic benchmark (``prompt_robust.bench``) is a leaf: only the command line and the docs generator
   import it, so no method depends on the world it is measured on;
-* the add-on packages do not import the training loop or one another;
+* the add-on packages (``prompt_robust.addons.<name>``) do not import the training loop or one another
+  (``prompt_robust.addons.base``, the slot and the registry, is shared), and each has the same shape: ``config.py``
+  (its config dataclass) + ``addon.py`` (the add-on, registered once) + internals;
 * ``bench --suite`` offers exactly the suites registered in ``prompt_robust.bench.suites.SUITES``.
 """
 
@@ -26,6 +28,8 @@ PACKAGE = Path(prompt_robust.__file__).resolve().parent
 BENCH = "prompt_robust.bench"
 #: the modules allowed to import the benchmark (besides the benchmark itself)
 BENCH_USERS = {"prompt_robust.cli", "prompt_robust._docgen"}
+#: the add-ons' home: ``base`` (the slot and the registry, shared) and one package per add-on
+ADDONS_PACKAGE = "prompt_robust.addons"
 ADDON_PACKAGES = ("refiner", "counterfactual", "invariance", "debias")
 
 
@@ -97,27 +101,27 @@ def _violations(modules: dict[str, Path], forbidden) -> list[str]:
 
 
 def test_the_import_reader_sees_every_form(tmp_path):
-    package = tmp_path / "prompt_robust" / "refiner"
+    package = tmp_path / "prompt_robust" / "addons" / "refiner"
     package.mkdir(parents=True)
     source = package / "x.py"
     source.write_text(
         "import prompt_robust.bench.world\n"
-        "from .. import bench\n"
-        "from ..bench.runner import BenchConfig\n"
+        "from ... import bench\n"
+        "from ...bench.runner import BenchConfig\n"
         "def f():\n"
-        "    from ..training import fit\n"
+        "    from ...training import fit\n"
         "    importlib.import_module('.bench.tasks', 'prompt_robust')\n"
         "    importlib.import_module('..debias', __package__)\n",
         encoding="utf-8",
     )
-    names = {name for _, name in imports_of("prompt_robust.refiner.x", source)}
+    names = {name for _, name in imports_of("prompt_robust.addons.refiner.x", source)}
     assert {
         "prompt_robust.bench.world",
         "prompt_robust.bench",
         "prompt_robust.bench.runner",
         "prompt_robust.training",
         "prompt_robust.bench.tasks",
-        "prompt_robust.debias",
+        "prompt_robust.addons.debias",
     } <= names
 
 
@@ -145,24 +149,41 @@ def test_importing_the_library_loads_no_benchmark_module():
 
 
 def _addon_violation(module: str, name: str) -> bool:
-    own = next((p for p in ADDON_PACKAGES if _within(module, f"prompt_robust.{p}")), None)
+    own = next((p for p in ADDON_PACKAGES if _within(module, f"{ADDONS_PACKAGE}.{p}")), None)
     if own is None:
         return False
-    others = [f"prompt_robust.{p}" for p in ADDON_PACKAGES if p != own]
+    others = [f"{ADDONS_PACKAGE}.{p}" for p in ADDON_PACKAGES if p != own]
     return _within(name, "prompt_robust.training") or any(_within(name, other) for other in others)
 
 
 def _addon_modules() -> dict[str, Path]:
-    return {m: p for m, p in _modules().items() if any(_within(m, f"prompt_robust.{a}") for a in ADDON_PACKAGES)}
+    return {m: p for m, p in _modules().items() if any(_within(m, f"{ADDONS_PACKAGE}.{a}") for a in ADDON_PACKAGES)}
 
 
 def test_addons_import_neither_the_training_loop_nor_each_other():
     modules = _addon_modules()
-    assert {m.split(".")[1] for m in modules} == set(ADDON_PACKAGES)
+    assert {m.split(".")[2] for m in modules} == set(ADDON_PACKAGES)
     bad = _violations(modules, _addon_violation)
     assert not bad, "add-on packages must declare stages, not drive fit() or reach into another add-on:\n" + (
         "\n".join(bad)
     )
+
+
+def test_every_addon_package_has_the_same_shape():
+    """``config.py`` holds the config dataclass, ``addon.py`` the add-on and its one ``@register_addon``."""
+    for name in ADDON_PACKAGES:
+        folder = PACKAGE / "addons" / name
+        assert (folder / "config.py").is_file() and (folder / "addon.py").is_file(), folder
+        addon = ADDONS[name]
+        assert addon.__module__ == f"{ADDONS_PACKAGE}.{name}.addon"
+        assert addon.config_class.__module__ == f"{ADDONS_PACKAGE}.{name}.config"
+        registrations = [
+            path.relative_to(PACKAGE)
+            for path in sorted(folder.rglob("*.py"))
+            for line in path.read_text().splitlines()
+            if line.strip() == "@register_addon"
+        ]
+        assert registrations == [Path("addons", name, "addon.py")], registrations
 
 
 def _suite_option() -> argparse.Action:

@@ -9,8 +9,8 @@ import torch
 from conftest import make_backbone
 
 from prompt_robust import cli
+from prompt_robust.addons.counterfactual.config import CounterfactualConfig
 from prompt_robust.bench.runner import TASKS
-from prompt_robust.config import CounterfactualConfig
 
 
 @pytest.fixture

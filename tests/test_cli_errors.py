@@ -16,7 +16,7 @@ import pytest
 from conftest import make_backbone
 
 from prompt_robust import cli
-from prompt_robust.config import RefinerConfig
+from prompt_robust.addons.refiner.config import RefinerConfig
 
 
 def _run(*argv: str, cwd=None) -> subprocess.CompletedProcess:

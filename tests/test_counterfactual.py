@@ -12,8 +12,8 @@ from conftest import CLASSNAMES, LEARNER_KWARGS, N_TRAIN
 from test_custom_learner import MyTextBias
 
 import prompt_robust as pr
-import prompt_robust.counterfactual  # registers the "counterfactual" add-on
-from prompt_robust.counterfactual import (
+import prompt_robust.addons.counterfactual  # registers the "counterfactual" add-on
+from prompt_robust.addons.counterfactual import (
     CounterfactualGenerator,
     FeatureFlow,
     FeatureFlowNet,

@@ -14,7 +14,7 @@ from conftest import CLASSNAMES, make_backbone
 from torch import nn
 
 import prompt_robust as pr
-import prompt_robust.debias as db  # registers the "debias" add-on
+import prompt_robust.addons.debias as db  # registers the "debias" add-on
 from prompt_robust.bench.tasks import TaskData
 from prompt_robust.training import FitConfig, evaluate, fit
 

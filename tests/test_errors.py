@@ -9,7 +9,7 @@ import torch
 from conftest import CLASSNAMES, make_backbone
 
 import prompt_robust as pr
-from prompt_robust.config import RefinerConfig
+from prompt_robust.addons.refiner.config import RefinerConfig
 
 
 def test_wrong_image_size(backbone):
@@ -137,11 +137,11 @@ def test_config_validation():
 
 
 def test_unavailable_add_on_is_refused_clearly(monkeypatch):
-    from prompt_robust import addons
+    from prompt_robust.addons import base
 
     # an add-on named in RobustConfig but not registered (as in a build without it)
-    monkeypatch.setattr(addons, "ADDONS", {k: v for k, v in addons.ADDONS.items() if k != "refiner"})
-    monkeypatch.setattr("prompt_robust.model.ADDONS", addons.ADDONS)
+    monkeypatch.setattr(base, "ADDONS", {k: v for k, v in base.ADDONS.items() if k != "refiner"})
+    monkeypatch.setattr("prompt_robust.model.ADDONS", base.ADDONS)
     # RobustConfig's keywords are the registered add-ons: the config itself names the problem
     with pytest.raises(ValueError, match=r"unknown add-on 'refiner'; valid: counterfactual, debias, invariance"):
         pr.RobustConfig(refiner=RefinerConfig())

@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 
 import prompt_robust as pr
 from prompt_robust import _io
-from prompt_robust.config import RefinerConfig
+from prompt_robust.addons.refiner.config import RefinerConfig
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"

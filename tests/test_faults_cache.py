@@ -15,8 +15,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import prompt_robust as pr
+from prompt_robust.addons.refiner import targets as targets_module
 from prompt_robust.data.loaders import ImageListDataset, transform_for
-from prompt_robust.refiner import targets as targets_module
 
 STEPS, LR, BATCH = 2, 0.05, 5  # N_TRAIN = 12 samples: shards of 5, 5 and 2
 

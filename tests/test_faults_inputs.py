@@ -14,8 +14,8 @@ from conftest import CLASSNAMES, LEARNER_KWARGS
 from PIL import Image
 
 import prompt_robust as pr
+from prompt_robust.addons.refiner import targets as targets_module
 from prompt_robust.data.loaders import image_transform, load_celeba, load_coop_split, load_domainbed, load_waterbirds
-from prompt_robust.refiner import targets as targets_module
 from prompt_robust.training import FitConfig, fit
 
 TRANSFORM = image_transform(8, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))

@@ -8,9 +8,9 @@ import torch.nn.functional as F
 from conftest import CLASSNAMES
 
 import prompt_robust as pr
-import prompt_robust.invariance as inv  # registers the "invariance" add-on
+import prompt_robust.addons.invariance as inv  # registers the "invariance" add-on
+from prompt_robust.addons.invariance import interventions as iv
 from prompt_robust.bench.tasks import TaskData
-from prompt_robust.invariance import interventions as iv
 
 # ---------------------------------------------------------------------------------------------------------------
 # synthetic features with a known invariant subspace
@@ -441,7 +441,7 @@ def test_config_round_trip():
 
 
 def test_class_subspace_share_separates_nuisance_from_class_directions():
-    from prompt_robust.invariance.icm import class_subspace_share
+    from prompt_robust.addons.invariance.icm import class_subspace_share
 
     gen = torch.Generator().manual_seed(0)
     labels = torch.arange(40) % 4

@@ -12,8 +12,8 @@ from conftest import CLASSNAMES, LEARNER_KWARGS, N_TRAIN
 from test_custom_learner import MyTextBias
 
 import prompt_robust as pr
-from prompt_robust.refiner import ODESampler, PromptFlowNet, overfit_prompts
-from prompt_robust.refiner import targets as targets_module
+from prompt_robust.addons.refiner import ODESampler, PromptFlowNet, overfit_prompts
+from prompt_robust.addons.refiner import targets as targets_module
 
 SMALL = {"hidden_dim": 32, "layers": 1, "heads": 4, "inner_steps": 2, "train_steps": 30, "train_batch_size": 12}
 
@@ -592,7 +592,7 @@ def _logits_with(learner, x, prompt):
 
 
 def test_group_targets_share_one_offset_per_group_and_are_cached(bb, train_data, tmp_path, monkeypatch):
-    from prompt_robust.refiner.diagnostics import label_decodability
+    from prompt_robust.addons.refiner.diagnostics import label_decodability
 
     _, model = build(bb, "coop", targets="group", num_groups=3, inner_steps=3)
     refiner = model.addons["refiner"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from prompt_robust.refiner.diagnostics import label_decodability, nearest_class_mean, prediction_agreement
+from prompt_robust.addons.refiner.diagnostics import label_decodability, nearest_class_mean, prediction_agreement
 
 
 def test_one_hot_offsets_are_fully_label_decodable():

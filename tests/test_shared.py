@@ -10,12 +10,12 @@ import torch.nn.functional as F
 from torch import nn
 
 import prompt_robust as pr
-from prompt_robust.counterfactual import CounterfactualGenerator, FeatureFlow, fit_linear_probe
+from prompt_robust.addons.counterfactual import CounterfactualGenerator, FeatureFlow, fit_linear_probe
+from prompt_robust.addons.refiner import PromptFlowNet
 from prompt_robust.data.items import collate_images_labels, collate_items
 from prompt_robust.eval import LinearProbe, accuracy
 from prompt_robust.flows import TimeEmbedding, flow_matching_loss, time_embedding
 from prompt_robust.layers import module_device
-from prompt_robust.refiner import PromptFlowNet
 
 # ---------------------------------------------------------------------------------------------------------------
 # flows
@@ -115,7 +115,7 @@ def test_linear_probe_minimises_the_documented_objective():
 def test_accuracy_takes_indices_or_scores():
     logits, labels = torch.tensor([[2.0, 1.0], [0.0, 1.0], [3.0, 0.0]]), torch.tensor([0, 0, 0])
     assert accuracy(logits, labels) == accuracy(logits.argmax(-1), labels) == 2 / 3
-    assert pr.invariance.accuracy is accuracy
+    assert pr.addons.invariance.accuracy is accuracy
     with pytest.raises(ValueError, match="differ in length: 3 vs 2"):
         accuracy(logits, labels[:2])
 

@@ -126,8 +126,8 @@ def intervention_preservation(
     :data:`RETUNE_GRID` that reaches it (``{"params", "ratio"}``), or None when none does (or it has no strength
     to lower). Everything is measured on training images only.
     """
-    from ...config import InvarianceConfig
-    from ...invariance.interventions import intervene
+    from ...addons.invariance.config import InvarianceConfig
+    from ...addons.invariance.interventions import intervene
     from ...learners import build_learner
     from ...learners.base import image_features_in_batches
 

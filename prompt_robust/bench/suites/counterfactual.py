@@ -14,9 +14,9 @@ import torch
 from tqdm.auto import tqdm
 
 from ... import _io
+from ...addons.counterfactual.config import CounterfactualConfig
+from ...addons.counterfactual.metrics import counterfactual_quality, fit_linear_probe
 from ...backbones.base import ClipBackbone
-from ...config import CounterfactualConfig
-from ...counterfactual.metrics import counterfactual_quality, fit_linear_probe
 from ...data.fewshot import unused_indices
 from ...learners.base import image_features_in_batches
 from .base import SuiteRequest, register_suite
@@ -93,8 +93,8 @@ def background_kept(learner: Any, factual: torch.Tensor, counterfactuals: torch.
         factual: ``(n, d)`` unit-norm factual features.
         counterfactuals: ``(n, K, d)`` their counterfactuals.
     """
+    from ...addons.counterfactual.config import CounterfactualConfig
     from ...attributes import attribute_text_features, classify_attributes
-    from ...config import CounterfactualConfig
     from .. import world
 
     text = attribute_text_features(learner, list(world.BACKGROUNDS), CounterfactualConfig().attribute_templates)

@@ -14,13 +14,13 @@ import torch
 from tqdm.auto import tqdm
 
 from ... import _io
+from ...addons.invariance.config import InvarianceConfig
+from ...addons.invariance.features import interventional_features
+from ...addons.invariance.icm import dims_from_fractions
+from ...addons.invariance.interventions import text_deltas, text_pairs
+from ...addons.invariance.predict import compare_predictors
+from ...addons.invariance.selection import fit_from_config
 from ...backbones.base import ClipBackbone
-from ...config import InvarianceConfig
-from ...invariance.features import interventional_features
-from ...invariance.icm import dims_from_fractions
-from ...invariance.interventions import text_deltas, text_pairs
-from ...invariance.predict import compare_predictors
-from ...invariance.selection import fit_from_config
 from ...learners.base import image_features_in_batches
 from .base import SuiteRequest, register_suite
 

@@ -51,8 +51,9 @@ from typing import Any
 import torch
 
 from ... import _io
+from ...addons.refiner.config import RefinerConfig
 from ...backbones.base import ClipBackbone
-from ...config import RefinerConfig, RobustConfig
+from ...config import RobustConfig
 from ...data.fewshot import unused_indices
 from ...eval.metrics import accuracy
 from ...model import wrap
@@ -187,7 +188,7 @@ def refiner_mechanism(
         ``{"learner", "oracle", "refiner:<rule>" (each ``{"val", "test", "groups": {style: acc}}``),
         "diagnostics": {rule: {...}}}``.
     """
-    from ...refiner.diagnostics import label_decodability, prediction_agreement
+    from ...addons.refiner.diagnostics import label_decodability, prediction_agreement
 
     tasks = runner.tasks
     train, indices = tasks.styled_train(k, seed)
@@ -256,7 +257,7 @@ def refiner_mechanism(
 def _tpt_predictions(learner, data: TaskData, config: RefinerConfig, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Predictions of ``learner`` with every image's own label-free prompt (the rule of ``config``: its
     ``inner_steps``, ``inner_lr``, ``entropy_views``, ``entropy_keep``), and those prompts' offsets ``(N, D)``."""
-    from ...refiner.targets import _logits, entropy_prompts
+    from ...addons.refiner.targets import _logits, entropy_prompts
 
     generator = torch.Generator().manual_seed(20_000 + seed)
     base = {site: p.detach() for site, p in learner.prompt_tokens().items()}
@@ -307,7 +308,7 @@ def refiner_tpt_mechanism(
         ``{"learner", "oracle", "refiner:<rule>": {"val", <style>..., "avg"}, "diagnostics": {...}}``; ``val`` is
         accuracy on unused training-pool photos.
     """
-    from ...refiner.diagnostics import label_decodability
+    from ...addons.refiner.diagnostics import label_decodability
 
     tasks = runner.tasks
     train, indices = tasks.dg_train(runner.config.k, seed)
@@ -372,8 +373,8 @@ def counterfactual_mechanism(
         ``{"learner", "oracle", "counterfactual:<twin>": {"val": {...}, "test": {...}}, "diagnostics": {...}}``,
         each split with ``avg`` and ``worst_group``.
     """
+    from ...addons.counterfactual.config import CounterfactualConfig
     from ...attributes import classify_attributes
-    from ...config import CounterfactualConfig
     from ...learners.base import image_features_in_batches
     from ..tasks import SPURIOUS_BACKGROUNDS, TaskData
 
@@ -442,8 +443,8 @@ def icm_mechanism(setup: Any, seed: int) -> dict[str, Any]:
     Returns:
         ``{"zero_shot", "icm", <oracle>...: {style: acc, "avg"}, "chosen": {method: {"lam", "dim"}}}``.
     """
-    from ...invariance.features import InterventionalFeatures
-    from ...invariance.predict import compare_predictors
+    from ...addons.invariance.features import InterventionalFeatures
+    from ...addons.invariance.predict import compare_predictors
     from ...learners.base import image_features_in_batches
     from ..tasks import TARGET_STYLES
 
@@ -474,8 +475,8 @@ def icm_mechanism(setup: Any, seed: int) -> dict[str, Any]:
 
 def _nuisance_overlap(setup: Any, seeds: Sequence[int]) -> dict[str, Any]:
     """Per twin factor, the share of the true twins' feature differences inside the class-mean span
-    (:func:`prompt_robust.invariance.icm.class_subspace_share`) over ``seeds``, and what random directions give."""
-    from ...invariance.icm import class_subspace_share
+    (:func:`prompt_robust.addons.invariance.icm.class_subspace_share`) over ``seeds``, and what random directions give."""
+    from ...addons.invariance.icm import class_subspace_share
     from ...learners.base import image_features_in_batches
 
     feats = {seed: setup.features(seed) for seed in seeds}
@@ -659,7 +660,7 @@ def mechanisms_benchmark(
     Returns:
         ``{suite: {...}, "command", "wall_seconds", "backbone"}``.
     """
-    from ...config import InvarianceConfig
+    from ...addons.invariance.config import InvarianceConfig
 
     for suite in suites:
         if suite not in MECHANISMS:

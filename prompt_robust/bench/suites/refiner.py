@@ -14,8 +14,9 @@ import torch
 from tqdm.auto import tqdm
 
 from ... import _io
+from ...addons.refiner.config import RefinerConfig
 from ...backbones.base import ClipBackbone
-from ...config import RefinerConfig, RobustConfig
+from ...config import RobustConfig
 from ...flows import SOLVER_ORDERS
 from .base import SuiteRequest, register_suite
 

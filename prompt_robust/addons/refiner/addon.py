@@ -23,9 +23,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..addons import RobustAddon, StagePlan, learner_feature_dim, register_addon
-from ..config import RefinerConfig
-from ..flows import ODESampler, flow_matching_loss
+from ...flows import ODESampler, flow_matching_loss
+from ..base import RobustAddon, StagePlan, learner_feature_dim, register_addon
+from .config import RefinerConfig
 from .network import PromptFlowNet
 from .targets import COND_KEY, DELTA_PREFIX, RefinerTargets, build_targets
 
@@ -239,7 +239,7 @@ class PromptRefiner(RobustAddon):
         self, dataset: Any, *, cache_dir: str | Path | None = None, progress: bool = True, seed: int = 0
     ) -> RefinerTargets:
         """Target prompts of every training sample by ``config.targets`` (see
-        :func:`prompt_robust.refiner.build_targets`; ``seed`` seeds the groups of ``"group"`` and the views of
+        :func:`prompt_robust.addons.refiner.build_targets`; ``seed`` seeds the groups of ``"group"`` and the views of
         ``"entropy"``); also sets the per-site normalisation ``sigma`` from their offsets."""
         targets = build_targets(
             self.learner,

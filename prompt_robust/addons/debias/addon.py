@@ -11,7 +11,7 @@ Model without Annotations", https://arxiv.org/abs/2503.08368), plus the baseline
 * ``"oracle"``: true groups (batch key ``groups_key``), ``w_g ∝ 1/N_g``.
 * ``"groupdro"``: true groups, online group DRO (https://arxiv.org/abs/1911.08731).
 * ``"jtt"``: Just Train Twice (https://arxiv.org/abs/2107.09044): the error set of an ERM run (see
-  :func:`~prompt_robust.debias.jtt_error_set`) weighs ``jtt_upweight``, every other example 1.
+  :func:`~prompt_robust.addons.debias.jtt_error_set`) weighs ``jtt_upweight``, every other example 1.
 
 The weights never carry gradients. The add-on changes nothing at prediction time and saves no tensor with the
 adapter (its state is training bookkeeping).
@@ -28,12 +28,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..addons import RobustAddon, register_addon
-from ..attributes import attribute_text_features, classify_attributes, pseudo_label_accuracy
-from ..config import DebiasConfig
-from ..data.items import iterate_batches
-from ..layers import module_device
+from ...attributes import attribute_text_features, classify_attributes, pseudo_label_accuracy
+from ...data.items import iterate_batches
+from ...layers import module_device
+from ..base import RobustAddon, register_addon
 from ._data import INDEX_KEY, column
+from .config import DebiasConfig
 from .weights import balanced_group_weights, dpt_group_weights, ema_update, group_means, groupdro_update
 
 __all__ = ["DebiasReweighting"]
@@ -77,7 +77,7 @@ class DebiasReweighting(RobustAddon):
         config: :class:`prompt_robust.DebiasConfig`.
 
     Example:
-        >>> import prompt_robust as pr, prompt_robust.debias
+        >>> import prompt_robust as pr, prompt_robust.addons.debias
         >>> from prompt_robust.backbones.tiny import tiny_clip_backbone
         >>> learner = pr.build_learner("coop", tiny_clip_backbone(layers=1), ["cat", "dog"], n_ctx=4)
         >>> config = pr.DebiasConfig(attribute_values=["grass", "water"])
@@ -121,7 +121,7 @@ class DebiasReweighting(RobustAddon):
 
     def set_error_set(self, indices: Sequence[int] | torch.Tensor) -> None:
         """Give mode ``"jtt"`` the error set of the ERM identification run (positions in the training set, e.g.
-        from :func:`~prompt_robust.debias.jtt_error_set`); call before ``model.prepare_addons(train)``.
+        from :func:`~prompt_robust.addons.debias.jtt_error_set`); call before ``model.prepare_addons(train)``.
 
         Args:
             indices: positions of the misclassified training examples.
@@ -284,9 +284,9 @@ class DebiasReweighting(RobustAddon):
         if self._error_set is None:
             raise ValueError(
                 "mode 'jtt' upweights the error set of an ERM identification run, and none was given. Train ERM "
-                "first, then: errors = prompt_robust.debias.jtt_error_set(erm_model, train); "
+                "first, then: errors = prompt_robust.addons.debias.jtt_error_set(erm_model, train); "
                 "model.addons['debias'].set_error_set(errors); model.prepare_addons(train); and train on "
-                "prompt_robust.debias.with_index(train). See docs/debias.md."
+                "prompt_robust.addons.debias.with_index(train). See docs/debias.md."
             )
         n = len(dataset)
         if self._error_set.numel() and int(self._error_set.max()) >= n:
@@ -424,7 +424,7 @@ class DebiasReweighting(RobustAddon):
             if INDEX_KEY not in batch:
                 raise ValueError(
                     f"mode 'jtt' weights examples by their position in the training set and needs the batch key "
-                    f"{INDEX_KEY!r}; got keys {sorted(batch)}. Train on prompt_robust.debias.with_index(train)."
+                    f"{INDEX_KEY!r}; got keys {sorted(batch)}. Train on prompt_robust.addons.debias.with_index(train)."
                 )
             upweighted = self.upweighted[self._index(batch, self.upweighted.numel())]  # (b,)
             self._logs = {"debias/upweighted_fraction": float(upweighted.double().mean())}

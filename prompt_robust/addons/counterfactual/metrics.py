@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from ..eval.probe import LinearProbe
+from ...eval.probe import LinearProbe
 
 __all__ = ["CounterfactualQuality", "counterfactual_quality", "fit_linear_probe"]
 

@@ -5,6 +5,7 @@ Importing this package registers the ``"invariance"`` add-on (``RobustConfig(inv
 """
 
 from .addon import InvariantProjection
+from .config import InvarianceConfig
 from .features import InterventionalFeatures, interventional_features, split_fit_val
 from .icm import (
     ICMProjection,
@@ -24,6 +25,7 @@ __all__ = [
     "ICMProjection",
     "ImageIntervention",
     "InterventionalFeatures",
+    "InvarianceConfig",
     "InvariantProjection",
     "LinearProbe",
     "Selection",

@@ -25,7 +25,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..config import InvarianceConfig, unknown_name_error
+from ...config import unknown_name_error
+from .config import InvarianceConfig
 
 __all__ = [
     "IMAGE_INTERVENTIONS",

@@ -22,10 +22,10 @@ from torch import nn
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from .. import _io
-from ..backbones.base import find_backbone
-from ..data.items import hash_items, ordered_loader
-from ..layers import module_device
+from ... import _io
+from ...backbones.base import find_backbone
+from ...data.items import hash_items, ordered_loader
+from ...layers import module_device
 from .interventions import get_intervention, intervene
 
 __all__ = ["InterventionalFeatures", "interventional_features", "split_fit_val"]
@@ -135,7 +135,7 @@ def _columns(interventions: Sequence[str], pairs_per_image: int) -> list[tuple[s
 
 def _fingerprint(learner: nn.Module, dataset: Dataset, meta: dict[str, Any]) -> str:
     """What the features depend on: the settings, the encoder and every item of the dataset."""
-    from ..learners.base import PromptLearner
+    from ...learners.base import PromptLearner
 
     digest = hashlib.sha256()
     digest.update(json.dumps({**meta, "version": _CACHE_VERSION, "n": len(dataset)}, sort_keys=True).encode())
@@ -179,7 +179,7 @@ def interventional_features(
         learner: a learner of the contract (its prompt-free ``image_features`` is used).
         dataset: items ``{"pixel_values", "labels", ...}`` or ``(pixel_values, label)``; images normalised with
             ``mean``/``std``.
-        interventions: names from :data:`~prompt_robust.invariance.IMAGE_INTERVENTIONS`.
+        interventions: names from :data:`~prompt_robust.addons.invariance.IMAGE_INTERVENTIONS`.
         mean / std: the backbone's normalisation.
         pairs_per_image: draws of every random intervention per image.
         seed: seed of the random interventions.

@@ -28,11 +28,11 @@ from torch import nn
 from torch.utils.data import Dataset, Subset
 from tqdm.auto import tqdm
 
-from .. import _io
-from ..data.checks import check_batch, class_count
-from ..data.items import collate_images_labels, hash_items, item_as_dict
-from ..layers import module_device
-from ..learners.base import shared_prompt_rows
+from ... import _io
+from ...data.checks import check_batch, class_count
+from ...data.items import collate_images_labels, hash_items, item_as_dict
+from ...layers import module_device
+from ...learners.base import shared_prompt_rows
 
 __all__ = [
     "TARGET_RULES",
@@ -428,7 +428,7 @@ def _file_identity(path: Path) -> list[Any]:
 def _item_columns(dataset: Dataset) -> tuple[list[int], list[Any]] | None:
     """``(labels, identities)`` of every item, read without opening an image, for datasets that list them (the
     loaders' :class:`~prompt_robust.data.ImageListDataset` and subsets of it); None for other datasets."""
-    from ..data.loaders import ImageListDataset
+    from ...data.loaders import ImageListDataset
 
     if isinstance(dataset, ImageListDataset):
         return [int(y) for y in dataset.labels], [_file_identity(path) for path in dataset.paths]
@@ -535,7 +535,7 @@ def build_targets(
         views / keep: views per image and the kept fraction of rule ``"entropy"``.
     """
     if rule not in TARGET_RULES:
-        from ..config import unknown_name_error
+        from ...config import unknown_name_error
 
         raise unknown_name_error("refiner target rule", rule, TARGET_RULES)
     if len(dataset) == 0:

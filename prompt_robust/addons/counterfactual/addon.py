@@ -27,11 +27,11 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..addons import RobustAddon, learner_feature_dim, learner_logit_scale, register_addon
-from ..backbones.base import find_backbone
-from ..config import CounterfactualConfig
-from ..data.items import ordered_loader
-from ..layers import module_device
+from ...backbones.base import find_backbone
+from ...data.items import ordered_loader
+from ...layers import module_device
+from ..base import RobustAddon, learner_feature_dim, learner_logit_scale, register_addon
+from .config import CounterfactualConfig
 from .feature_flow import FeatureFlow, fit_feature_flow
 from .generator import CounterfactualGenerator, choose_targets
 
@@ -72,7 +72,7 @@ class CounterfactualRegularizer(RobustAddon):
     Paper: https://arxiv.org/abs/2507.19882
 
     Example:
-        >>> import prompt_robust as pr, prompt_robust.counterfactual
+        >>> import prompt_robust as pr, prompt_robust.addons.counterfactual
         >>> from prompt_robust.backbones.tiny import tiny_clip_backbone
         >>> learner = pr.build_learner("coop", tiny_clip_backbone(layers=1), ["cat", "dog"], n_ctx=4)
         >>> model = pr.wrap(learner, pr.RobustConfig(counterfactual=pr.CounterfactualConfig(train_steps=5)))
@@ -139,7 +139,7 @@ class CounterfactualRegularizer(RobustAddon):
             ``(twins (b, d), attributes (b,), targets (b,))``.
         """
         self._check_ready()
-        from ..attributes import classify_attributes
+        from ...attributes import classify_attributes
 
         z = F.normalize(features.detach().float(), dim=-1)  # (b, d)
         seen = self.attribute_seen.nonzero().flatten()  # the values the training set showed (>= 2)
@@ -161,7 +161,7 @@ class CounterfactualRegularizer(RobustAddon):
         class-centred mean ``o_a = mean_c (mu_{c,a} - mu_c)`` over the classes that have it: the attribute's own
         part of a feature, with the class's removed (the class and the attribute are correlated in the data
         this add-on is for, so plain value means would also move the class)."""
-        from ..attributes import attribute_text_features, classify_attributes
+        from ...attributes import attribute_text_features, classify_attributes
 
         config = self.config
         text = attribute_text_features(self.learner, config.attribute_values, config.attribute_templates)

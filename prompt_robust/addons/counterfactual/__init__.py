@@ -3,12 +3,14 @@ flow-matching model of frozen image features, minimal counterfactuals by inversi
 their quality metrics, and the add-on (registered as ``"counterfactual"`` on import)."""
 
 from .addon import CounterfactualRegularizer
+from .config import CounterfactualConfig
 from .feature_flow import FeatureFlow, FeatureFlowNet, FlowFitResult, fit_feature_flow
 from .generator import TARGET_MODES, CounterfactualGenerator, CounterfactualOutput, choose_targets
 from .metrics import CounterfactualQuality, counterfactual_quality, fit_linear_probe
 
 __all__ = [
     "TARGET_MODES",
+    "CounterfactualConfig",
     "CounterfactualGenerator",
     "CounterfactualOutput",
     "CounterfactualQuality",

@@ -20,10 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..addons import RobustAddon, learner_logit_scale, register_addon
-from ..backbones.base import find_backbone
-from ..config import InvarianceConfig
-from ..layers import module_device
+from ...backbones.base import find_backbone
+from ...layers import module_device
+from ..base import RobustAddon, learner_logit_scale, register_addon
+from .config import InvarianceConfig
 from .features import interventional_features
 from .icm import ICMProjection
 from .interventions import text_deltas, text_pairs
@@ -51,7 +51,7 @@ class InvariantProjection(RobustAddon):
 
     Example:
         >>> import prompt_robust as pr
-        >>> import prompt_robust.invariance  # registers the add-on
+        >>> import prompt_robust.addons.invariance  # registers the add-on
         >>> from prompt_robust.backbones.tiny import tiny_clip_backbone
         >>> learner = pr.build_learner("coop", tiny_clip_backbone(layers=1), ["cat", "dog"], n_ctx=4)
         >>> model = pr.wrap(learner, pr.RobustConfig(invariance=pr.InvarianceConfig(lam=1.0, dim=8)))
@@ -101,7 +101,7 @@ class InvariantProjection(RobustAddon):
         return self.basis[:, : int(self.kept_dim)]
 
     def icm(self) -> ICMProjection:
-        """The stored projection as an :class:`~prompt_robust.invariance.ICMProjection`."""
+        """The stored projection as an :class:`~prompt_robust.addons.invariance.ICMProjection`."""
         return ICMProjection(
             self.basis.detach().cpu(), self.eigenvalues.detach().cpu(), int(self.kept_dim), float(self.lam)
         )

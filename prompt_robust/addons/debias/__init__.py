@@ -7,12 +7,12 @@ Annotations", https://arxiv.org/abs/2503.08368) and the group-robustness baselin
   pseudo-labels of the spurious attribute from images and words;
 * :func:`jtt_error_set`: JTT's identification stage; :func:`with_index`: items that carry their position;
 * :func:`group_robustness`, :func:`pseudo_label_accuracy`: metrics;
-* :mod:`prompt_robust.debias.weights`: the weight formulas as pure functions.
+* :mod:`prompt_robust.addons.debias.weights`: the weight formulas as pure functions.
 
 See ``docs/debias.md``.
 """
 
-from ..attributes import (
+from ...attributes import (
     DEFAULT_TEMPLATES,
     attribute_text_features,
     classify_attributes,
@@ -21,6 +21,7 @@ from ..attributes import (
 )
 from ._data import INDEX_KEY, IndexedDataset, with_index
 from .addon import DebiasReweighting
+from .config import DebiasConfig
 from .jtt import jtt_error_set
 from .metrics import group_robustness
 from .weights import balanced_group_weights, dpt_group_weights, ema_update, groupdro_update
@@ -28,6 +29,7 @@ from .weights import balanced_group_weights, dpt_group_weights, ema_update, grou
 __all__ = [
     "DEFAULT_TEMPLATES",
     "INDEX_KEY",
+    "DebiasConfig",
     "DebiasReweighting",
     "IndexedDataset",
     "attribute_text_features",

@@ -8,8 +8,8 @@ from typing import Any
 
 import torch
 
-from ..attributes import pseudo_label_accuracy
-from ..eval.metrics import accuracy, accuracy_gap, per_group_accuracy, worst_group_accuracy
+from ...attributes import pseudo_label_accuracy
+from ...eval.metrics import accuracy, accuracy_gap, per_group_accuracy, worst_group_accuracy
 
 __all__ = ["group_robustness", "pseudo_label_accuracy"]
 

@@ -3,7 +3,7 @@ Information", https://arxiv.org/abs/2107.09044): the identification stage.
 
 JTT trains in two stages. (1) An ERM model is trained for a short while; the training examples it misclassifies
 form the *error set*. (2) A fresh model is trained with the error set upweighted by ``λ_up``. Stage (2) is the
-``"jtt"`` mode of :class:`~prompt_robust.debias.DebiasReweighting`; this module provides stage (1)'s error set.
+``"jtt"`` mode of :class:`~prompt_robust.addons.debias.DebiasReweighting`; this module provides stage (1)'s error set.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from ..data.items import iterate_batches
-from ..layers import module_device
+from ...data.items import iterate_batches
+from ...layers import module_device
 
 __all__ = ["jtt_error_set"]
 

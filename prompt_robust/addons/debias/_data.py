@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from ..data.items import item_as_dict
+from ...data.items import item_as_dict
 
 __all__ = ["INDEX_KEY", "IndexedDataset", "with_index"]
 

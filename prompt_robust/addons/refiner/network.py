@@ -7,7 +7,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from ..flows.time import TimeEmbedding
+from ...flows.time import TimeEmbedding
 
 __all__ = ["PromptFlowNet"]
 

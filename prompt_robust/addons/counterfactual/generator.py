@@ -34,8 +34,9 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..config import CounterfactualConfig, unknown_name_error
-from ..flows import ODESampler
+from ...config import unknown_name_error
+from ...flows import ODESampler
+from .config import CounterfactualConfig
 from .feature_flow import FeatureFlow
 
 __all__ = ["TARGET_MODES", "CounterfactualGenerator", "CounterfactualOutput", "choose_targets"]

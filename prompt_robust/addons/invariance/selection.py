@@ -23,9 +23,9 @@ from collections.abc import Sequence
 
 import torch
 
-from ..config import InvarianceConfig
-from ..eval.metrics import accuracy
-from ..eval.probe import LinearProbe
+from ...eval.metrics import accuracy
+from ...eval.probe import LinearProbe
+from .config import InvarianceConfig
 from .features import InterventionalFeatures, split_fit_val
 from .icm import ICMProjection, Selection, dims_from_fractions, select_lam_dim
 from .predict import zero_shot_logits
@@ -127,7 +127,7 @@ def choose_lam_dim(
         seed: seed of the split.
 
     Returns:
-        The :class:`~prompt_robust.invariance.icm.Selection` (relative ``λ``).
+        The :class:`~prompt_robust.addons.invariance.icm.Selection` (relative ``λ``).
 
     Example:
         >>> sel = choose_lam_dim(feats, text_features=class_text)  # doctest: +SKIP
@@ -135,7 +135,7 @@ def choose_lam_dim(
         (2.0, 256)
     """
     if predictor not in PREDICTORS:
-        from ..config import unknown_name_error
+        from ...config import unknown_name_error
 
         raise unknown_name_error("selection predictor", predictor, PREDICTORS)
     d = features.dim

@@ -13,7 +13,8 @@ Add-ons that train something of their own after the prompt (the refiner's genera
 ``stage_loss`` may replace the task loss in that stage. ``plan_stages`` returns them as data
 (:class:`StagePlan`), which the model runs, in order, after the prompt was trained; ``prepare`` fits what an add-on needs before the prompt is trained.
 
-Adding a method = one module implementing these + one ``register_addon`` line.
+Adding a method = one package ``prompt_robust/addons/<name>/`` (``config.py``: its config dataclass;
+``addon.py``: the add-on) or a module of your own implementing these + one ``register_addon`` line.
 """
 
 from __future__ import annotations
@@ -149,7 +150,7 @@ class RobustAddon(nn.Module):
 def learner_feature_dim(learner: nn.Module) -> int:
     """Size of ``learner.image_features()``: the learner's ``feature_dim`` attribute, else its backbone's
     ``embed_dim`` (known at construction, so add-on tensors have fixed shapes for saving and loading)."""
-    from .backbones.base import find_backbone
+    from ..backbones.base import find_backbone
 
     backbone = find_backbone(learner)
     dim = getattr(learner, "feature_dim", None) or (backbone.embed_dim if backbone is not None else None)
@@ -165,7 +166,7 @@ def learner_logit_scale(learner: nn.Module, addon: str, backbone: Any = None) ->
     """The similarity scale of the learner's logits: its backbone's ``logit_scale`` (``backbone``: the one found
     before, else searched), else a ``logit_scale`` attribute of the learner (a custom learner without a
     ClipBackbone)."""
-    from .backbones.base import find_backbone
+    from ..backbones.base import find_backbone
 
     backbone = backbone if backbone is not None else find_backbone(learner)
     if backbone is not None:
@@ -196,7 +197,7 @@ def register_addon(cls: type[RobustAddon]) -> type[RobustAddon]:
         >>> sorted(ADDONS)
         ['counterfactual', 'debias', 'invariance', 'refiner']
     """
-    from .config import ConfigMixin
+    from ..config import ConfigMixin
 
     name = cls.name
     if not (isinstance(name, str) and name.isidentifier() and name == name.lower() and not name.startswith("_")):

@@ -14,9 +14,9 @@ from collections.abc import Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
-from ..eval.metrics import accuracy
-from ..eval.probe import LinearProbe
-from ..learners.base import cosine_logits
+from ...eval.metrics import accuracy
+from ...eval.probe import LinearProbe
+from ...learners.base import cosine_logits
 from .icm import ICMProjection
 
 __all__ = ["LinearProbe", "accuracy", "compare_predictors", "zero_shot_logits"]

@@ -26,9 +26,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .. import _io
-from ..flows.matching import flow_matching_loss
-from ..flows.time import TimeEmbedding
+from ... import _io
+from ...flows.matching import flow_matching_loss
+from ...flows.time import TimeEmbedding
 
 __all__ = ["FeatureFlow", "FeatureFlowNet", "FlowFitResult", "fit_feature_flow"]
 
