@@ -14,7 +14,7 @@ from conftest import import_optional
 from safetensors.torch import load_file
 
 import_optional("transformers")
-import_optional("accelerate")  # the Trainer's distributed backend (installed with peft)
+import_optional("accelerate")  # the Trainer's distributed backend (the [trainer] and [dev] extras)
 
 WORKER = Path(__file__).resolve().parent / "ddp_worker.py"
 
