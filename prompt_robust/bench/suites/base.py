@@ -14,7 +14,8 @@ aside with ``--overwrite``); it knows no suite by name.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -70,6 +71,16 @@ class SuiteRequest:
         from ..runner import BenchConfig
 
         return BenchConfig(**{**defaults, **self.bench_options})
+
+    def wrote(self, files: Sequence[str], started: float, out: Any = None) -> str:
+        """The line a suite ends with: the files it wrote, where, how long it took and the command.
+
+        Example:
+            >>> SuiteRequest(out="runs/x", seeds=[1], command="prompt-robust bench").wrote(["a.json"], time.time())
+            'wrote a.json to runs/x (0 s); command: prompt-robust bench'
+        """
+        where = self.out if out is None else out
+        return f"wrote {', '.join(files)} to {where} ({time.time() - started:.0f} s); command: {self.command}"
 
     def load_backbone(self, default: str = "embedded") -> Any:
         """The backbone of :attr:`backbone` (``default`` when none was given)."""

@@ -389,7 +389,6 @@ def _calibration_suite(request: SuiteRequest) -> str:
             format_calibration(result),
             f"\n{len(counted) - len(failed)} of {len(counted)} targets met"
             + (f"; missed: {', '.join(failed)}" if failed else ""),
-            f"wrote calibration.json, calibration.md to {request.out} ({time.time() - started:.0f} s); command: "
-            f"{request.command}",
+            request.wrote(["calibration.json", "calibration.md"], started),
         ]
     )

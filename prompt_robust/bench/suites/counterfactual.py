@@ -135,7 +135,4 @@ def _quality_suite(request: SuiteRequest) -> str:
         config=CounterfactualConfig(**request.addons.get("counterfactual", {})),
         progress=request.progress,
     )
-    return (
-        f"{format_quality(result)}\n\nwrote quality.json, quality.md to {request.out} ({time.time() - started:.0f} s); "
-        f"command: {request.command}"
-    )
+    return f"{format_quality(result)}\n\n" + request.wrote(["quality.json", "quality.md"], started)

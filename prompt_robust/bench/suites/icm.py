@@ -226,10 +226,7 @@ def _icm_suite(request: SuiteRequest) -> str:
         config=InvarianceConfig(**request.addons.get("invariance", {})),
         progress=request.progress,
     )
-    return (
-        f"{format_icm(result)}\n\nwrote icm.json, icm.md to {request.out} ({time.time() - started:.0f} s); "
-        f"command: {request.command}"
-    )
+    return f"{format_icm(result)}\n\n" + request.wrote(["icm.json", "icm.md"], started)
 
 
 @register_suite(
@@ -246,7 +243,4 @@ def _icm_grid_suite(request: SuiteRequest) -> str:
         config=InvarianceConfig(**request.addons.get("invariance", {})),
         progress=request.progress,
     )
-    return (
-        f"{format_icm_grid(result)}\n\nwrote icm_grid.json, icm_grid.md to {request.out} ({time.time() - started:.0f} s); "
-        f"command: {request.command}"
-    )
+    return f"{format_icm_grid(result)}\n\n" + request.wrote(["icm_grid.json", "icm_grid.md"], started)

@@ -827,7 +827,4 @@ def _mechanisms_suite(request: SuiteRequest) -> str:
         progress=request.progress,
         command=request.command,
     )
-    return (
-        f"{format_mechanisms(result)}\nwrote mechanisms.json, mechanisms.md to {request.out} "
-        f"({time.time() - started:.0f} s); command: {request.command}"
-    )
+    return f"{format_mechanisms(result)}\n" + request.wrote(["mechanisms.json", "mechanisms.md"], started)

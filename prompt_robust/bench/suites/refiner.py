@@ -259,10 +259,7 @@ def _sweep_suite(request: SuiteRequest) -> str:
         bench_config=config,
         progress=request.progress,
     )
-    return (
-        f"{format_sweep(result)}\n\nwrote sweep.json, sweep.md, sweep.png to {out} ({time.time() - started:.0f} s); "
-        f"command: {request.command}"
-    )
+    return f"{format_sweep(result)}\n\n" + request.wrote(["sweep.json", "sweep.md", "sweep.png"], started, out)
 
 
 @register_suite(
@@ -276,4 +273,4 @@ def _cost_suite(request: SuiteRequest) -> str:
     out = Path(request.out)
     backbone = request.load_backbone("open_clip:ViT-B-16")
     result = cost_profile(backbone, out, refiner=RefinerConfig(**request.refiner), progress=request.progress)
-    return f"{format_cost(result)}\n\nwrote cost.json, cost.md to {out} ({time.time() - started:.0f} s); command: {request.command}"
+    return f"{format_cost(result)}\n\n" + request.wrote(["cost.json", "cost.md"], started, out)
