@@ -212,21 +212,26 @@ def format_icm_grid(result: dict[str, Any]) -> str:
     )
 
 
-@register_suite(
-    "icm",
-    outputs=("icm.json", "icm.md"),
-    help="zero-shot / ICM zero-shot / linear probe / ICM linear probe on the DG task",
-)
-def _icm_suite(request: SuiteRequest) -> str:
+def _run_icm(request: SuiteRequest, benchmark: Any, formatter: Any, files: list[str]) -> str:
+    """Run one ICM benchmark function with the command line's invariance settings; its table and closing line."""
     started = time.time()
-    result = icm_dg_benchmark(
+    result = benchmark(
         request.load_backbone(),
         request.out,
         seeds=request.seeds,
         config=InvarianceConfig(**request.addons.get("invariance", {})),
         progress=request.progress,
     )
-    return f"{format_icm(result)}\n\n" + request.wrote(["icm.json", "icm.md"], started)
+    return f"{formatter(result)}\n\n" + request.wrote(files, started)
+
+
+@register_suite(
+    "icm",
+    outputs=("icm.json", "icm.md"),
+    help="zero-shot / ICM zero-shot / linear probe / ICM linear probe on the DG task",
+)
+def _icm_suite(request: SuiteRequest) -> str:
+    return _run_icm(request, icm_dg_benchmark, format_icm, ["icm.json", "icm.md"])
 
 
 @register_suite(
@@ -235,12 +240,4 @@ def _icm_suite(request: SuiteRequest) -> str:
     help="every (λ, k) of the ICM rule's grid scored on the test styles (a diagnostic)",
 )
 def _icm_grid_suite(request: SuiteRequest) -> str:
-    started = time.time()
-    result = icm_grid_diagnostic(
-        request.load_backbone(),
-        request.out,
-        seeds=request.seeds,
-        config=InvarianceConfig(**request.addons.get("invariance", {})),
-        progress=request.progress,
-    )
-    return f"{format_icm_grid(result)}\n\n" + request.wrote(["icm_grid.json", "icm_grid.md"], started)
+    return _run_icm(request, icm_grid_diagnostic, format_icm_grid, ["icm_grid.json", "icm_grid.md"])
