@@ -22,6 +22,7 @@ from .addons import ADDONS, RobustAddon
 from .backbones.base import ClipBackbone, find_backbone
 from .config import ConfigMixin, RobustConfig
 from .data.checks import check_batch, class_count
+from .layers import non_finite
 from .learners import LEARNERS, PromptLearner
 
 __all__ = ["ADAPTER_CONFIG_NAME", "ADAPTER_WEIGHTS_NAME", "RobustOutput", "RobustPromptModel", "wrap"]
@@ -97,10 +98,13 @@ def _check_learner(learner: Any) -> None:
         )
 
 
-def _non_finite_count(tensor: torch.Tensor) -> int:
-    if not (tensor.is_floating_point() or tensor.is_complex()):
-        return 0
-    return int((~torch.isfinite(tensor.detach())).sum())
+def _non_finite_error(tensors: Mapping[str, torch.Tensor]) -> tuple[str, int, int] | None:
+    """``(name, non-finite count, size)`` of the first tensor holding NaN or Inf, or None."""
+    bad = non_finite(tensors)
+    if not bad:
+        return None
+    tensor = tensors[bad[0]].detach()
+    return bad[0], int((~torch.isfinite(tensor)).sum()), tensor.numel()
 
 
 def _adapter_config_error(path: Path, problem: str, fix: str = "") -> ValueError:
@@ -653,14 +657,14 @@ class RobustPromptModel(nn.Module):
 
         directory = Path(directory)
         tensors = self.trainable_state_dict()
-        for name, tensor in tensors.items():
-            bad = _non_finite_count(tensor)
-            if bad:
-                raise ValueError(
-                    f"refusing to save: adapter tensor {name!r} holds {bad} non-finite value(s) (NaN or Inf) of "
-                    f"{tensor.numel()}, so the adapter could not predict; training diverged. Retrain with a lower "
-                    "learning rate (or gradient clipping), or save the model of an earlier checkpoint."
-                )
+        found = _non_finite_error(tensors)
+        if found is not None:
+            name, bad, size = found
+            raise ValueError(
+                f"refusing to save: adapter tensor {name!r} holds {bad} non-finite value(s) (NaN or Inf) of "
+                f"{size}, so the adapter could not predict; training diverged. Retrain with a lower "
+                "learning rate (or gradient clipping), or save the model of an earlier checkpoint."
+            )
         learner = self.learner
         if isinstance(learner, PromptLearner):
             learner_info = {
@@ -821,13 +825,14 @@ class RobustPromptModel(nn.Module):
                     f"adapter tensor {name!r} has shape {tuple(value.shape)}; the model expects "
                     f"{tuple(own[name].shape)} (different n_ctx, depth, class count or backbone width?)."
                 )
-            bad = _non_finite_count(value)
-            if bad:
-                raise ValueError(
-                    f"adapter tensor {name!r} in {str(path)!r} holds {bad} non-finite value(s) (NaN or Inf) of "
-                    f"{value.numel()}: the training that wrote it diverged. Retrain with a lower learning rate (or "
-                    "gradient clipping), or load an adapter saved before it diverged."
-                )
+        found = _non_finite_error(tensors)
+        if found is not None:
+            name, bad, size = found
+            raise ValueError(
+                f"adapter tensor {name!r} in {str(path)!r} holds {bad} non-finite value(s) (NaN or Inf) of "
+                f"{size}: the training that wrote it diverged. Retrain with a lower learning rate (or "
+                "gradient clipping), or load an adapter saved before it diverged."
+            )
         with torch.no_grad():
             for name, value in tensors.items():
                 own[name].copy_(value.to(own[name].device, own[name].dtype))

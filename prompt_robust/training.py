@@ -59,7 +59,7 @@ from . import _io
 from .config import ConfigMixin, _check, help_field, unknown_name_error
 from .data.items import batch_as_dict, collate_items
 from .eval.metrics import accuracy, accuracy_gap, per_group_accuracy, worst_group_accuracy
-from .layers import module_device
+from .layers import module_device, non_finite
 
 __all__ = [
     "CheckpointDamagedError",
@@ -740,16 +740,6 @@ def _write_bytes(path: Path, data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _non_finite(tensors: Mapping[str, torch.Tensor]) -> list[str]:
-    """Names of the floating-point tensors holding a NaN or an infinity (one device sync for all of them)."""
-    items = [(name, t) for name, t in tensors.items() if t is not None and t.is_floating_point() and t.numel()]
-    if not items:
-        return []
-    device = items[0][1].device
-    flags = torch.stack([torch.isfinite(t).all().to(device) for _, t in items]).tolist()
-    return [name for (name, _), ok in zip(items, flags, strict=True) if not ok]
-
-
 def _save_checkpoint(
     directory: Path,
     step: int,
@@ -760,7 +750,7 @@ def _save_checkpoint(
     addon_state: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write ``checkpoint-<step>`` atomically: files fsynced in a temporary folder, then renamed into place."""
-    bad = _non_finite(params)
+    bad = non_finite(params)
     if bad:  # fit checks every update; this guards the rule that a checkpoint never holds non-finite weights
         raise FloatingPointError(
             f"refusing to write checkpoint-{step}: non-finite values in {', '.join(bad)}. Resume from the last good "
@@ -911,7 +901,7 @@ def _read_checkpoint(step: int, path: Path) -> _Loaded:
         raise _Unusable(f"{STATE_NAME} lacks an entry ({type(exc).__name__}: {exc})") from exc
     if missing:
         raise _Unusable(f"{STATE_NAME} lacks optimizer entries {missing}")
-    bad = _non_finite(tensors[TRAINABLE_NAME])
+    bad = non_finite(tensors[TRAINABLE_NAME])
     if bad:
         raise _Unusable(f"{TRAINABLE_NAME} holds non-finite weights ({', '.join(bad)})")
     return _Loaded(
@@ -1300,14 +1290,14 @@ def _fit_locked(
                     raise diverged(f"the loss is {value}", weights_at_fault=True, epoch=epoch, lr=lr)
                 optimizer.zero_grad(set_to_none=True)
                 loss.reshape(()).backward()
-                bad = _non_finite({name: p.grad for name, p in params.items() if p.grad is not None})
+                bad = non_finite({name: p.grad for name, p in params.items() if p.grad is not None})
                 if bad:  # checked before the update, so the parameters keep their last finite values
                     what = f"the gradients of {', '.join(bad)} are non-finite (loss {value:.4g})"
                     raise diverged(what, weights_at_fault=True, epoch=epoch, lr=lr)
                 if config.grad_clip is not None:
                     torch.nn.utils.clip_grad_norm_(list(params.values()), config.grad_clip)
                 optimizer.step()
-                bad = _non_finite(params)
+                bad = non_finite(params)
                 if bad:
                     what = f"the update made {', '.join(bad)} non-finite (loss {value:.4g})"
                     raise diverged(what, weights_at_fault=False, epoch=epoch, lr=lr)

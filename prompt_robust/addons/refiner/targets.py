@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from ... import _io
 from ...data.checks import check_batch, class_count
 from ...data.items import collate_images_labels, hash_items, item_as_dict
-from ...layers import module_device
+from ...layers import module_device, non_finite
 from ...learners.base import shared_prompt_rows
 
 __all__ = [
@@ -596,13 +596,9 @@ def _checksum(tensors: Mapping[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-def _non_finite(tensors: Mapping[str, torch.Tensor]) -> list[str]:
-    return [name for name, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
-
-
 def _require_finite(tensors: Mapping[str, torch.Tensor], what: str) -> None:
     """Freshly computed targets with NaN/Inf are an error (caching or training on them would spread it)."""
-    bad = _non_finite(tensors)
+    bad = non_finite(tensors)
     if bad:
         raise FloatingPointError(
             f"refiner targets not finite for {what}: NaN or Inf in {', '.join(bad)}; nothing was cached. Check "
@@ -644,8 +640,8 @@ def _read_checked(path: Path, place: dict[str, str], rows: dict[str, int]) -> di
             )
         elif _checksum(tensors) != metadata["sha256"]:
             reason = "its checksum does not match its contents (a flipped bit or a partial copy)"
-        elif _non_finite(tensors):
-            reason = f"it holds NaN or Inf (in {', '.join(_non_finite(tensors))})"
+        elif non_finite(tensors):
+            reason = f"it holds NaN or Inf (in {', '.join(non_finite(tensors))})"
         else:
             wrong = {name: n for name, n in rows.items() if name not in tensors or tensors[name].shape[0] != n}
             if wrong:
