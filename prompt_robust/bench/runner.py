@@ -23,7 +23,7 @@ import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -75,7 +75,8 @@ _DEFAULT_TRAINING: dict[str, Any] = {"optimizer": "sgd", "lr": 0.002, "batch_siz
 
 def _addon_configs() -> dict[str, type]:
     """The registered add-ons the benchmark can run: those with a settings field in :class:`BenchConfig`."""
-    return {name: cls for name, cls in RobustConfig.addon_configs().items() if name in BenchConfig.ADDON_FIELDS}
+    settings = {f.name for f in dataclasses.fields(BenchConfig)}
+    return {name: cls for name, cls in RobustConfig.addon_configs().items() if name in settings}
 
 
 @dataclass
@@ -106,9 +107,6 @@ class BenchConfig(ConfigMixin):
     debias: dict[str, Any] = help_field(
         {}, "DebiasConfig fields of the +debias methods (attribute_values default to each task's backgrounds)."
     )
-
-    #: the add-ons with a settings field above (the benchmark runs only these)
-    ADDON_FIELDS: ClassVar[tuple[str, ...]] = ("refiner", "counterfactual", "invariance", "debias")
 
     def __post_init__(self) -> None:
         _check(len(self.methods) > 0, "methods must name at least one method.")
