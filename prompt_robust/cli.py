@@ -92,9 +92,7 @@ def add_dataclass_args(
 
 def dataclass_from_args(cls: type, args: argparse.Namespace, **overrides: Any) -> Any:
     """Build ``cls`` from the options :func:`add_dataclass_args` added (unset ones keep their defaults)."""
-    prefix = f"{cls.__name__}."
-    values = {key[len(prefix) :]: value for key, value in vars(args).items() if key.startswith(prefix)}
-    return cls(**{**overrides, **values})
+    return cls(**{**overrides, **_set_fields(cls, args)})
 
 
 def _refiner_args(parser: argparse.ArgumentParser) -> None:
