@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> dict:
         model.addons["debias"].set_error_set(db.jtt_error_set(erm, train, progress=not args.quiet))
     if args.mode in ("pseudo", "jtt"):
         data = db.with_index(train)  # pseudo: the labels computed in prepare are looked up; jtt: needs the index
-    logs = model.prepare_addons(train, seed=args.seed, progress=not args.quiet)
+    logs = model.fit_addons(train, phase="before_prompt", seed=args.seed, progress=not args.quiet)
     fit(model, data, config)
     results["after training"] = group_metrics(model, test)
     pseudo_accuracy = None

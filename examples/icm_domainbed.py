@@ -5,7 +5,7 @@ ICM (https://arxiv.org/abs/2405.15289; docs/invariance.md) pairs every training 
 (colour jitter, grayscale, blur, ...) and keeps the feature directions those interventions do not move:
 ``P`` = top-k eigenvectors of ``ZᵀZ/n − λ·ΔᵀΔ/m``. ``λ`` and ``k`` are chosen on held-out *training* images
 unless given (``--lam``, ``--dim``). Zero-shot CLIP wrapped with the ``invariance`` add-on is the ICM zero-shot
-predictor; ``model.prepare_addons(train)`` fits it, and its adapter (the projection) is what gets saved.
+predictor; ``model.fit_addons(train, phase="before_prompt")`` fits it, and its adapter (the projection) is what gets saved.
 
 Runs as is on the embedded world's domain-generalisation task (train: photo; test: sketch, painting, pixel) with
 the shipped mini-CLIP (no downloads, ~10 s on one CPU thread):
@@ -85,7 +85,9 @@ def main(argv: list[str] | None = None) -> dict:
     learner = pr.build_learner("zeroshot", backbone, classnames)
     model = pr.wrap(learner, pr.RobustConfig(invariance=config))
     # interventional pairs, λ/k on held-out training images, the projection
-    logs = model.prepare_addons(train, seed=args.seed, cache_dir=out / "cache", progress=not args.quiet)
+    logs = model.fit_addons(
+        train, phase="before_prompt", seed=args.seed, cache_dir=out / "cache", progress=not args.quiet
+    )
 
     train_features, train_labels = image_features(learner, train)
     test_features = {name: image_features(learner, data) for name, data in tests.items()}

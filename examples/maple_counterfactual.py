@@ -1,7 +1,7 @@
 """MaPLe + the counterfactual contrastive regularizer on base-to-new, against bare MaPLe.
 
 The regularizer (DiCap, https://arxiv.org/abs/2507.19882; docs/counterfactual.md) needs a generative model of the
-training images' features before the prompt is tuned: ``model.prepare_addons(train)`` fits it, then ``fit``
+training images' features before the prompt is tuned: ``model.fit_addons(train, phase="before_prompt")`` fits it, then ``fit``
 tunes the prompt with ``CE + weight * InfoNCE(t_y; z, z')`` against counterfactual features ``z'``. Bare MaPLe
 is trained with the same seed, data and schedule, so the two rows differ by the regularizer only.
 
@@ -73,7 +73,11 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
         robust = pr.RobustConfig(counterfactual=counterfactual if method.endswith("counterfactual") else None)
         model = pr.wrap(learner, robust)
         # fits the feature flow before the prompt is tuned (nothing to do for bare MaPLe)
-        logs.update(model.prepare_addons(train, seed=args.seed, cache_dir=out / "cache", progress=not args.quiet))
+        logs.update(
+            model.fit_addons(
+                train, phase="before_prompt", seed=args.seed, cache_dir=out / "cache", progress=not args.quiet
+            )
+        )
         fit(model, train, config)
         results[method] = base_new_accuracy(model, base_test, new_test)
         model.save_pretrained(out / folder, overwrite=args.overwrite)

@@ -14,6 +14,7 @@ import json
 import os
 import re
 import socket
+import stat
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -54,6 +55,13 @@ STALE_AFTER_S = 15 * 60
 LIVE_STALE_AFTER_S = 24 * 3600
 # what mkstemp puts between prefix and suffix
 _RANDOM = r"[a-z0-9_]{8}"
+# between ".<target>." and ".tmp": the writer's pid and host tag, then mkstemp's part (older versions: that only)
+_MIDDLE = re.compile(rf"(?:(?P<pid>\d+)-(?P<host>[0-9a-f]{{8}})\.)?{_RANDOM}")
+# a temporary file with a pid, of any target
+_TEMP_NAME = re.compile(rf"\.(?P<target>.+)\.\d+-[0-9a-f]{{8}}\.{_RANDOM}\.tmp")
+#: folder -> (its modification time when this process last swept it or wrote there, the temporary files it kept
+#: then because their writers were alive or they were young); see :func:`atomic_write`
+_SWEPT: dict[str, tuple[int | None, tuple[tuple[str, str], ...]]] = {}
 
 
 @functools.cache
@@ -82,20 +90,44 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _is_temp_of(name: str, target: str) -> bool:
+    """Whether ``name`` may be a temporary file of ``target`` (the cheap test before any stat)."""
+    return name.startswith(f".{target}.") and name.endswith(".tmp")
+
+
+def _writer(name: str, target: str) -> re.Match | None:
+    """The writer part of ``name`` when it is a temporary file of ``target`` by the library's naming: ``pid`` and
+    ``host`` groups, both None for a name written by an older version (no pid); None for any other name."""
+    return _MIDDLE.fullmatch(name[len(target) + 2 : -len(".tmp")]) if _is_temp_of(name, target) else None
+
+
 def _is_stale(name: str, target: str, age_s: float) -> bool:
     """Whether ``name`` is an orphaned temporary file of ``target`` (by the library's naming only)."""
-    prefix, suffix = f".{target}.", ".tmp"
-    if not (name.startswith(prefix) and name.endswith(suffix)):
+    match = _writer(name, target)
+    if match is None:
         return False
-    middle = name[len(prefix) : -len(suffix)]
-    match = re.fullmatch(rf"(?P<pid>\d+)-(?P<host>[0-9a-f]{{8}})\.{_RANDOM}", middle)
-    if match is not None:
-        if match["host"] == HOST_TAG:
-            return not _pid_alive(int(match["pid"])) or age_s > LIVE_STALE_AFTER_S
-        return age_s > STALE_AFTER_S
-    if re.fullmatch(_RANDOM, middle):  # written by an older version (no pid in the name)
-        return age_s > STALE_AFTER_S
-    return False
+    if match["pid"] is not None and match["host"] == HOST_TAG:
+        return not _pid_alive(int(match["pid"])) or age_s > LIVE_STALE_AFTER_S
+    return age_s > STALE_AFTER_S  # another host's, or an older version's: only its age tells
+
+
+def _remove_if_stale(path: str, target: str, now: float) -> bool | None:
+    """Remove ``path`` if it is an orphaned temporary file of ``target``: True when removed, False when kept (it
+    may still become one), None when it is gone or not the library's."""
+    try:
+        info = os.stat(path, follow_symlinks=False)
+    except OSError:  # renamed into place or removed by its writer meanwhile
+        return None
+    name = os.path.basename(path)
+    if not stat.S_ISREG(info.st_mode) or _writer(name, target) is None:
+        return None
+    if not _is_stale(name, target, now - info.st_mtime):
+        return False
+    try:
+        os.unlink(path)
+    except OSError:  # removed by its writer meanwhile, or not ours to remove
+        return None
+    return True
 
 
 def remove_stale_temps(path: str | Path) -> list[Path]:
@@ -112,23 +144,41 @@ def remove_stale_temps(path: str | Path) -> list[Path]:
         The files removed.
     """
     path = Path(path)
-    removed = []
     try:
-        entries = list(os.scandir(path.parent))
+        names = [entry.name for entry in os.scandir(path.parent)]
     except OSError:
-        return removed
+        return []
     now = time.time()
-    for entry in entries:
-        try:
-            if not entry.is_file(follow_symlinks=False):
-                continue
-            if not _is_stale(entry.name, path.name, now - entry.stat(follow_symlinks=False).st_mtime):
-                continue
-            os.unlink(entry.path)
-            removed.append(Path(entry.path))
-        except OSError:  # renamed into place or removed by its writer meanwhile, or not ours to remove
+    candidates = [os.path.join(path.parent, name) for name in names if _is_temp_of(name, path.name)]
+    return [Path(p) for p in candidates if _remove_if_stale(p, path.name, now)]
+
+
+def _sweep(path: Path) -> tuple[tuple[str, str], ...]:
+    """Remove the orphans in ``path``'s folder: those of every target (names with a pid) and those of ``path``
+    (older names too); return the temporary files kept, as ``(file, target)``."""
+    try:
+        names = [entry.name for entry in os.scandir(path.parent)]
+    except OSError:
+        return ()
+    now, kept = time.time(), []
+    for name in names:
+        if not (name.startswith(".") and name.endswith(".tmp")):  # the common case: no stat, no regex
             continue
-    return removed
+        match = _TEMP_NAME.fullmatch(name)
+        target = match["target"] if match is not None else path.name
+        if not _is_temp_of(name, target):
+            continue
+        file = os.path.join(path.parent, name)
+        if _remove_if_stale(file, target, now) is False:
+            kept.append((file, target))
+    return tuple(kept)
+
+
+def _folder_mtime(folder: Path) -> int | None:
+    try:
+        return os.stat(folder).st_mtime_ns
+    except OSError:
+        return None
 
 
 def fsync_directory(directory: str | Path) -> None:
@@ -180,15 +230,31 @@ def commit(tmp: str | Path, path: str | Path) -> None:
 def atomic_write(path: str | Path, writer: Callable[[Path], None]) -> None:
     """Write ``path`` through ``writer(tmp_path)`` into a temporary file of the same folder, then rename it in
     place, so a crash never leaves a half-written file where a good one was. Orphans of earlier killed writes
-    of ``path`` are removed afterwards (:func:`remove_stale_temps`)."""
+    of ``path`` are removed afterwards (what counts as one: :func:`remove_stale_temps`).
+
+    The folder is listed only when it may hold a new orphan, so that n writes into one folder (a cache of many
+    shards) cost O(n), not O(n²): on this process's first write there, and whenever the folder's modification
+    time shows a change this process did not make; in between, only the temporary files kept at the last listing
+    (live writers, young files) are checked again. A listing removes the orphans of every file of the folder.
+    Best effort where modification times are coarse or cached (some network filesystems): an orphan is then
+    removed by a later listing, at the latest on the next process's first write there.
+    """
     path = Path(path)
+    folder = path.parent
+    before = _folder_mtime(folder)
     tmp = stage_bytes(path, writer)
     try:
         commit(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    remove_stale_temps(path)
+    last = _SWEPT.get(str(folder))
+    if last is None or before is None or last[0] != before:
+        kept = _sweep(path)
+    else:  # nothing but this process's own writes since the last listing
+        now = time.time()
+        kept = tuple((file, target) for file, target in last[1] if _remove_if_stale(file, target, now) is False)
+    _SWEPT[str(folder)] = (_folder_mtime(folder), kept)
 
 
 @contextlib.contextmanager

@@ -70,6 +70,8 @@ def add_dataclass_args(
 ) -> None:
     """Add ``--<prefix>field-name`` options for every field of config dataclass ``cls`` (defaults left to the
     class); the fields in ``unprefixed`` also keep their plain ``--field-name`` spelling."""
+    from .config import field_help_text
+
     hints = typing.get_type_hints(cls)
     group = parser.add_argument_group(cls.__name__)
     for f in dataclasses.fields(cls):
@@ -86,7 +88,7 @@ def add_dataclass_args(
             type=kind,
             nargs="+" if is_list else None,
             default=argparse.SUPPRESS,
-            help=f"{f.metadata.get('help', '')} (default: {default})".replace("%", "%%"),  # argparse formats %
+            help=f"{field_help_text(cls, f)} (default: {default})".replace("%", "%%"),  # argparse formats %
         )
 
 
@@ -513,20 +515,19 @@ def _train(args: argparse.Namespace) -> int:
     if indices is not None:
         data = data.subset(indices)
     adapter_dir = out / "adapter"
-    model.prepare_addons(data, seed=args.seed, cache_dir=out / "cache", progress=not args.quiet)
+    model.fit_addons(data, phase="before_prompt", seed=args.seed, cache_dir=out / "cache", progress=not args.quiet)
     # resume="new-settings": continue the checkpoint in --out with this run's data and settings
     resume = "new-settings" if args.resume_new_settings else True
     result = fit(model, data, config, checkpoint_dir=out / "checkpoints", resume=resume)
-    logs = {}
-    if len(model.stages()) > 1:
-        logs = model.fit_addons(
-            data,
-            seed=args.seed,
-            cache_dir=out / "cache",
-            checkpoint_dir=out / "checkpoints",
-            progress=not args.quiet,
-            resume=resume,
-        )
+    logs = model.fit_addons(  # stages trained on the tuned prompt (the refiner's generator); none: nothing runs
+        data,
+        phase="after_prompt",
+        seed=args.seed,
+        cache_dir=out / "cache",
+        checkpoint_dir=out / "checkpoints",
+        progress=not args.quiet,
+        resume=resume,
+    )
     model.save_pretrained(adapter_dir)
     print(
         f"trained {'+'.join([args.learner, *(args.addons or [])])} for {result.steps} steps (final loss "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import re
 import time
@@ -19,11 +20,13 @@ from torch import nn
 
 from . import _io
 from .addons import ADDONS, RobustAddon
+from .addons.base import FIT_PHASES, ForwardState, StagePlan, as_learner_output
 from .backbones.base import ClipBackbone, find_backbone
 from .config import ConfigMixin, RobustConfig
 from .data.checks import check_batch, class_count
 from .layers import non_finite
 from .learners import LEARNERS, PromptLearner
+from .learners.base import LearnerOutput
 
 __all__ = ["ADAPTER_CONFIG_NAME", "ADAPTER_WEIGHTS_NAME", "RobustOutput", "RobustPromptModel", "wrap"]
 
@@ -37,6 +40,8 @@ _REQUIRED_METHODS = ("prompt_tokens", "image_features", "forward")
 # Bounds on what an adapter config (untrusted input) may ask for, checked before anything is allocated.
 MAX_CONFIG_BYTES = 16 << 20
 MAX_CONFIG_DEPTH = 32
+logger = logging.getLogger(__name__)
+
 MAX_CLASSES = 100_000
 MAX_CLASSNAME_CHARS = 1_000
 MAX_TEXT_CHARS = 10_000  # any other string of a learner or add-on config (templates, ctx_init, ...)
@@ -55,13 +60,14 @@ class RobustOutput:
         loss: scalar training loss when ``labels`` were given (task loss, reweighted, plus add-on terms).
         logits: ``(batch, n_classes)``; None in a stage that trains an add-on's own model (e.g. ``"refiner"``).
         logs: scalar diagnostics of the add-ons (floats), e.g. ``{"counterfactual/loss": 0.3}``.
-        learner_output: whatever the learner returned (its features, for reference learners).
+        learner_output: the learner's output as a ``LearnerOutput`` (logits and, for reference learners, image
+            and text features), after the add-ons' ``adjust_output``.
     """
 
     loss: torch.Tensor | None
     logits: torch.Tensor | None
     logs: dict[str, float] = field(default_factory=dict)
-    learner_output: Any = None
+    learner_output: LearnerOutput | None = None
 
     def __getitem__(self, key: str | int | slice) -> Any:
         """``out["logits"]``, or tuple-style ``out[0]`` / ``out[1:]`` over the non-None ``(loss, logits)`` as
@@ -411,12 +417,7 @@ class RobustPromptModel(nn.Module):
         self.learner = learner
         self.config = config
         self.addons = nn.ModuleDict()
-        for name in config.enabled():
-            if name not in ADDONS:
-                raise NotImplementedError(
-                    f"the {name!r} add-on is not available in this version of prompt_robust; available add-ons: "
-                    f"{', '.join(sorted(ADDONS)) or 'none yet'}. Set RobustConfig.{name}=None."
-                )
+        for name in config.enabled():  # RobustConfig's fields are the registered add-ons
             self.addons[name] = ADDONS[name](learner, getattr(config, name))
         # the learner's tensors trained in the "prompt" stage: those trainable when wrapped
         self._learner_trainable = [p for p in learner.parameters() if p.requires_grad]
@@ -438,18 +439,27 @@ class RobustPromptModel(nn.Module):
         """
         check_batch(pixel_values, labels, num_classes=class_count(self.learner))
         addons: list[RobustAddon] = list(self.addons.values())
+        state = ForwardState(
+            learner=self.learner,
+            pixel_values=pixel_values,
+            labels=labels,
+            batch={"pixel_values": pixel_values, "labels": labels, **batch},
+            stage=self.stage,
+            training=self.training,
+        )
         if labels is not None and self.stage != "prompt":
             for addon in addons:
-                staged = addon.stage_loss(self.stage, pixel_values, labels, batch)
+                staged = addon.stage_loss(state)
                 if staged is not None:
                     return RobustOutput(loss=staged[0], logits=None, logs=staged[1])
         override: dict[str, torch.Tensor] = {}
         for addon in addons:
-            override.update(addon.prompt_override(pixel_values) or {})
+            override.update(addon.prompt_override(state) or {})
         raw = self.learner(pixel_values, prompt_override=override) if override else self.learner(pixel_values)
+        state.output = as_learner_output(raw)
         for addon in addons:
-            raw = addon.adjust_output(raw)
-        logits = raw if isinstance(raw, torch.Tensor) else raw.logits
+            state.output = addon.adjust_output(state) or state.output
+        logits = state.output.logits
         if logits.dim() != 2 or logits.shape[0] != pixel_values.shape[0]:
             raise ValueError(
                 f"the learner returned logits of shape {tuple(logits.shape)}; expected (batch={pixel_values.shape[0]}, "
@@ -458,21 +468,19 @@ class RobustPromptModel(nn.Module):
         logs: dict[str, float] = {}
         loss = None
         if labels is not None:
-            full = {"pixel_values": pixel_values, "labels": labels, **batch}
             per_sample = F.cross_entropy(logits, labels, reduction="none")  # (b,)
+            # reweighting and regularizers are training objectives: in eval mode the loss is the plain mean CE
+            terms = [t for addon in addons if (t := addon.loss_terms(state)) is not None] if self.training else []
             weights = None
-            objective = addons if self.training else []  # reweighting and regularizers are training objectives
-            for addon in objective:
-                w = addon.sample_weights(full, raw)
-                if w is not None:
-                    weights = w if weights is None else weights * w
+            for term in terms:
+                if term.weights is not None:
+                    weights = term.weights if weights is None else weights * term.weights
             loss = per_sample.mean() if weights is None else (weights * per_sample).sum() / weights.sum()
-            for addon in objective:
-                extra, addon_logs = addon.extra_loss(full, raw)
-                if extra is not None:
-                    loss = loss + extra
-                logs.update(addon_logs)
-        return RobustOutput(loss=loss, logits=logits, logs=logs, learner_output=raw)
+            for term in terms:
+                if term.loss is not None:
+                    loss = loss + term.loss
+                logs.update(term.logs)
+        return RobustOutput(loss=loss, logits=logits, logs=logs, learner_output=state.output)
 
     # -- training stages ---------------------------------------------------------------------------------------
     def stages(self) -> list[str]:
@@ -481,7 +489,7 @@ class RobustPromptModel(nn.Module):
 
     def set_stage(self, stage: str) -> None:
         """Make exactly the tensors trained in ``stage`` require gradients (for :func:`prompt_robust.fit`, a
-        plain loop or a Trainer) and tell the add-ons which stage runs.
+        plain loop or a Trainer); the add-ons read the stage from each forward's ``ForwardState``.
 
         Args:
             stage: one of :meth:`stages`.
@@ -498,90 +506,105 @@ class RobustPromptModel(nn.Module):
                 param.requires_grad_(False)
             for param in addon.stage_parameters(stage):
                 param.requires_grad_(True)
-            addon.stage = stage
         self.stage = stage
-
-    def prepare_addons(
-        self, dataset: Any, *, seed: int = 0, cache_dir: str | Path | None = None, progress: bool = True
-    ) -> dict[str, float]:
-        """Fit what the add-ons need before the prompt is trained (call before training the ``"prompt"`` stage).
-
-        Args:
-            dataset: the training set the prompt will be tuned on.
-            seed: seed of the add-on fits.
-            cache_dir: where add-ons cache what they derive from the data.
-            progress: show progress bars.
-        """
-        logs: dict[str, float] = {}
-        was_training = self.training
-        try:
-            for addon in self.addons.values():
-                logs.update(addon.prepare(self, dataset, seed=seed, cache_dir=cache_dir, progress=progress))
-        finally:
-            self.set_stage(self.stage)
-            self.train(was_training)
-        return logs
 
     def fit_addons(
         self,
         dataset: Any,
         *,
+        phase: str | None = None,
+        refit: bool = False,
         seed: int = 0,
         cache_dir: str | Path | None = None,
         checkpoint_dir: str | Path | None = None,
         progress: bool = True,
         resume: bool | str = True,
     ) -> dict[str, float]:
-        """Train every add-on's own stages on ``dataset`` (after the learner's prompt was trained), then return to
-        the ``"prompt"`` stage.
+        """Fit the add-ons on ``dataset``: the one entry for everything add-ons learn from data.
+
+        Each add-on declares its ``fit_phase``: ``"before_prompt"`` (what prompt tuning needs: the counterfactual
+        generator, the invariant projection, the debias groups; :func:`prompt_robust.fit` fits these itself when
+        they are not yet fitted) or ``"after_prompt"`` (stages trained on the tuned prompt: the refiner). An add-on
+        fits directly or returns training stages, which run here, in order, with ``prompt_robust.fit``. The
+        usual path is ``wrap → fit → fit_addons → predict``.
 
         Args:
-            dataset: the training set the prompt was tuned on.
-            seed: seed of the add-on trainings.
-            cache_dir: where add-ons cache what they derive from the data (e.g. the refiner's targets).
-            checkpoint_dir: where each stage keeps resumable checkpoints (a subfolder per stage).
+            dataset: the training set the prompt is (or was) tuned on.
+            phase: fit only the add-ons of this phase (one of ``"before_prompt"``, ``"after_prompt"``); None: both,
+                in that order.
+            refit: fit the add-ons again even when they are already fitted (by default a fitted add-on — fitted
+                earlier or loaded with an adapter — is kept, and the log says so).
+            seed: seed of the fits.
+            cache_dir: where add-ons cache what they derive from the data (features, flows, targets).
+            checkpoint_dir: where each training stage keeps resumable checkpoints (a subfolder per stage).
             progress: show progress bars.
             resume: how each stage treats checkpoints already in its subfolder, as ``fit``'s ``resume``: True
                 continues an identical run, ``"new-settings"`` continues from the last good checkpoint with the
                 settings given now, False refuses existing checkpoints.
 
         Returns:
-            Logs of the stages (final losses, target statistics).
+            Logs of the fits and stages (e.g. ``invariance/dim``, ``refiner/final_loss``).
         """
-        from .training import FitConfig, fit
+        if phase is not None and phase not in FIT_PHASES:
+            from .config import unknown_name_error
 
+            raise unknown_name_error("add-on fit phase", phase, FIT_PHASES)
+        phases = FIT_PHASES if phase is None else (phase,)
         logs: dict[str, float] = {}
-        was_training = self.training
+        was_training, stage = self.training, self.stage
         try:
-            for addon in self.addons.values():
-                plans, addon_logs = addon.plan_stages(self, dataset, seed=seed, cache_dir=cache_dir, progress=progress)
-                logs.update(addon_logs)
-                for plan in plans:
-                    if plan.stage not in addon.stages:
-                        raise ValueError(
-                            f"the {addon.name!r} add-on planned stage {plan.stage!r}, which it does not declare "
-                            f"(its stages: {list(addon.stages)})."
-                        )
-                    self.set_stage(plan.stage)
-                    config = FitConfig(
-                        steps=plan.steps,
-                        batch_size=plan.batch_size,
-                        lr=plan.lr,
-                        optimizer=plan.optimizer,
-                        weight_decay=plan.weight_decay,
-                        warmup_steps=plan.warmup_steps,
-                        seed=seed,
-                        progress=progress,
-                        # resumable stages: a killed run continues from its last checkpoint, bit-identical
-                        checkpoint_every=None if checkpoint_dir is None else max(1, plan.steps // 5),
-                    )
-                    folder = None if checkpoint_dir is None else Path(checkpoint_dir) / plan.stage
-                    result = fit(self, plan.dataset, config, checkpoint_dir=folder, resume=resume)
-                    logs[f"{plan.stage}/final_loss"] = result.final_loss
+            for current in phases:
+                for addon in self.addons.values():
+                    if addon.fit_phase != current:
+                        continue
+                    if addon.fitted and not refit:
+                        logger.info("the %r add-on is already fitted; kept (fit_addons(refit=True) refits)", addon.name)
+                        continue
+                    result = addon.fit(self, dataset, seed=seed, cache_dir=cache_dir, progress=progress)
+                    self.set_stage(stage)  # an add-on's fit may have run the model
+                    logs.update(result.logs)
+                    for plan in result.stages:
+                        if plan.stage not in addon.stages:
+                            raise ValueError(
+                                f"the {addon.name!r} add-on planned stage {plan.stage!r}, which it does not declare "
+                                f"(its stages: {list(addon.stages)})."
+                            )
+                        logs[f"{plan.stage}/final_loss"] = self._run_stage(plan, seed, progress, checkpoint_dir, resume)
+                        self.set_stage(stage)
         finally:
-            self.set_stage("prompt")
+            self.set_stage(stage)
             self.train(was_training)
         return logs
+
+    def _run_stage(
+        self, plan: StagePlan, seed: int, progress: bool, checkpoint_dir: str | Path | None, resume: bool | str
+    ) -> float:
+        """Train one planned add-on stage with :func:`prompt_robust.fit`; its final loss."""
+        from .training import FitConfig, fit
+
+        self.set_stage(plan.stage)
+        config = FitConfig(
+            steps=plan.steps,
+            batch_size=plan.batch_size,
+            lr=plan.lr,
+            optimizer=plan.optimizer,
+            weight_decay=plan.weight_decay,
+            warmup_steps=plan.warmup_steps,
+            seed=seed,
+            progress=progress,
+            # resumable stages: a killed run continues from its last checkpoint, bit-identical
+            checkpoint_every=None if checkpoint_dir is None else max(1, plan.steps // 5),
+        )
+        folder = None if checkpoint_dir is None else Path(checkpoint_dir) / plan.stage
+        return fit(self, plan.dataset, config, checkpoint_dir=folder, resume=resume).final_loss
+
+    def unfitted_addons(self, phase: str | None = None) -> list[str]:
+        """Names of the enabled add-ons (of ``phase``, if given) that have something to fit and are not fitted."""
+        return [
+            name
+            for name, addon in self.addons.items()
+            if addon.fit_phase is not None and (phase is None or addon.fit_phase == phase) and not addon.fitted
+        ]
 
     # -- composition -----------------------------------------------------------------------------------------
     def unwrap(self) -> nn.Module:
@@ -606,7 +629,7 @@ class RobustPromptModel(nn.Module):
         }
 
     def load_training_state(self, state: Mapping[str, torch.Tensor]) -> None:
-        """Restore :meth:`training_state` into prepared add-ons (after ``prepare_addons`` on a resume)."""
+        """Restore :meth:`training_state` into prepared add-ons (after ``fit_addons`` on a resume)."""
         unknown = sorted({key.split(".", 1)[0] for key in state} - set(self.addons))
         if unknown:
             raise ValueError(

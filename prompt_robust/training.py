@@ -55,8 +55,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from . import _io
-from .config import ConfigMixin, _check, help_field, unknown_name_error
+from . import _io, cache
+from .config import ConfigMixin, _check, help_field
 from .data.items import batch_as_dict, collate_items
 from .eval.metrics import accuracy, accuracy_gap, per_group_accuracy, worst_group_accuracy
 from .layers import module_device, non_finite
@@ -138,27 +138,38 @@ class FitConfig(ConfigMixin):
         'adamw'
     """
 
-    steps: int | None = help_field(None, "Total optimizer steps. When set, overrides epochs.")
-    epochs: int = help_field(1, "Passes over the dataset (used when steps is None).")
-    batch_size: int = help_field(32, "Examples per optimizer step (the last batch of an epoch may be smaller).")
-    lr: float = help_field(2e-3, "Peak learning rate (CoOp: 0.002 with SGD).")
-    optimizer: str = help_field("sgd", "Optimizer: 'sgd' (momentum, as in CoOp) or 'adamw'.")
-    momentum: float = help_field(0.9, "SGD momentum (ignored by adamw).")
-    weight_decay: float = help_field(5e-4, "Weight decay (L2 for sgd, decoupled for adamw).")
-    warmup_steps: int = help_field(0, "Warm-up steps before the cosine decay to 0.")
+    steps: int | None = help_field(None, "Total optimizer steps. When set, overrides epochs.", ge=1)
+    epochs: int = help_field(1, "Passes over the dataset (used when steps is None).", ge=1)
+    batch_size: int = help_field(32, "Examples per optimizer step (the last batch of an epoch may be smaller).", ge=1)
+    lr: float = help_field(2e-3, "Peak learning rate (CoOp: 0.002 with SGD).", gt=0)
+    optimizer: str = help_field(
+        "sgd", "Optimizer: 'sgd' (momentum, as in CoOp) or 'adamw'.", choices="OPTIMIZERS", kind="optimizer"
+    )
+    momentum: float = help_field(0.9, "SGD momentum (ignored by adamw).", ge=0, lt=1)
+    weight_decay: float = help_field(5e-4, "Weight decay (L2 for sgd, decoupled for adamw).", ge=0)
+    warmup_steps: int = help_field(0, "Warm-up steps before the cosine decay to 0.", ge=0)
     warmup: str = help_field(
-        "linear", "Warm-up kind: 'linear' (0 -> lr) or 'constant' (hold warmup_lr, as CoOp's 1e-5 for one epoch)."
+        "linear",
+        "Warm-up kind: 'linear' (0 -> lr) or 'constant' (hold warmup_lr, as CoOp's 1e-5 for one epoch).",
+        choices="WARMUPS",
+        kind="warm-up kind",
     )
-    warmup_lr: float = help_field(1e-5, "Learning rate held during a 'constant' warm-up.")
-    grad_clip: float | None = help_field(None, "Max global L2 norm of the gradients; None: no clipping.")
-    seed: int = help_field(0, "Seeds the data order (per epoch) and torch/random/numpy at the start of a fresh run.")
+    warmup_lr: float = help_field(1e-5, "Learning rate held during a 'constant' warm-up.", gt=0)
+    grad_clip: float | None = help_field(None, "Max global L2 norm of the gradients; None: no clipping.", gt=0)
+    seed: int = help_field(
+        0,
+        "Seeds the data order (per epoch) and torch/random/numpy at the start of a fresh run.",
+        ge=0,
+        le=2**32 - 1,
+        hint="NumPy takes seeds in [0, 2**32 - 1].",
+    )
     checkpoint_every: int | None = help_field(
-        None, "Save a checkpoint every this many steps (and at the end); 0 or None: off. Needs checkpoint_dir."
+        None, "Save a checkpoint every this many steps (and at the end); 0 or None: off. Needs checkpoint_dir.", ge=0
     )
-    keep_checkpoints: int = help_field(2, "Most recent checkpoints kept on disk; older ones are deleted.")
-    log_every: int = help_field(10, "Log the mean loss every this many steps (0: off).")
+    keep_checkpoints: int = help_field(2, "Most recent checkpoints kept on disk; older ones are deleted.", ge=1)
+    log_every: int = help_field(10, "Log the mean loss every this many steps (0: off).", ge=0)
     progress: bool = help_field(True, "Show a tqdm progress bar.")
-    num_workers: int = help_field(0, "DataLoader worker processes.")
+    num_workers: int = help_field(0, "DataLoader worker processes.", ge=0)
 
     OPTIMIZERS: ClassVar[tuple[str, ...]] = ("sgd", "adamw")
     WARMUPS: ClassVar[tuple[str, ...]] = ("linear", "constant")
@@ -168,34 +179,13 @@ class FitConfig(ConfigMixin):
     )
 
     def __post_init__(self) -> None:
-        if self.steps is not None:
-            _int_at_least("steps", self.steps, 1)
-        _int_at_least("epochs", self.epochs, 1)
-        _int_at_least("batch_size", self.batch_size, 1)
-        _check(self.lr > 0, f"lr must be > 0; got {self.lr!r}.")
-        if self.optimizer not in self.OPTIMIZERS:
-            raise unknown_name_error("optimizer", self.optimizer, self.OPTIMIZERS)
-        _check(0 <= self.momentum < 1, f"momentum must be in [0, 1); got {self.momentum!r}.")
-        _check(self.weight_decay >= 0, f"weight_decay must be >= 0; got {self.weight_decay!r}.")
-        _int_at_least("warmup_steps", self.warmup_steps, 0)
+        super().__post_init__()
         if self.steps is not None:
             _check(
                 self.warmup_steps < self.steps,
-                f"warmup_steps ({self.warmup_steps}) must be smaller than steps ({self.steps}); lower warmup_steps.",
+                f"FitConfig.warmup_steps ({self.warmup_steps}) must be smaller than steps ({self.steps}); lower "
+                "warmup_steps.",
             )
-        if self.warmup not in self.WARMUPS:
-            raise unknown_name_error("warm-up kind", self.warmup, self.WARMUPS)
-        _check(self.warmup_lr > 0, f"warmup_lr must be > 0; got {self.warmup_lr!r}.")
-        if self.grad_clip is not None:
-            _check(self.grad_clip > 0, f"grad_clip must be > 0 or None; got {self.grad_clip!r}.")
-        _check(
-            isinstance(self.seed, int) and not isinstance(self.seed, bool), f"seed must be an int; got {self.seed!r}."
-        )
-        if self.checkpoint_every is not None:
-            _int_at_least("checkpoint_every", self.checkpoint_every, 0)
-        _int_at_least("keep_checkpoints", self.keep_checkpoints, 1)
-        _int_at_least("log_every", self.log_every, 0)
-        _int_at_least("num_workers", self.num_workers, 0)
 
 
 @dataclass
@@ -370,95 +360,15 @@ def _library_version() -> str | None:
 # fingerprints: what a checkpoint was written for
 
 
-#: dataset attributes read (never items' images) to recognise a dataset: labels, item identities, class names
-_LABEL_ATTRIBUTES = ("labels", "targets")
-_ITEM_ATTRIBUTES = ("paths", "items", "samples", "imgs", "files")
-_CLASSNAME_ATTRIBUTES = ("classnames", "classes")
+#: keys of a checkpoint's dataset fingerprint written before the shared dataset identity (prompt_robust.cache)
+_LEGACY_DATASET_KEYS = ("items", "indices")
 
 
-def _token(value: Any) -> str:
-    """A deterministic, cheap text form of a label or item identity (never an object's address, never pixels)."""
-    if isinstance(value, torch.Tensor):
-        return repr(value.item()) if value.numel() == 1 else f"tensor{tuple(value.shape)}"
-    if value is None or isinstance(value, (str, int, float, bool)):
-        return repr(value)
-    if isinstance(value, os.PathLike):
-        return os.fspath(value)
-    if isinstance(value, Mapping):
-        return "{" + ",".join(f"{k!r}:{_token(value[k])}" for k in sorted(value, key=str)) + "}"
-    if isinstance(value, (list, tuple)):
-        return "[" + ",".join(_token(v) for v in value) + "]"
-    if hasattr(value, "item") and getattr(value, "size", None) == 1:  # a NumPy scalar or one-element array
-        return repr(value.item())
-    return type(value).__qualname__
-
-
-def _digest(values: Any) -> str:
-    """16 hex digits of SHA-256 over a label or identity sequence: a tensor by its values, anything else by the
-    :func:`_token` of each element."""
-    h = hashlib.sha256()
-    if isinstance(values, torch.Tensor):
-        flat = values.detach().cpu().reshape(-1)  # (n,)
-        flat = flat.to(torch.float64) if flat.is_floating_point() else flat.to(torch.int64)
-        h.update(f"tensor{tuple(values.shape)}:".encode())
-        h.update(flat.numpy().tobytes())
-    else:
-        if hasattr(values, "tolist"):  # a NumPy array
-            values = values.tolist()
-        if isinstance(values, list) and all(type(v) is int for v in values):
-            return _digest(torch.tensor(values, dtype=torch.int64))
-        for value in values:
-            h.update(_token(value).encode())
-            h.update(b"\0")
-    return h.hexdigest()[:16]
-
-
-def _sequence_attribute(obj: Any, names: tuple[str, ...]) -> Any:
-    """The first of ``names`` that ``obj`` has as a sized, non-callable, non-string value, or None."""
-    for name in names:
-        try:
-            value = getattr(obj, name, None)
-        except Exception:  # a property that fails is no identity to record
-            continue
-        if value is None or callable(value) or isinstance(value, (str, bytes)):
-            continue
-        if isinstance(value, torch.Tensor) or (hasattr(value, "__len__") and hasattr(value, "__iter__")):
-            return value
-    return None
-
-
-def _item_label(item: Any) -> Any:
-    if isinstance(item, Mapping):
-        return item.get("labels")
-    if isinstance(item, (tuple, list)) and len(item) == 2:
-        return item[1]
-    return None
-
-
-def _dataset_fingerprint(dataset: Any, depth: int = 0) -> dict[str, Any]:
-    """Cheap identity of a dataset: type, length, and digests of its labels, item identities (paths, ...), class
-    names and subset indices, plus the same for a wrapped ``.dataset``. Items are never loaded, except for a
-    plain list or tuple, whose items are in memory already (their labels are read)."""
-    out: dict[str, Any] = {"type": f"{type(dataset).__module__}.{type(dataset).__qualname__}"}
-    try:
-        out["length"] = len(dataset)
-    except TypeError:
-        pass
-    labels = _sequence_attribute(dataset, _LABEL_ATTRIBUTES)
-    if labels is None and isinstance(dataset, (list, tuple)):
-        labels = [_item_label(item) for item in dataset]
-    for key, value in (
-        ("labels", labels),
-        ("items", _sequence_attribute(dataset, _ITEM_ATTRIBUTES)),
-        ("classnames", _sequence_attribute(dataset, _CLASSNAME_ATTRIBUTES)),
-        ("indices", _sequence_attribute(dataset, ("indices",))),
-    ):
-        if value is not None:
-            out[key] = _digest(value)
-    inner = getattr(dataset, "dataset", None) if depth < 3 else None
-    if inner is not None and inner is not dataset and hasattr(inner, "__getitem__"):
-        out.update({f"dataset.{k}": v for k, v in _dataset_fingerprint(inner, depth + 1).items()})
-    return out
+def _dataset_fingerprint(dataset: Any) -> dict[str, Any]:
+    """The dataset part of a run's fingerprint: its type and :func:`prompt_robust.cache.dataset_identity` without
+    reading any item (fit computes it on every call): length, labels, listed files, class names."""
+    kind = f"{type(dataset).__module__}.{type(dataset).__qualname__}"
+    return {"type": kind, **cache.dataset_identity(dataset, read_items=False)}
 
 
 def _model_classnames(model: nn.Module) -> list[str] | None:
@@ -521,7 +431,10 @@ def _fingerprint_diff(saved: Mapping[str, Any], current: Mapping[str, Any]) -> l
     """Every item in which the run ``current`` differs from the checkpoint's ``saved`` fingerprint."""
     diffs = []
     saved_data, data = saved.get("dataset") or {}, current["dataset"]
-    for key in sorted(set(saved_data) | set(data)):
+    keys = set(saved_data) | set(data)
+    if any(key in _LEGACY_DATASET_KEYS or key.startswith("dataset.") for key in saved_data):
+        keys = set(saved_data) & set(data)  # written by an older version: compare the parts both record
+    for key in sorted(keys):
         if saved_data.get(key) != data.get(key):
             diffs.append(f"dataset {key}: {_show(saved_data.get(key))} -> {_show(data.get(key))}")
     if saved.get("classnames") != current["classnames"]:
@@ -993,6 +906,20 @@ def _diverged_message(
 # fit / evaluate
 
 
+def _fit_missing_addons(
+    model: nn.Module, dataset: Dataset, config: FitConfig, checkpoint_dir: str | os.PathLike | None
+) -> None:
+    """Before the prompt stage of a wrapped model: fit the add-ons prompt tuning needs (a feature flow, a
+    projection, group statistics) that are not fitted yet, as ``model.fit_addons(phase="before_prompt")`` would,
+    seeded by ``config.seed`` and cached under ``<checkpoint_dir>/addon_cache``."""
+    unfitted = getattr(model, "unfitted_addons", None)
+    if getattr(model, "stage", None) != "prompt" or not callable(unfitted) or not unfitted("before_prompt"):
+        return
+    logger.info("fit: fitting the add-ons %s before tuning the prompt (model.fit_addons)", unfitted("before_prompt"))
+    cache = Path(checkpoint_dir) / "addon_cache" if checkpoint_dir is not None else None
+    model.fit_addons(dataset, phase="before_prompt", seed=config.seed, cache_dir=cache, progress=config.progress)
+
+
 def fit(
     model: nn.Module,
     dataset: Dataset,
@@ -1009,6 +936,10 @@ def fit(
     with ``requires_grad=True``. Batches are moved to the device of the first trainable parameter. A fresh run
     seeds torch, ``random`` and NumPy with ``config.seed``; a resumed run restores their states instead, so it
     ends bit-identical to an uninterrupted run.
+
+    For a wrapped model (:func:`prompt_robust.wrap`) in its ``"prompt"`` stage, the add-ons that prompt tuning
+    needs and that are not fitted yet (the counterfactual generator, the invariant projection, the debias groups)
+    are fitted on ``dataset`` first, as ``model.fit_addons(dataset, phase="before_prompt")`` does.
 
     Faults (see the quickstart's "What a training run guarantees"):
 
@@ -1087,6 +1018,7 @@ def fit(
     n = len(dataset)
     if n == 0:
         raise ValueError("the dataset is empty; fit needs at least one example.")
+    _fit_missing_addons(model, dataset, config, checkpoint_dir)
     steps_per_epoch = math.ceil(n / config.batch_size)
     total_steps = config.steps if config.steps is not None else config.epochs * steps_per_epoch
     if config.warmup_steps >= total_steps:

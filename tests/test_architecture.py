@@ -22,6 +22,7 @@ import torch
 
 import prompt_robust
 from prompt_robust.addons import ADDONS, RobustAddon, register_addon
+from prompt_robust.addons.base import AddonFit, ForwardState, LossTerms
 from prompt_robust.config import ConfigMixin
 
 PACKAGE = Path(prompt_robust.__file__).resolve().parent
@@ -236,14 +237,31 @@ class ToyShift(RobustAddon):
     description = "Adds a trainable constant to the first class's logit."
     order = 50
 
+    fit_phase = "before_prompt"
+
     def __init__(self, learner, config: ToyShiftConfig) -> None:
         super().__init__(learner, config)
         self.shift = torch.nn.Parameter(torch.tensor(float(config.shift)))
+        self.register_buffer("seen", torch.zeros((), dtype=torch.long))  # training images fitted on (saved)
 
-    def adjust_output(self, output):
-        offset = torch.zeros_like(output.logits)
+    @property
+    def fitted(self) -> bool:
+        return int(self.seen) > 0
+
+    def fit(self, model, dataset, *, seed=0, cache_dir=None, progress=True) -> AddonFit:
+        self.seen.fill_(len(dataset))
+        return AddonFit(logs={"toy_shift/seen": float(len(dataset))})
+
+    def adjust_output(self, state: ForwardState):
+        offset = torch.zeros_like(state.output.logits)
         offset[..., 0] = self.shift
-        return dataclasses.replace(output, logits=output.logits + offset)
+        return dataclasses.replace(state.output, logits=state.output.logits + offset)
+
+    def loss_terms(self, state: ForwardState) -> LossTerms:
+        # weight the first sample twice: the wrapped model's loss is the weighted mean of the cross-entropy
+        weights = torch.ones(state.pixel_values.shape[0])
+        weights[0] = 2.0
+        return LossTerms(weights=weights, logs={"toy_shift/seen": float(self.seen)})
 
 
 @pytest.fixture
@@ -272,9 +290,25 @@ def test_an_addon_registered_from_outside_works_end_to_end(toy_registered, bb, t
     assert torch.equal(shifted[:, 1:], plain[:, 1:])
     with torch.no_grad():
         model.addons["toy_shift"].shift.fill_(-1.5)  # as if trained
+    # the training loss is the add-on's weighted mean (sample 0 counts twice), with its logs
+    labels = torch.tensor([0, 2])
+    model.train()
+    out = model(pixels, labels=labels)
+    ce = torch.nn.functional.cross_entropy(out.logits, labels, reduction="none")
+    assert torch.allclose(out.loss, (2 * ce[0] + ce[1]) / 3) and out.logs == {"toy_shift/seen": 0.0}
+    # prompt_robust.fit fits the unfitted before-prompt add-on first; fit_addons then keeps it
+    assert model.unfitted_addons() == ["toy_shift"]
+    data = [(pixels[i], int(labels[i])) for i in range(2)]
+    pr.fit(model, data, pr.FitConfig(steps=1, batch_size=2, warmup_steps=0, progress=False))
+    assert int(model.addons["toy_shift"].seen) == 2 and model.unfitted_addons() == []
+    assert model.fit_addons(data[:1], progress=False) == {}  # already fitted: kept
+    assert model.fit_addons(data[:1], refit=True, progress=False) == {"toy_shift/seen": 1.0}
+    with torch.no_grad():
+        plain = model.learner(pixels).logits  # the prompt was tuned one step
     model.save_pretrained(tmp_path / "adapter")
     loaded = pr.RobustPromptModel.from_pretrained(tmp_path / "adapter", backbone=bb)
-    assert float(loaded.addons["toy_shift"].shift) == -1.5
+    assert float(loaded.addons["toy_shift"].shift) == -1.5 and loaded.addons["toy_shift"].fitted
+    loaded.eval()
     with torch.no_grad():
         assert torch.allclose(loaded(pixels).logits[:, 0], plain[:, 0] - 1.5, atol=1e-5)
 

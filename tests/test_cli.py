@@ -143,7 +143,7 @@ def test_train_with_the_refiner_saves_a_trained_refiner(backbone_dir, tmp_path, 
     from prompt_robust.model import RobustPromptModel
 
     model = RobustPromptModel.from_pretrained(run / "adapter", backbone=load_backbone(str(backbone_dir)))
-    assert model.addons["refiner"].ready and int(model.addons["refiner"].trained_steps) == 4
+    assert model.addons["refiner"].fitted and int(model.addons["refiner"].trained_steps) == 4
     assert model.config.refiner.hidden_dim == 16
     assert cli.main(argv) == 2 and "already holds an adapter" in capsys.readouterr().err
     assert cli.main(["eval", *common, "--adapter", str(run / "adapter")]) == 0

@@ -13,6 +13,7 @@ from test_custom_learner import MyTextBias
 
 import prompt_robust as pr
 import prompt_robust.addons.counterfactual  # registers the "counterfactual" add-on
+from prompt_robust.addons.base import ForwardState
 from prompt_robust.addons.counterfactual import (
     CounterfactualGenerator,
     FeatureFlow,
@@ -44,7 +45,7 @@ def build(bb, name="coop", **counterfactual):
 def prepared(bb, train_data):
     """A CoOp model whose feature flow is trained (module-wide; tests only read it)."""
     learner, model = build(bb, "coop")
-    model.prepare_addons(train_data, progress=False)
+    model.fit_addons(train_data, progress=False)
     return learner, model
 
 
@@ -107,7 +108,7 @@ def toy():
     features, labels = _mixture(300, seed=0)
     flow = FeatureFlow(feature_dim=2, num_classes=3, hidden_dim=64, depth=1)
     result = fit_feature_flow(flow, features, labels, steps=600, lr=3e-3, batch_size=256, progress=False)
-    assert flow.ready and math.isfinite(result.final_loss)
+    assert flow.fitted and math.isfinite(result.final_loss)
     held_out, held_labels = _mixture(150, seed=1)
     probe = fit_linear_probe(held_out, held_labels, 3)
     queries = _mixture(120, seed=2)[0][:120:3]  # 40 class-0 points
@@ -258,12 +259,13 @@ def test_regularizer_gradient_reaches_only_the_prompt(bb, train_data, batch, nam
     learner, model = build(bb, name, num_counterfactuals=2)
     addon = model.addons["counterfactual"]
     assert model.stages() == ["prompt"]  # the flow is no training stage of its own
-    logs = model.prepare_addons(train_data, progress=False)
+    logs = model.fit_addons(train_data, progress=False)
     assert logs["counterfactual/num_features"] == N_TRAIN and math.isfinite(logs["counterfactual/flow_loss"])
-    assert addon.ready and all(not p.requires_grad for p in addon.flow.parameters())
+    assert addon.fitted and all(not p.requires_grad for p in addon.flow.parameters())
     model.train()
     output = learner(batch["pixel_values"])
-    loss, logs = addon.extra_loss(batch, output)
+    terms = addon.loss_terms(ForwardState.for_batch(learner, batch, output))
+    loss, logs = terms.loss, terms.logs
     assert loss.dim() == 0 and math.isfinite(float(loss.detach()))
     assert set(logs) == {
         "counterfactual/loss",
@@ -285,7 +287,8 @@ def test_loss_is_infonce_with_counterfactual_negatives(prepared, batch):
     addon = model.addons["counterfactual"]
     model.train()
     output = learner(batch["pixel_values"])
-    loss, logs = addon.extra_loss(batch, output)
+    terms = addon.loss_terms(ForwardState.for_batch(learner, batch, output))
+    loss, logs = terms.loss, terms.logs
     z = learner.image_features(batch["pixel_values"])
     cf, targets = addon.counterfactuals(z, batch["labels"], scores=output.logits, text_features=output.text_features)
     assert cf.shape == (4, 1, z.shape[1]) and (targets != batch["labels"][:, None]).all()
@@ -322,7 +325,7 @@ def test_counterfactuals_move_features_toward_the_target_class(prepared, train_d
 
 def test_visual_only_prompts_get_a_warning_not_a_silent_no_op(bb, train_data, batch):
     _, model = build(bb, "vpt")
-    model.prepare_addons(train_data, progress=False)
+    model.fit_addons(train_data, progress=False)
     model.train()
     with pytest.warns(UserWarning, match="does not reach any trainable tensor"):
         model(**batch)
@@ -335,9 +338,9 @@ def test_combines_with_the_refiner(bb, train_data, batch):
     config = pr.RobustConfig(refiner=refiner, counterfactual=pr.CounterfactualConfig(**SMALL))
     model = pr.wrap(learner, config)
     assert model.stages() == ["prompt", "refiner", "refiner_joint"]
-    model.prepare_addons(train_data, progress=False)
     model.fit_addons(train_data, progress=False)
-    assert model.addons["refiner"].ready and model.stage == "prompt"
+    model.fit_addons(train_data, progress=False)
+    assert model.addons["refiner"].fitted and model.stage == "prompt"
     model.train()
     out = model(**batch)
     # refined per-sample prompts give per-sample text features (b, n_cls, d); the regularizer uses them
@@ -369,7 +372,7 @@ def test_combines_with_the_refiner(bb, train_data, batch):
         ({"proximity_weight": 1.0}, r"proximity_weight must be in \[0, 1\)"),
         ({"proximity_search": -1}, "proximity_search must be an integer >= 0"),
         ({"proximity_weight": 0.5, "proximity_max": 0.4}, r"proximity_max must be in \(proximity_weight=0.5, 1\)"),
-        ({"validity_margin": -0.1}, "validity_margin must be a number >= 0"),
+        ({"validity_margin": -0.1}, "validity_margin must be >= 0"),
         ({"guidance_scale": -1.0}, "guidance_scale must be >= 0"),
         ({"negative_guidance": -0.5}, "negative_guidance must be >= 0"),
         ({"num_counterfactuals": 0}, "num_counterfactuals must be an integer >= 1; got 0"),
@@ -401,11 +404,11 @@ def test_config_round_trips_through_json():
         pr.CounterfactualConfig.from_dict({"guidance": 2.0})
 
 
-def test_extra_loss_before_prepare_says_to_prepare(bb, batch):
+def test_loss_before_fitting_says_to_fit(bb, batch):
     _, model = build(bb, "coop")
-    assert not model.addons["counterfactual"].ready
+    assert not model.addons["counterfactual"].fitted
     model.train()
-    with pytest.raises(RuntimeError, match=r"feature flow is not fitted.*model\.prepare_addons\(train_data\)"):
+    with pytest.raises(RuntimeError, match=r"feature flow is not fitted.*model\.fit_addons\(train_data\)"):
         model(**batch)
     model(batch["pixel_values"])  # predicting needs no counterfactual (no labels, no loss)
 
@@ -421,7 +424,7 @@ class _BiasWithClasses(MyTextBias):
 def test_learner_without_text_features_gets_a_clear_error(bb, train_data, batch):
     learner = _BiasWithClasses(bb, CLASSNAMES)
     model = pr.wrap(learner, pr.RobustConfig(counterfactual=pr.CounterfactualConfig(**SMALL)))
-    model.prepare_addons(train_data, progress=False)
+    model.fit_addons(train_data, progress=False)
     with pytest.raises(ValueError, match=r"needs the class text features.*without `text_features`.*LearnerOutput"):
         model(**batch)
 
@@ -448,7 +451,7 @@ def test_labels_outside_the_prepared_classes_are_refused(prepared):
 
 def test_prepare_is_seeded_and_cached_without_overwriting(bb, train_data, tmp_path):
     _, first = build(bb, "coop")
-    logs = first.prepare_addons(train_data, seed=3, cache_dir=tmp_path, progress=False)
+    logs = first.fit_addons(train_data, seed=3, cache_dir=tmp_path, progress=False)
     assert logs["counterfactual/flow_cached"] == 0.0
     folders = sorted(tmp_path.glob("counterfactual-flow-*"))
     assert len(folders) == 1 and {p.name for p in folders[0].iterdir()} == {"flow.safetensors", "flow.json"}
@@ -456,19 +459,19 @@ def test_prepare_is_seeded_and_cached_without_overwriting(bb, train_data, tmp_pa
     state = {k: v.clone() for k, v in first.addons["counterfactual"].flow.state_dict().items()}
 
     _, again = build(bb, "coop")
-    again_logs = again.prepare_addons(train_data, seed=3, cache_dir=tmp_path, progress=False)
+    again_logs = again.fit_addons(train_data, seed=3, cache_dir=tmp_path, progress=False)
     assert again_logs["counterfactual/flow_cached"] == 1.0
     assert again_logs["counterfactual/flow_loss"] == pytest.approx(logs["counterfactual/flow_loss"])
     for key, value in again.addons["counterfactual"].flow.state_dict().items():
         assert torch.equal(value, state[key]), key
 
     _, uncached = build(bb, "coop")  # the same seed without a cache trains the same flow
-    uncached.prepare_addons(train_data, seed=3, progress=False)
+    uncached.fit_addons(train_data, seed=3, progress=False)
     for key, value in uncached.addons["counterfactual"].flow.state_dict().items():
         assert torch.equal(value, state[key]), key
 
     _, other = build(bb, "coop")  # another seed: another cache entry, the first one untouched
-    other.prepare_addons(train_data, seed=4, cache_dir=tmp_path, progress=False)
+    other.fit_addons(train_data, seed=4, cache_dir=tmp_path, progress=False)
     assert len(list(tmp_path.glob("counterfactual-flow-*"))) == 2
     assert (folders[0] / "flow.safetensors").read_bytes() == saved
     assert not torch.equal(other.addons["counterfactual"].flow.net.outputs.weight, state["net.outputs.weight"])
@@ -476,8 +479,7 @@ def test_prepare_is_seeded_and_cached_without_overwriting(bb, train_data, tmp_pa
     (folders[0] / "flow.safetensors").write_bytes(b"damaged")  # a damaged entry is retrained, not trusted
     _, repaired = build(bb, "coop")
     assert (
-        repaired.prepare_addons(train_data, seed=3, cache_dir=tmp_path, progress=False)["counterfactual/flow_cached"]
-        == 0.0
+        repaired.fit_addons(train_data, seed=3, cache_dir=tmp_path, progress=False)["counterfactual/flow_cached"] == 0.0
     )
     for key, value in repaired.addons["counterfactual"].flow.state_dict().items():
         assert torch.equal(value, state[key]), key
@@ -502,7 +504,7 @@ def test_save_and_load_give_identical_counterfactuals_and_loss(prepared, bb, bat
         loaded = pr.RobustPromptModel.from_pretrained(tmp_path / "adapter", backbone=bb)
         loaded.train()
         loaded_addon = loaded.addons["counterfactual"]
-        assert loaded_addon.ready
+        assert loaded_addon.fitted
         assert float(loaded_addon.flow.feature_scale) == float(addon.flow.feature_scale)
         with torch.no_grad():
             loaded_out = loaded(**batch)
@@ -546,7 +548,7 @@ def test_attribute_offsets_recover_the_attribute_directions_without_the_class(bb
     _, model = build(bb, "coop", twin="attribute", attribute_values=["grass", "water"])
     addon = model.addons["counterfactual"]
     logs = addon.fit_attribute_offsets(features, labels)
-    assert addon.ready and logs["counterfactual/attribute_share/water"] == pytest.approx(0.5)
+    assert addon.fitted and logs["counterfactual/attribute_share/water"] == pytest.approx(0.5)
     z = F.normalize(features, dim=-1)
     twins, read, targets = addon.attribute_twins(z)
     assert torch.equal(read, attributes) and torch.equal(targets, 1 - attributes)
@@ -572,9 +574,9 @@ def _split_by_sign(monkeypatch, d: int) -> None:
 def test_attribute_twin_loss_is_the_twins_cross_entropy_and_reaches_the_prompt(bb, train_data, batch, monkeypatch):
     _split_by_sign(monkeypatch, bb.embed_dim)
     learner, model = build(bb, "coop", twin="attribute", attribute_values=["grass", "water"])
-    model.prepare_addons(train_data, progress=False)
+    model.fit_addons(train_data, progress=False)
     addon = model.addons["counterfactual"]
-    assert addon.ready and not addon.flow.ready  # no feature flow is trained for attribute twins
+    assert addon.fitted and not addon.flow.fitted  # no feature flow is trained for attribute twins
     model.train()
     torch.manual_seed(3)
     out = model(**batch)
@@ -595,11 +597,11 @@ def test_attribute_twin_loss_is_the_twins_cross_entropy_and_reaches_the_prompt(b
 def test_attribute_twins_survive_save_and_load(bb, train_data, batch, tmp_path, monkeypatch):
     _split_by_sign(monkeypatch, bb.embed_dim)
     _, model = build(bb, "coop", twin="attribute", attribute_values=["grass", "water"])
-    model.prepare_addons(train_data, progress=False)
+    model.fit_addons(train_data, progress=False)
     model.save_pretrained(tmp_path / "adapter")
     loaded = pr.RobustPromptModel.from_pretrained(tmp_path / "adapter", backbone=bb)
     a, b = model.addons["counterfactual"], loaded.addons["counterfactual"]
-    assert b.ready
+    assert b.fitted
     z = a.learner.image_features(batch["pixel_values"])
     targets = torch.tensor([1, 0, 1, 0])
     torch.testing.assert_close(a.attribute_twins(z, targets)[0], b.attribute_twins(z, targets)[0], atol=0, rtol=0)
@@ -616,7 +618,7 @@ def test_an_attribute_value_nobody_has_is_refused(bb, monkeypatch):
     _, model = build(bb, "coop", twin="attribute", attribute_values=["grass", "lava"])
     with pytest.raises(ValueError, match=r"no training image is read as \['lava'\]"):
         model.addons["counterfactual"].fit_attribute_offsets(features, labels)
-    assert not model.addons["counterfactual"].ready
+    assert not model.addons["counterfactual"].fitted
 
 
 def test_a_value_nobody_has_is_dropped_when_two_remain(bb, monkeypatch, caplog):
@@ -631,7 +633,7 @@ def test_a_value_nobody_has_is_dropped_when_two_remain(bb, monkeypatch, caplog):
     with caplog.at_level("WARNING"):
         logs = addon.fit_attribute_offsets(features, labels)
     assert "['lava']" in caplog.text and logs["counterfactual/attribute_values_seen"] == 2.0
-    assert addon.ready and addon.attribute_seen.tolist() == [True, True, False]
+    assert addon.fitted and addon.attribute_seen.tolist() == [True, True, False]
     z = F.normalize(features, dim=-1)
     _, read, targets = addon.attribute_twins(z)
     assert torch.equal(read, attributes) and torch.equal(targets, 1 - attributes)  # never towards "lava"

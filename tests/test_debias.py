@@ -92,7 +92,7 @@ def wrapped(config: pr.DebiasConfig | None):
 
 def prepared(config: pr.DebiasConfig, data: TaskData):
     model = wrapped(config)
-    model.prepare_addons(data, progress=False)
+    model.fit_addons(data, progress=False)
     return model, model.addons["debias"]
 
 
@@ -167,15 +167,15 @@ def test_addon_tracks_true_class_probability_and_weights_by_formula(train):
     logits = torch.tensor([[2.0, 0.0], [0.0, 1.0], [0.0, 3.0]])  # true-class probabilities p0, p1, p2
     p = logits.softmax(-1)[torch.arange(3), labels].double()
     model.train()
-    weights = addon.sample_weights({"pixel_values": x, "labels": labels}, logits)
+    weights = addon.batch_weights({"pixel_values": x, "labels": labels}, logits)[0]
     expected_p = torch.tensor([0.5 * 0.5 + 0.5 * p[0], 0.5 * 0.5 + 0.5 * p[1], 0.5 * 0.5 + 0.5 * p[2], 0.5])
     assert addon.mean_true_prob.tolist() == pytest.approx(expected_p.tolist(), rel=1e-6)
     group_w = db.dpt_group_weights(torch.tensor([190, 10, 10, 190]), expected_p, eta=2.0)
     assert weights.tolist() == pytest.approx(group_w[[0, 1, 2]].tolist(), rel=1e-6)
     assert not weights.requires_grad
-    # eval mode (e.g. a validation loss): weights but no update
+    # not a training step (e.g. a validation loss): weights but no update
     model.eval()
-    addon.sample_weights({"pixel_values": x, "labels": labels}, logits * 5)
+    addon.batch_weights({"pixel_values": x, "labels": labels}, logits * 5, train=False)
     assert addon.mean_true_prob.tolist() == pytest.approx(expected_p.tolist(), rel=1e-6)
     # the group weights are logged through the wrapped model's output
     model.train()
@@ -194,7 +194,7 @@ def test_pseudo_labelling_takes_no_attribute_and_never_reads_one(train):
     pseudo = db.pseudo_attribute_labels(FeatureLearner(), GuardedItems(train), VALUES, progress=False)
     assert torch.equal(pseudo, train.groups % 2)
     model = wrapped(pr.DebiasConfig(attribute_values=VALUES))
-    model.prepare_addons(GuardedItems(train), progress=False)
+    model.fit_addons(GuardedItems(train), progress=False)
     assert torch.equal(model.addons["debias"].pseudo_labels, train.groups % 2)
 
 
@@ -206,8 +206,8 @@ def test_pseudo_weights_ignore_true_groups_in_the_batch(train, with_index):
     if with_index:
         batch["index"] = torch.arange(0, 40, 3)
     logits = torch.randn(len(batch["labels"]), 2, generator=torch.Generator().manual_seed(0))
-    reference = addon.sample_weights(NoGroups(batch), logits)  # reading "groups" would fail
-    garbage = addon.sample_weights({**batch, "groups": torch.full_like(batch["labels"], 987)}, logits)
+    reference = addon.batch_weights(NoGroups(batch), logits, train=False)[0]  # reading "groups" would fail
+    garbage = addon.batch_weights({**batch, "groups": torch.full_like(batch["labels"], 987)}, logits, train=False)[0]
     assert torch.equal(reference, garbage)
 
 
@@ -283,21 +283,21 @@ def test_oracle_and_groupdro_without_groups_fail_clearly(train):
     for mode in ("oracle", "groupdro"):
         model = wrapped(pr.DebiasConfig(mode=mode))
         with pytest.raises(ValueError, match=r"item key 'groups'.*load_waterbirds.*load_celeba.*spurious_train"):
-            model.prepare_addons(no_groups, progress=False)
-        model.prepare_addons(train, progress=False)
+            model.fit_addons(no_groups, progress=False)
+        model.fit_addons(train, progress=False)
         with pytest.raises(ValueError, match=r"batch key 'groups'.*load_waterbirds.*mode='pseudo'"):
             model(train.pixel_values[:4], labels=train.labels[:4])
 
 
 def test_training_before_prepare_and_jtt_misuse_fail_clearly(train):
     model = wrapped(pr.DebiasConfig(attribute_values=VALUES))
-    with pytest.raises(RuntimeError, match=r"call model.prepare_addons\(train\)"):
+    with pytest.raises(RuntimeError, match=r"call model.fit_addons\(train\)"):
         model(train.pixel_values[:4], labels=train.labels[:4])
     jtt = wrapped(pr.DebiasConfig(mode="jtt"))
     with pytest.raises(ValueError, match=r"jtt_error_set\(erm_model, train\).*set_error_set"):
-        jtt.prepare_addons(train, progress=False)
+        jtt.fit_addons(train, progress=False)
     jtt.addons["debias"].set_error_set([1, 2])
-    jtt.prepare_addons(train, progress=False)
+    jtt.fit_addons(train, progress=False)
     with pytest.raises(ValueError, match=r"needs the batch key 'index'.*with_index"):
         jtt(train.pixel_values[:4], labels=train.labels[:4])
 
@@ -313,7 +313,7 @@ def test_groupdro_moves_weight_to_the_group_with_the_highest_loss(train):
     model.train()
     batch = {"pixel_values": torch.zeros(4, DIM), "labels": labels, "groups": groups}
     for step in range(1, 4):
-        weights = addon.sample_weights(batch, logits)
+        weights = addon.batch_weights(batch, logits)[0]
         expected = torch.softmax(0.5 * step * losses, dim=0)  # q ∝ exp(η Σ_t L_g) from uniform
         assert addon.group_q.tolist() == pytest.approx(expected.tolist(), rel=1e-9)
     assert int(addon.group_q.argmax()) == 1 and int(weights.argmax()) == 1
@@ -329,11 +329,11 @@ def test_jtt_error_set_and_upweighting(train):
     assert torch.equal(errors, minority)
     model = wrapped(pr.DebiasConfig(mode="jtt", jtt_upweight=7.0))
     model.addons["debias"].set_error_set(errors)
-    model.prepare_addons(train, progress=False)
+    model.fit_addons(train, progress=False)
     data = db.with_index(train)
     index = torch.arange(180, 220)  # majority and minority examples
     batch = {key: torch.stack([torch.as_tensor(data[int(i)][key]) for i in index]) for key in data[0]}
-    weights = model.addons["debias"].sample_weights(batch, torch.zeros(len(index), 2))
+    weights = model.addons["debias"].batch_weights(batch, torch.zeros(len(index), 2))[0]
     expected = torch.where(torch.isin(index, errors), 7.0, 1.0)
     assert torch.equal(weights, expected)
 
@@ -341,7 +341,7 @@ def test_jtt_error_set_and_upweighting(train):
 # -- end to end ------------------------------------------------------------------------------------------------------
 def _train_and_evaluate(config, train, test_set, *, indexed=False):
     model = wrapped(config)
-    model.prepare_addons(train, progress=False)
+    model.fit_addons(train, progress=False)
     data = db.with_index(train) if indexed else train
     fit(model, data, FitConfig(steps=150, batch_size=50, lr=0.05, warmup_steps=0, seed=0, progress=False))
     return evaluate(model, test_set, groups_key="groups")
@@ -355,7 +355,7 @@ def test_fit_checkpoints_carry_the_running_group_statistics(train, tmp_path, con
 
     def prepared():
         model = wrapped(config)
-        model.prepare_addons(train, progress=False)
+        model.fit_addons(train, progress=False)
         return model
 
     straight = prepared()
@@ -407,15 +407,15 @@ def test_debias_addon_on_a_clip_learner_trains_and_saves_nothing(clip_backbone, 
     torch.manual_seed(0)
     learner = pr.build_learner("coop", backbone, CLASSNAMES, n_ctx=4)
     model = pr.wrap(learner, pr.RobustConfig(debias=pr.DebiasConfig(attribute_values=["grass", "water"])))
-    logs = model.prepare_addons(data, progress=False)
+    logs = model.fit_addons(data, progress=False)
     addon = model.addons["debias"]
     assert addon.num_groups == len(CLASSNAMES) * 2 and int(addon.group_counts.sum()) == 12
     assert sum(v for k, v in logs.items() if k.startswith("debias/pseudo_fraction/")) == pytest.approx(1.0)
     model.eval()
-    fly = addon.sample_weights({"pixel_values": images, "labels": labels}, model(images).logits)
-    looked_up = addon.sample_weights(
-        {"pixel_values": images, "labels": labels, "index": torch.arange(12)}, model(images).logits
-    )
+    fly = addon.batch_weights({"pixel_values": images, "labels": labels}, model(images).logits, train=False)[0]
+    looked_up = addon.batch_weights(
+        {"pixel_values": images, "labels": labels, "index": torch.arange(12)}, model(images).logits, train=False
+    )[0]
     assert torch.allclose(fly, looked_up)
     result = fit(model, db.with_index(data), FitConfig(steps=2, batch_size=6, warmup_steps=0, progress=False))
     assert math.isfinite(result.final_loss)

@@ -197,7 +197,7 @@ def test_coop_refiner_b2n_example(tmp_path, capsys):
     backbone = pr.load_backbone("embedded")
     loaded = pr.RobustPromptModel.from_pretrained(tmp_path / "a" / "adapter", backbone=backbone)
     assert loaded.learner.classnames == list(BASE_CLASSES)
-    assert loaded.addons["refiner"].ready and int(loaded.addons["refiner"].trained_steps) == 3
+    assert loaded.addons["refiner"].fitted and int(loaded.addons["refiner"].trained_steps) == 3
     tasks = WorldTasks(backbone.image_size, backbone.image_mean, backbone.image_std, test_per_class=2)
     base_test, new_test = tasks.base_to_new_test()
     assert evaluate(loaded, base_test)["accuracy"] == results["coop+refiner"]["base"]
@@ -318,7 +318,7 @@ def test_icm_example_on_the_embedded_task(tmp_path, capsys):
     # the saved adapter (zero-shot CLIP + the projection) is the ICM zero-shot predictor; without it, zero-shot
     backbone = pr.load_backbone("embedded")
     loaded = pr.RobustPromptModel.from_pretrained(tmp_path / "a" / "adapter", backbone=backbone)
-    assert bool(loaded.addons["invariance"].fitted) and int(loaded.addons["invariance"].kept_dim) == record["dim"]
+    assert loaded.addons["invariance"].fitted and int(loaded.addons["invariance"].kept_dim) == record["dim"]
     tests = WorldTasks(backbone.image_size, backbone.image_mean, backbone.image_std, test_per_class=2).dg_test()
     for style, data in tests.items():
         assert evaluate(loaded, data)["accuracy"] == pytest.approx(record["results"]["icm_zero_shot"][style])

@@ -269,13 +269,13 @@ def test_addon_identity_before_prepare_then_projected_logits(hf_backbone, images
     learner = pr.build_learner("coop", hf_backbone, CLASSNAMES, n_ctx=4)
     model = pr.wrap(learner, pr.RobustConfig(invariance=pr.InvarianceConfig()))
     addon = model.addons["invariance"]
-    assert isinstance(addon, inv.InvariantProjection) and not bool(addon.fitted)
+    assert isinstance(addon, inv.InvariantProjection) and not addon.fitted
     model.eval()
     with torch.no_grad():
         assert torch.equal(model(images).logits, learner(images).logits)  # identity before prepare
 
-    logs = model.prepare_addons(_train_data(hf_backbone), seed=0, cache_dir=tmp_path, progress=False)
-    assert bool(addon.fitted)
+    logs = model.fit_addons(_train_data(hf_backbone), seed=0, cache_dir=tmp_path, progress=False)
+    assert addon.fitted
     assert logs["invariance/lam"] in pr.InvarianceConfig().lam_grid
     assert int(addon.kept_dim) in inv.dims_from_fractions(hf_backbone.embed_dim, pr.InvarianceConfig().dim_fractions)
     assert 0.0 <= logs["invariance/val_accuracy"] <= 1.0
@@ -291,7 +291,7 @@ def test_addon_identity_before_prepare_then_projected_logits(hf_backbone, images
     basis = addon.basis.clone()
     learner.image_features = _fail  # an instance attribute shadows the method
     try:
-        model.prepare_addons(_train_data(hf_backbone), seed=0, cache_dir=tmp_path, progress=False)
+        model.fit_addons(_train_data(hf_backbone), seed=0, cache_dir=tmp_path, progress=False)
     finally:
         del learner.image_features
     assert torch.equal(addon.basis, basis)
@@ -306,7 +306,7 @@ def test_addon_round_trip_and_gradients(hf_backbone, images, tmp_path):
     config = pr.InvarianceConfig(lam=1.0, dim=8, interventions=["grayscale", "gaussian_blur"], text_interventions=True)
     learner = pr.build_learner("coop", hf_backbone, CLASSNAMES, n_ctx=4)
     model = pr.wrap(learner, pr.RobustConfig(invariance=config))
-    logs = model.prepare_addons(_train_data(hf_backbone), progress=False)
+    logs = model.fit_addons(_train_data(hf_backbone), progress=False)
     assert logs["invariance/dim"] == 8 and "invariance/val_accuracy" not in logs  # nothing to choose
     addon = model.addons["invariance"]
     assert int(addon.kept_dim) == 8 and addon.projection.shape == (hf_backbone.embed_dim, 8)
@@ -317,7 +317,7 @@ def test_addon_round_trip_and_gradients(hf_backbone, images, tmp_path):
         assert not torch.allclose(before, learner(images).logits)  # k = 8 < 32 changes the logits
     model.save_pretrained(tmp_path / "adapter")
     loaded = pr.RobustPromptModel.from_pretrained(tmp_path / "adapter", backbone=hf_backbone).eval()
-    assert bool(loaded.addons["invariance"].fitted)
+    assert loaded.addons["invariance"].fitted
     with torch.no_grad():
         torch.testing.assert_close(loaded(images).logits, before, atol=0, rtol=0)
 
@@ -371,7 +371,7 @@ def test_addon_errors(hf_backbone, images):
     # zero-shot selection needs class names: the error names the way out
     selecting = pr.wrap(LogitsOnly(), pr.RobustConfig(invariance=pr.InvarianceConfig(interventions=["invert"])))
     with pytest.raises(ValueError, match="selection='linear_probe'"):
-        selecting.prepare_addons(_train_data(hf_backbone), progress=False)
+        selecting.fit_addons(_train_data(hf_backbone), progress=False)
 
 
 @pytest.mark.parametrize(
@@ -430,7 +430,7 @@ def test_intervention_params_set_the_strength_of_the_pairs(hf_backbone, tmp_path
     config = pr.InvarianceConfig(
         lam=1.0, dim=8, interventions=["posterize"], intervention_params={"posterize": {"bits": 7}}
     )
-    pr.wrap(learner, pr.RobustConfig(invariance=config)).prepare_addons(data, progress=False)
+    pr.wrap(learner, pr.RobustConfig(invariance=config)).fit_addons(data, progress=False)
     assert seen == {"posterize": {"bits": 7}}
 
 

@@ -206,7 +206,7 @@ def test_overfitting_lowers_every_samples_loss(bb, train_data, name):
 def test_untrained_refiner_is_the_identity(bb, test_images, name):
     learner, model = build(bb, name)
     refiner = model.addons["refiner"]
-    assert refiner.ready is False
+    assert refiner.fitted is False
     for mode in (True, False):
         model.train(mode)
         assert torch.equal(model(test_images).logits, learner(test_images).logits)
@@ -246,7 +246,7 @@ def test_joint_stage_trains_the_prompt_only_when_asked(bb, train_data, train_pro
     learner, model = build(bb, "coop", train_steps=5, joint_train_prompt=train_prompt)
     refiner = model.addons["refiner"]
     model.fit_addons(train_data, progress=False)
-    assert refiner.ready
+    assert refiner.fitted
     model.set_stage("refiner_joint")
     model.train()
     model.zero_grad(set_to_none=True)  # fit_addons leaves the last step's gradients on the network
@@ -296,7 +296,7 @@ def test_refiner_works_for_every_modality(bb, train_data, test_images, name):
     logs = model.fit_addons(train_data, progress=False)
     assert math.isfinite(logs["refiner/final_loss"])
     refiner = model.addons["refiner"]
-    assert refiner.ready and model.stage == "prompt"
+    assert refiner.fitted and model.stage == "prompt"
     model.eval()
     with torch.no_grad():
         prompts = refiner.refined_prompts(test_images)
@@ -394,7 +394,7 @@ def test_save_and_load_keep_the_refined_prompts(fitted, bb, test_images, tmp_pat
     loaded = pr.RobustPromptModel.from_pretrained(tmp_path / "adapter", backbone=bb)
     loaded.eval()
     loaded_refiner = loaded.addons["refiner"]
-    assert loaded_refiner.ready and int(loaded_refiner.trained_steps) == int(refiner.trained_steps)
+    assert loaded_refiner.fitted and int(loaded_refiner.trained_steps) == int(refiner.trained_steps)
     assert loaded.config.refiner == model.config.refiner
     torch.testing.assert_close(loaded_refiner.scale("text"), refiner.scale("text"), rtol=0, atol=0)
     with torch.no_grad():

@@ -71,7 +71,7 @@ def test_trainer_trains_schedules_the_refiner_saves_and_evaluates(world, tmp_pat
     trainer.train()
     assert not torch.equal(model.learner.ctx, before)  # the prompt was tuned through the model's own loss
     refiner = model.addons["refiner"]
-    assert refiner.ready and int(refiner.trained_steps) == 3  # fit_addons ran once, after the warm-up
+    assert refiner.fitted and int(refiner.trained_steps) == 3  # fit_addons ran once, after the warm-up
     assert model.stage == "prompt"
     for step in (3, 6):
         assert (tmp_path / f"checkpoint-{step}" / ADAPTER_SUBDIR / "adapter_config.json").is_file()
@@ -122,7 +122,7 @@ def test_trainer_with_debias_evaluates_before_training_and_resumes_exactly(world
             compute_metrics=robust_metrics,
             callbacks=[RobustCallback(train)],
         )
-        if evaluate_first:  # before prepare_addons: the eval loss is the plain cross-entropy
+        if evaluate_first:  # before fit_addons: the eval loss is the plain cross-entropy
             metrics = trainer.evaluate()
             assert metrics["eval_loss"] > 0 and 0 <= metrics["eval_worst_group_accuracy"] <= 1
         trainer.train(resume_from_checkpoint=resume)

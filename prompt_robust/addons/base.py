@@ -1,17 +1,20 @@
 """The add-on slot: what a robustness method can change in a wrapped learner, and the registry.
 
-An add-on is an ``nn.Module`` built from ``(learner, config)``. The wrapped model asks every enabled add-on,
-in a fixed order, for
+An add-on is an ``nn.Module`` built from ``(learner, config)``. For every forward pass the wrapped model builds
+one :class:`ForwardState` (the images, labels, extra batch keys, the stage, the learner's typed output and
+image features encoded at most once) and asks every enabled add-on, in a fixed order, for
 
-* ``prompt_override(pixel_values)``: per-sample prompts (the diffusion refiner);
-* ``sample_weights(batch, output)``: per-sample loss weights (group reweighting);
-* ``extra_loss(batch, output)``: a term added to the loss, with logs (the counterfactual regularizer);
-* ``adjust_output(output)``: a change to the logits (the invariant projection).
+* ``prompt_override(state)``: per-sample prompts (the diffusion refiner);
+* ``adjust_output(state)``: a replacement of the learner's output, e.g. its logits (the invariant projection);
+* ``loss_terms(state)``: per-sample loss weights, a term added to the loss, and logs (:class:`LossTerms`;
+  the counterfactual regularizer, group reweighting);
+* ``stage_loss(state)``: in one of the add-on's own training stages, the loss that replaces the task loss.
 
-Add-ons that train something of their own after the prompt (the refiner's generator) declare ``stages``;
-``RobustPromptModel.set_stage(name)`` then makes ``stage_parameters(name)`` the trainable tensors, and
-``stage_loss`` may replace the task loss in that stage. ``plan_stages`` returns them as data
-(:class:`StagePlan`), which the model runs, in order, after the prompt was trained; ``prepare`` fits what an add-on needs before the prompt is trained.
+What an add-on fits from data is declared by ``fit_phase`` and done by :meth:`RobustAddon.fit`: either directly
+(a feature flow, a projection, group statistics) or by returning training stages as data (:class:`StagePlan`)
+that the model runs; ``RobustPromptModel.fit_addons`` is the one entry for both, and ``fitted`` the one
+"trained yet?" flag. ``RobustPromptModel.set_stage(name)`` makes ``stage_parameters(name)`` the trainable
+tensors.
 
 Adding a method = one package ``prompt_robust/addons/<name>/`` (``config.py``: its config dataclass;
 ``addon.py``: the add-on) or a module of your own implementing these + one ``register_addon`` line.
@@ -20,14 +23,30 @@ Adding a method = one package ``prompt_robust/addons/<name>/`` (``config.py``: i
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, is_dataclass
+from dataclasses import dataclass, field, is_dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-__all__ = ["ADDONS", "RobustAddon", "StagePlan", "addon_configs", "learner_feature_dim", "register_addon"]
+from ..learners.base import LearnerOutput
+
+__all__ = [
+    "ADDONS",
+    "FIT_PHASES",
+    "AddonFit",
+    "ForwardState",
+    "LossTerms",
+    "RobustAddon",
+    "StagePlan",
+    "addon_configs",
+    "learner_feature_dim",
+    "register_addon",
+]
+
+#: when ``fit_addons`` fits an add-on: before the prompt is tuned (what prompt tuning needs) or after it
+FIT_PHASES = ("before_prompt", "after_prompt")
 
 #: names RobustConfig uses itself
 _RESERVED = frozenset({"enabled", "to_dict", "from_dict", "addon_configs"})
@@ -54,6 +73,117 @@ class StagePlan:
     warmup_steps: int = 0
 
 
+@dataclass(frozen=True)
+class AddonFit:
+    """What :meth:`RobustAddon.fit` returns: training stages for the model to run (in order) and logs."""
+
+    stages: list[StagePlan] = field(default_factory=list)
+    logs: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class LossTerms:
+    """An add-on's contribution to the training loss of one batch.
+
+    Attributes:
+        weights: ``(batch,)`` per-sample weights of the cross-entropy (multiplied across add-ons; the weighted
+            mean ``Σ w·ce / Σ w`` is the task loss), or None.
+        loss: a scalar added to the loss, or None.
+        logs: scalar diagnostics (floats), e.g. ``{"counterfactual/loss": 0.3}``.
+    """
+
+    weights: torch.Tensor | None = None
+    loss: torch.Tensor | None = None
+    logs: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(eq=False)
+class ForwardState:
+    """One forward pass of the wrapped model, as every add-on hook sees it.
+
+    Attributes:
+        learner: the wrapped learner.
+        pixel_values: ``(batch, 3, H, W)``.
+        labels: ``(batch,)`` class indices, or None (prediction).
+        batch: every key of the batch (``pixel_values``, ``labels`` and extra item keys such as ``groups``,
+            ``index`` or the refiner's targets).
+        stage: the training stage that runs (``"prompt"`` or an add-on's stage).
+        training: whether the model is in training mode (add-ons' objectives apply only then).
+        output: the learner's output, typed (set once the learner ran; ``adjust_output`` may replace it).
+    """
+
+    learner: nn.Module = field(repr=False)
+    pixel_values: torch.Tensor
+    labels: torch.Tensor | None
+    batch: Mapping[str, Any]
+    stage: str = "prompt"
+    training: bool = False
+    output: LearnerOutput | None = None
+    _features: torch.Tensor | None = field(default=None, repr=False)
+    _grad: bool = field(default_factory=torch.is_grad_enabled, repr=False)
+
+    @classmethod
+    def for_batch(
+        cls,
+        learner: nn.Module,
+        batch: Mapping[str, Any],
+        output: Any = None,
+        *,
+        stage: str = "prompt",
+        training: bool = True,
+    ) -> ForwardState:
+        """The state the wrapped model builds for ``batch`` (``pixel_values``, optional ``labels``, extra keys)
+        and the learner's ``output`` (a tensor of logits or a ``LearnerOutput``), e.g. to call an add-on's hooks
+        directly in a test.
+
+        Example:
+            >>> from prompt_robust.backbones.tiny import tiny_clip_backbone
+            >>> from prompt_robust.learners import build_learner
+            >>> learner = build_learner("coop", tiny_clip_backbone(layers=1), ["cat", "dog"], n_ctx=4)
+            >>> x = torch.zeros(2, 3, 32, 32)
+            >>> state = ForwardState.for_batch(learner, {"pixel_values": x, "labels": torch.tensor([0, 1])}, learner(x))
+            >>> state.output.text_features.shape, state.image_features().shape
+            (torch.Size([2, 32]), torch.Size([2, 32]))
+        """
+        return cls(
+            learner=learner,
+            pixel_values=batch["pixel_values"],
+            labels=batch.get("labels"),
+            batch=dict(batch),
+            stage=stage,
+            training=training,
+            output=None if output is None else as_learner_output(output),
+        )
+
+    def image_features(self) -> torch.Tensor:
+        """``learner.image_features(pixel_values)`` ``(batch, d)``, the features add-ons condition on, encoded at
+        most once per forward (under the grad mode the forward started with) and shared by every add-on."""
+        if self._features is None:
+            with torch.set_grad_enabled(self._grad):
+                self._features = self.learner.image_features(self.pixel_values)
+        return self._features
+
+
+def as_learner_output(raw: Any) -> LearnerOutput:
+    """The learner's return value as a :class:`~prompt_robust.learners.base.LearnerOutput`: a tensor is its
+    logits; any object with ``logits`` keeps its ``image_features``/``text_features`` when it has them."""
+    if isinstance(raw, LearnerOutput):
+        return raw
+    if isinstance(raw, torch.Tensor):
+        return LearnerOutput(logits=raw)
+    logits = getattr(raw, "logits", None)
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(
+            f"the learner returned a {type(raw).__name__}; the learner contract asks for a logits tensor or an "
+            "object with a `logits` tensor (prompt_robust.learners.base.LearnerOutput)."
+        )
+    return LearnerOutput(
+        logits=logits,
+        image_features=getattr(raw, "image_features", None),
+        text_features=getattr(raw, "text_features", None),
+    )
+
+
 class RobustAddon(nn.Module):
     """Base class of the robustness add-ons; every hook defaults to "no change".
 
@@ -76,17 +206,25 @@ class RobustAddon(nn.Module):
         self.__dict__["learner"] = learner
         self.config = config
 
-    def prompt_override(self, pixel_values: torch.Tensor) -> dict[str, torch.Tensor] | None:
+    #: when ``RobustPromptModel.fit_addons`` fits the add-on: one of :data:`FIT_PHASES`, or None (nothing to fit)
+    fit_phase: ClassVar[str | None] = None
+
+    def prompt_override(self, state: ForwardState) -> dict[str, torch.Tensor] | None:
+        """Per-sample prompts ``{site: (batch, n_tokens, dim)}`` passed to the learner, or None."""
         return None
 
-    def sample_weights(self, batch: Mapping[str, Any], output: Any) -> torch.Tensor | None:
+    def adjust_output(self, state: ForwardState) -> LearnerOutput | None:
+        """A replacement of ``state.output`` (e.g. other logits), or None for no change."""
         return None
 
-    def extra_loss(self, batch: Mapping[str, Any], output: Any) -> tuple[torch.Tensor | None, dict[str, float]]:
-        return None, {}
+    def loss_terms(self, state: ForwardState) -> LossTerms | None:
+        """The add-on's part of the training loss for ``state`` (called in training mode, with labels)."""
+        return None
 
-    def adjust_output(self, output: Any) -> Any:
-        return output
+    def stage_loss(self, state: ForwardState) -> tuple[torch.Tensor, dict[str, float]] | None:
+        """In the add-on's own stage ``state.stage``: the loss that replaces the task loss (no logits are
+        computed then) and logs; None to keep the task loss."""
+        return None
 
     def stage_parameters(self, stage: str) -> list[nn.Parameter]:
         """The add-on's tensors trained in ``stage`` (none by default)."""
@@ -95,12 +233,6 @@ class RobustAddon(nn.Module):
     def trains_learner(self, stage: str) -> bool:
         """Whether the learner's own trainable tensors also train in this add-on's ``stage``."""
         return False
-
-    def stage_loss(
-        self, stage: str, pixel_values: torch.Tensor, labels: torch.Tensor, batch: Mapping[str, Any]
-    ) -> tuple[torch.Tensor, dict[str, float]] | None:
-        """A loss that replaces the task loss in ``stage`` (then no logits are computed), or None."""
-        return None
 
     def training_state(self) -> dict[str, torch.Tensor]:
         """Running state that changes during prompt training but is not part of the adapter (e.g. group
@@ -116,20 +248,13 @@ class RobustAddon(nn.Module):
                 "written by a model with other add-ons."
             )
 
-    def prepare(
-        self,
-        model: nn.Module,
-        dataset: Any,
-        *,
-        seed: int = 0,
-        cache_dir: str | Path | None = None,
-        progress: bool = True,
-    ) -> dict[str, float]:
-        """Fit what the add-on needs *before* the prompt is trained (e.g. a generative model of the training
-        features that the regularizer samples from during prompt tuning); returns logs."""
-        return {}
+    @property
+    def fitted(self) -> bool:
+        """Whether what :meth:`fit` fits is in place (fitted, or loaded with an adapter); always True for an
+        add-on with nothing to fit. ``fit_addons`` fits the add-ons that are not."""
+        return True
 
-    def plan_stages(
+    def fit(
         self,
         model: nn.Module,
         dataset: Any,
@@ -137,11 +262,20 @@ class RobustAddon(nn.Module):
         seed: int = 0,
         cache_dir: str | Path | None = None,
         progress: bool = True,
-    ) -> tuple[list[StagePlan], dict[str, float]]:
-        """The training stages this add-on needs after the prompt was trained, as data, and logs of preparing
-        them (e.g. the refiner's target statistics). :meth:`RobustPromptModel.fit_addons` runs each plan with
-        ``prompt_robust.training.fit``; an add-on never drives the training loop itself."""
-        return [], {}
+    ) -> AddonFit:
+        """Fit the add-on on ``dataset`` (called by :meth:`RobustPromptModel.fit_addons` in the add-on's
+        ``fit_phase``): either directly (e.g. a generative model of the training features, a projection) or by
+        returning training stages as data (:class:`StagePlan`), which the model runs with
+        ``prompt_robust.training.fit``; an add-on never drives the training loop itself.
+
+        Args:
+            model: the wrapped model (e.g. for its initial predictions).
+            dataset: the training set.
+            seed: seed of the fit.
+            cache_dir: where the add-on caches what it derives from the data.
+            progress: show progress bars.
+        """
+        return AddonFit()
 
     def detach(self) -> None:
         """Undo anything the add-on attached to the learner (hooks); called by ``unwrap()``."""

@@ -278,12 +278,13 @@ class _Runner:
         )
 
     def _train(self, model: RobustPromptModel, data: TaskData, seed: int) -> None:
-        model.prepare_addons(data, seed=seed, cache_dir=self.out_dir / "cache", progress=False)  # e.g. ICM's fit
+        cache = self.out_dir / "cache"
+        model.fit_addons(data, phase="before_prompt", seed=seed, cache_dir=cache, progress=False)  # e.g. ICM's fit
         if not any(p.requires_grad for p in model.parameters()):
             return  # zero-shot CLIP: no prompt to train
         fit(model, data, self._fit_config(model.learner.learner_type, len(data), seed))
-        if len(model.stages()) > 1:  # add-ons with their own training (the refiner's generator)
-            model.fit_addons(data, seed=seed, cache_dir=self.out_dir / "cache", progress=False)
+        # add-ons with their own training on the tuned prompt (the refiner's generator)
+        model.fit_addons(data, phase="after_prompt", seed=seed, cache_dir=cache, progress=False)
 
     def _save_split(self, name: str, seed: int, indices: list[int]) -> None:
         path = self.out_dir / "splits" / f"{name}_k{self.config.k}_seed{seed}.json"

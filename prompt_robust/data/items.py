@@ -4,7 +4,7 @@ pairs, and the one way items become a batch (:func:`collate_items`), used by :fu
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from functools import partial
 from typing import Any
 
@@ -18,7 +18,6 @@ __all__ = [
     "batch_as_dict",
     "collate_images_labels",
     "collate_items",
-    "hash_items",
     "item_as_dict",
     "iterate_batches",
     "ordered_loader",
@@ -126,23 +125,6 @@ def ordered_loader(dataset: Any, batch_size: int) -> DataLoader:
     """Batches ``{"pixel_values", "labels"}`` of consecutive items, in dataset order (the add-ons' passes over a
     training set)."""
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_images_labels)
-
-
-def hash_items(digest: Any, dataset: Any, indices: Iterable[int]) -> None:
-    """Feed the images (as float32 bytes) and labels of ``dataset[i]`` for ``i`` in ``indices`` to ``digest`` (a
-    ``hashlib`` object): the data part of the add-ons' cache keys.
-
-    Example:
-        >>> import hashlib
-        >>> a, b = hashlib.sha256(), hashlib.sha256()
-        >>> hash_items(a, [(torch.zeros(3, 2, 2), 0)], [0]); hash_items(b, [(torch.zeros(3, 2, 2), 1)], [0])
-        >>> a.hexdigest() == b.hexdigest()
-        False
-    """
-    for index in indices:
-        item = item_as_dict(dataset[index])
-        digest.update(torch.as_tensor(item["pixel_values"]).to(torch.float32).contiguous().numpy().tobytes())
-        digest.update(str(int(item["labels"])).encode())
 
 
 def iterate_batches(

@@ -78,11 +78,12 @@ def _checkpoint(args: Any, step: int) -> Path:
 class RobustCallback(TrainerCallback):
     """Schedules the add-ons' stages inside a ``transformers.Trainer`` run and saves adapter files.
 
-    * at the start of training: ``model.prepare_addons(train_dataset)`` — what add-ons need before the prompt is
-      tuned (on resume too: it is deterministic and cached; the add-ons' running state, such as the debias EMA,
-      is then restored from ``<checkpoint>/robust_training_state.safetensors``, written on every save);
-    * after ``addon_start_step`` prompt steps (the warm-up): ``model.fit_addons(train_dataset)`` — e.g. the
-      refiner's targets and generator; the Trainer then continues tuning the prompt with the add-ons active;
+    * at the start of training: ``model.fit_addons(train_dataset, phase="before_prompt")`` — what add-ons need
+      before the prompt is tuned (on resume too: it is deterministic and cached; the add-ons' running state, such
+      as the debias EMA, is then restored from ``<checkpoint>/robust_training_state.safetensors``, written on
+      every save);
+    * after ``addon_start_step`` prompt steps (the warm-up): ``model.fit_addons(train_dataset,
+      phase="after_prompt")`` — e.g. the refiner's targets and generator; the Trainer then continues tuning the prompt with the add-ons active;
     * on every save: the adapter files (``adapter_config.json`` + ``adapter_model.safetensors``) in
       ``<checkpoint>/robust_adapter``; at the end of training in ``<output_dir>/robust_adapter``.
 
@@ -128,9 +129,11 @@ class RobustCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         robust = _unwrap(model)
-        # also on resume: what prepare derives is deterministic (and cached), and add-ons whose prepared state is
+        # also on resume: what these fits derive is deterministic (and cached), and add-ons whose fitted state is
         # not in the checkpoint's weights (the debias groups) need it; their running state is restored next
-        self.logs.update(robust.prepare_addons(self.train_dataset, seed=args.seed, cache_dir=self._cache(args)))
+        self.logs.update(
+            robust.fit_addons(self.train_dataset, phase="before_prompt", seed=args.seed, cache_dir=self._cache(args))
+        )
         if state.global_step > 0:
             saved = _checkpoint(args, state.global_step) / TRAINING_STATE_FILE
             if saved.is_file():
@@ -138,7 +141,7 @@ class RobustCallback(TrainerCallback):
             elif running := robust.training_state():
                 logger.warning(
                     "RobustCallback: resuming at step %d without %s; the add-ons' running state (%s) restarts from "
-                    "its prepared values.",
+                    "its fitted values.",
                     state.global_step,
                     saved,
                     ", ".join(sorted(running)),
@@ -153,7 +156,9 @@ class RobustCallback(TrainerCallback):
         logger.info("RobustCallback: training the add-ons' stages %s", robust.stages()[1:])
         was_training = robust.training
         self.logs.update(
-            robust.fit_addons(self.train_dataset, seed=args.seed, cache_dir=self._cache(args), progress=False)
+            robust.fit_addons(
+                self.train_dataset, phase="after_prompt", seed=args.seed, cache_dir=self._cache(args), progress=False
+            )
         )
         _sync_addons(robust)
         robust.train(was_training)

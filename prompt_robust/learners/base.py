@@ -47,18 +47,19 @@ class PromptLearnerProtocol(Protocol):
 
 @dataclass
 class LearnerOutput:
-    """What a reference learner returns.
+    """What a reference learner returns, and how the wrapped model hands any learner's output to the add-ons.
 
     Attributes:
         logits: ``(batch, n_classes)`` scaled cosine similarities.
-        image_features: ``(batch, embed_dim)`` L2-normalised image features (with visual prompts if any).
+        image_features: ``(batch, embed_dim)`` L2-normalised image features (with visual prompts if any); None
+            when a custom learner returns only logits (add-ons that need them say so).
         text_features: ``(n_classes, embed_dim)`` or, for per-sample prompts, ``(batch, n_classes, embed_dim)``,
-            L2-normalised.
+            L2-normalised; None as above.
     """
 
     logits: torch.Tensor
-    image_features: torch.Tensor
-    text_features: torch.Tensor
+    image_features: torch.Tensor | None = None
+    text_features: torch.Tensor | None = None
 
 
 @dataclass
@@ -69,26 +70,26 @@ class LearnerConfig(ConfigMixin):
         None,
         "Most text sequences encoded in one pass (per-sample prompts need batch x classes of them); bounds "
         "memory. None: no bound.",
+        ge=1,
     )
-
-    def __post_init__(self) -> None:
-        if self.text_chunk_size is not None:
-            _check(self.text_chunk_size >= 1, f"text_chunk_size must be >= 1 or None; got {self.text_chunk_size!r}.")
 
 
 @dataclass
 class ContextConfig(LearnerConfig):
     """Options of learners with learned text context vectors (CoOp, CoCoOp, MaPLe)."""
 
-    n_ctx: int = help_field(16, "Number of context tokens (ignored when ctx_init is given).")
+    n_ctx: int = help_field(16, "Number of context tokens (ignored when ctx_init is given).", ge=0)
     ctx_init: str | None = help_field(None, "Initialise the context from these words, e.g. 'a photo of a'.")
-    init_std: float = help_field(0.02, "Std of the random context initialisation.")
+    init_std: float = help_field(0.02, "Std of the random context initialisation.", gt=0)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.ctx_init is None:
-            _check(self.n_ctx >= 1, f"n_ctx must be >= 1; got {self.n_ctx!r}.")
-        _check(self.init_std > 0, f"init_std must be > 0; got {self.init_std!r}.")
+            _check(
+                self.n_ctx >= 1,
+                f"{type(self).__name__}.n_ctx must be >= 1 when ctx_init is None; got {self.n_ctx!r}. Give at least "
+                "one context token, or ctx_init words to start from.",
+            )
 
 
 def check_classnames(classnames: Sequence[str]) -> list[str]:

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ..backbones.base import ClipBackbone
-from ..config import _check, help_field
+from ..config import help_field
 from .base import ClassPrompts, ContextConfig, LearnerOutput, PromptLearner, cosine_logits, init_context
 
 __all__ = ["CoCoOp", "CoCoOpConfig"]
@@ -20,13 +20,9 @@ __all__ = ["CoCoOp", "CoCoOpConfig"]
 class CoCoOpConfig(ContextConfig):
     """CoCoOp options (paper defaults: 4 context tokens from "a photo of a", meta-net bottleneck 1/16)."""
 
-    n_ctx: int = help_field(4, "Number of context tokens (ignored when ctx_init is given).")
+    n_ctx: int = help_field(4, "Number of context tokens (ignored when ctx_init is given).", ge=0)
     ctx_init: str | None = help_field("a photo of a", "Initialise the context from these words.")
-    meta_ratio: int = help_field(16, "Meta-net bottleneck: hidden = embed_dim // meta_ratio.")
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        _check(self.meta_ratio >= 1, f"meta_ratio must be >= 1; got {self.meta_ratio!r}.")
+    meta_ratio: int = help_field(16, "Meta-net bottleneck: hidden = embed_dim // meta_ratio.", ge=1)
 
 
 class CoCoOp(PromptLearner):

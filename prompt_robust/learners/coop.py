@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ..backbones.base import ClipBackbone
-from ..config import help_field, unknown_name_error
+from ..config import help_field
 from .base import ClassPrompts, ContextConfig, LearnerOutput, PromptLearner, cosine_logits, init_context
 
 __all__ = ["CoOp", "CoOpConfig"]
@@ -21,12 +21,12 @@ class CoOpConfig(ContextConfig):
     """CoOp options (defaults of the paper's few-shot setting, 16 context tokens, class token at the end)."""
 
     class_specific: bool = help_field(False, "One context per class (CSC) instead of one shared context.")
-    class_token_position: str = help_field("end", "Where the class name goes: end, middle or front.")
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.class_token_position not in ClassPrompts.POSITIONS:
-            raise unknown_name_error("class_token_position", self.class_token_position, ClassPrompts.POSITIONS)
+    class_token_position: str = help_field(
+        "end",
+        "Where the class name goes: end, middle or front.",
+        choices=ClassPrompts.POSITIONS,
+        kind="class token position",
+    )
 
 
 class CoOp(PromptLearner):

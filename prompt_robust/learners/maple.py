@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..backbones.base import ClipBackbone
-from ..config import _check, help_field
+from ..config import help_field
 from .base import ClassPrompts, ContextConfig, LearnerOutput, PromptLearner, cosine_logits, init_context
 
 __all__ = ["MaPLe", "MaPLeConfig"]
@@ -21,13 +21,9 @@ __all__ = ["MaPLe", "MaPLeConfig"]
 class MaPLeConfig(ContextConfig):
     """MaPLe options (paper: 2 tokens, depth 9 of 12; depth is capped at the backbone's layer count)."""
 
-    n_ctx: int = help_field(2, "Prompt tokens per layer (ignored when ctx_init is given).")
+    n_ctx: int = help_field(2, "Prompt tokens per layer (ignored when ctx_init is given).", ge=0)
     ctx_init: str | None = help_field("a photo of a", "Initialise the first-layer text prompt from these words.")
-    depth: int = help_field(9, "Number of prompted layers in both towers (capped at the backbone depth).")
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        _check(self.depth >= 1, f"depth must be >= 1; got {self.depth!r}.")
+    depth: int = help_field(9, "Number of prompted layers in both towers (capped at the backbone depth).", ge=1)
 
 
 class MaPLe(PromptLearner):

@@ -22,18 +22,21 @@ __all__ = ["VPT", "VPTConfig"]
 class VPTConfig(LearnerConfig):
     """VPT options."""
 
-    n_tokens: int = help_field(8, "Visual prompt tokens per layer.")
+    n_tokens: int = help_field(8, "Visual prompt tokens per layer.", ge=1)
     deep: bool = help_field(False, "VPT-deep (new prompts before every prompted layer) instead of VPT-shallow.")
-    depth: int | None = help_field(None, "Prompted layers when deep (None: all layers).")
-    template: str = help_field("a photo of a {}.", "Fixed text template for the class features.")
+    depth: int | None = help_field(None, "Prompted layers when deep (None: all layers).", ge=1)
+    template: str = help_field(
+        "a photo of a {}.", "Fixed text template for the class features.", placeholder="the class name"
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check(self.n_tokens >= 1, f"n_tokens must be >= 1; got {self.n_tokens!r}.")
         if self.depth is not None:
-            _check(self.depth >= 1, f"depth must be >= 1; got {self.depth!r}.")
-            _check(self.deep or self.depth == 1, "depth > 1 requires deep=True (shallow VPT prompts one layer).")
-        _check("{}" in self.template, f"template {self.template!r} has no '{{}}' placeholder.")
+            _check(
+                self.deep or self.depth == 1,
+                f"VPTConfig.depth > 1 requires deep=True (shallow VPT prompts one layer); got depth={self.depth}. Set "
+                "deep=True or depth=1.",
+            )
 
 
 class VPT(PromptLearner):

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..config import _check, help_field
+from ..config import help_field
 from .base import LearnerConfig, LearnerOutput, PromptLearner, cosine_logits
 
 __all__ = ["ZeroShotCLIP", "ZeroShotConfig"]
@@ -18,13 +18,12 @@ __all__ = ["ZeroShotCLIP", "ZeroShotConfig"]
 class ZeroShotConfig(LearnerConfig):
     """Zero-shot CLIP options."""
 
-    templates: list[str] = help_field(["a photo of a {}."], "Prompt templates; features are averaged over them.")
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        _check(len(self.templates) > 0, "templates must contain at least one template.")
-        for template in self.templates:
-            _check("{}" in template, f"template {template!r} has no '{{}}' placeholder for the class name.")
+    templates: list[str] = help_field(
+        ["a photo of a {}."],
+        "Prompt templates; features are averaged over them.",
+        min_len=1,
+        placeholder="the class name",
+    )
 
 
 class ZeroShotCLIP(PromptLearner):

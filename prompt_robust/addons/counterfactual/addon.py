@@ -1,7 +1,7 @@
 """The counterfactual contrastive regularizer add-on (DiCap, "Causality-aligned Prompt Learning via
 Diffusion-based Counterfactual Generation", https://arxiv.org/abs/2507.19882).
 
-1. ``model.prepare_addons(train_data)`` (before prompt tuning): the frozen, prompt-free image features of the
+1. ``model.fit_addons(train_data)`` (before prompt tuning; ``prompt_robust.fit`` calls it): the frozen, prompt-free image features of the
    training set train a class-conditional :class:`FeatureFlow` (cached on disk, saved with the adapter);
 2. during prompt tuning, each batch's factual features ``z`` get ``K`` minimal counterfactuals ``z'`` towards
    other classes (:class:`CounterfactualGenerator`, no gradient), and the loss gains
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +29,15 @@ from tqdm.auto import tqdm
 from ...backbones.base import find_backbone
 from ...data.items import ordered_loader
 from ...layers import module_device
-from ..base import RobustAddon, learner_feature_dim, learner_logit_scale, register_addon
+from ..base import (
+    AddonFit,
+    ForwardState,
+    LossTerms,
+    RobustAddon,
+    learner_feature_dim,
+    learner_logit_scale,
+    register_addon,
+)
 from .config import CounterfactualConfig
 from .feature_flow import FeatureFlow, fit_feature_flow
 from .generator import CounterfactualGenerator, choose_targets
@@ -77,7 +84,7 @@ class CounterfactualRegularizer(RobustAddon):
         >>> learner = pr.build_learner("coop", tiny_clip_backbone(layers=1), ["cat", "dog"], n_ctx=4)
         >>> model = pr.wrap(learner, pr.RobustConfig(counterfactual=pr.CounterfactualConfig(train_steps=5)))
         >>> images = [(torch.randn(3, 32, 32), i % 2) for i in range(8)]
-        >>> logs = model.prepare_addons(images, progress=False)  # fits the feature flow
+        >>> logs = model.fit_addons(images, progress=False)  # fits the feature flow
         >>> out = model(torch.randn(2, 3, 32, 32), labels=torch.tensor([0, 1]))
         >>> sorted(k for k in out.logs if k.startswith("counterfactual/"))
         ['counterfactual/cosine', 'counterfactual/loss', 'counterfactual/proximity_weight', 'counterfactual/validity']
@@ -87,6 +94,7 @@ class CounterfactualRegularizer(RobustAddon):
     description = "Counterfactual contrastive regularizer."
     order = 20
     config_class = CounterfactualConfig
+    fit_phase = "before_prompt"
 
     def __init__(self, learner: nn.Module, config: CounterfactualConfig) -> None:
         super().__init__(learner, config)
@@ -109,17 +117,16 @@ class CounterfactualRegularizer(RobustAddon):
             self.register_buffer("attribute_fitted", torch.zeros((), dtype=torch.bool, device=device))
             # values zero-shot CLIP read in the training set: only they are read and targeted (A,)
             self.register_buffer("attribute_seen", torch.ones(n_values, dtype=torch.bool, device=device))
-        self.stage = "prompt"
         self._warned_no_grad = False
         self.last_proximity: torch.Tensor | None = None  # (b, K) λ of the latest counterfactuals
 
     @property
-    def ready(self) -> bool:
-        """True once the twin generator is fitted (by :meth:`prepare` or loaded with an adapter): the feature
+    def fitted(self) -> bool:
+        """True once the twin generator is fitted (by :meth:`fit` or loaded with an adapter): the feature
         flow (``twin="class"``) or the attribute offsets (``twin="attribute"``)."""
         if self.twin == "attribute":
             return bool(self.attribute_fitted)
-        return self.flow.ready
+        return self.flow.fitted
 
     # -- attribute twins ---------------------------------------------------------------------------------------
     def attribute_twins(
@@ -257,37 +264,40 @@ class CounterfactualRegularizer(RobustAddon):
         return counterfactuals.reshape(batch, k, -1), targets
 
     def _check_ready(self) -> None:
-        if not self.ready:
+        if not self.fitted:
             what = "attribute offsets are" if self.twin == "attribute" else "feature flow is"
             raise RuntimeError(
-                f"the counterfactual add-on's {what} not fitted. Call model.prepare_addons(train_data) before "
-                "training the prompt (it fits the counterfactual generator on the training image features), or "
-                "load an adapter saved after that."
+                f"the counterfactual add-on's {what} not fitted. Call model.fit_addons(train_data) before "
+                "training the prompt in your own loop (prompt_robust.fit does it for you; it fits the "
+                "counterfactual generator on the training image features), or load an adapter saved after that."
             )
 
     # -- the add-on hook ---------------------------------------------------------------------------------------
-    def extra_loss(self, batch: Mapping[str, Any], output: Any) -> tuple[torch.Tensor | None, dict[str, float]]:
-        if self.stage != "prompt" or self.config.weight == 0:
-            return None, {}
-        text = getattr(output, "text_features", None)
+    def loss_terms(self, state: ForwardState) -> LossTerms | None:
+        """``weight`` x the counterfactual contrastive loss of the batch (``"prompt"`` stage only)."""
+        if state.stage != "prompt" or self.config.weight == 0:
+            return None
+        output = state.output
+        text = output.text_features
         if text is None:
             raise ValueError(
                 f"the counterfactual add-on needs the class text features of the learner's output, and "
-                f"{type(self.learner).__name__} returned a {type(output).__name__} without `text_features`. Return a "
+                f"{type(self.learner).__name__} returned an output without `text_features`. Return a "
                 "prompt_robust.learners.base.LearnerOutput(logits, image_features, text_features) from forward(), "
                 "with text_features the L2-normalised, prompt-conditioned class features, (n_classes, d) or "
                 "(batch, n_classes, d), so the regularizer's gradient reaches the prompt."
             )
         self._check_ready()
         if self.twin == "attribute":
-            return self._attribute_loss(batch, text)
-        labels = batch["labels"]
+            loss, logs = self._attribute_loss(state, text)
+            return LossTerms(loss=loss, logs=logs)
+        labels = state.labels
         num_classes = self.flow.num_classes
         if text.dim() not in (2, 3) or text.shape[-2] != num_classes:
             raise ValueError(
                 f"text_features must be (n_classes={num_classes}, d) or (batch, {num_classes}, d) for the "
                 f"{num_classes} classes the feature flow was prepared on; got {tuple(text.shape)}. The regularizer "
-                "only trains on the classes it was prepared for (after set_classnames, prepare it again)."
+                "only trains on the classes it was prepared for (after set_classnames, fit it again: model.fit_addons(train, refit=True))."
             )
         if self.training and torch.is_grad_enabled() and not text.requires_grad and not self._warned_no_grad:
             self._warned_no_grad = True
@@ -297,11 +307,10 @@ class CounterfactualRegularizer(RobustAddon):
                 "are fixed). The regularizer only shapes prompts through the class text features.",
                 stacklevel=2,
             )
-        z = self.learner.image_features(batch["pixel_values"]).detach().float()  # (b, d)
-        logits = output.logits if hasattr(output, "logits") else None
+        z = state.image_features().detach().float()  # (b, d)
         with torch.no_grad():
             counterfactuals, targets = self.counterfactuals(
-                z, labels, scores=logits, text_features=text
+                z, labels, scores=output.logits, text_features=text
             )  # (b, K, d), (b, K)
         rows = torch.arange(labels.shape[0], device=labels.device)
         true_text = (text[labels] if text.dim() == 2 else text[rows, labels]).float()  # (b, d)
@@ -323,13 +332,13 @@ class CounterfactualRegularizer(RobustAddon):
                 "counterfactual/cosine": float((counterfactuals * z.unsqueeze(1)).sum(-1).mean()),
                 "counterfactual/proximity_weight": float(self.last_proximity.mean()),
             }
-        return self.config.weight * loss, logs
+        return LossTerms(loss=self.config.weight * loss, logs=logs)
 
-    def _attribute_loss(self, batch: Mapping[str, Any], text: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    def _attribute_loss(self, state: ForwardState, text: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         """Cross-entropy of the attribute twins' logits with the factual labels: the prompt must keep classifying
         an image as its class when only the nuisance attribute changes."""
-        labels = batch["labels"]
-        z = self.learner.image_features(batch["pixel_values"]).detach().float()  # (b, d)
+        labels = state.labels
+        z = state.image_features().detach().float()  # (b, d)
         with torch.no_grad():
             twins, attributes, targets = self.attribute_twins(z)  # (b, d)
         text = text.float()
@@ -370,7 +379,7 @@ class CounterfactualRegularizer(RobustAddon):
             self.learner.train(was_training)
         return torch.cat(features), torch.cat(labels)
 
-    def prepare(
+    def fit(
         self,
         model: nn.Module,
         dataset: Any,
@@ -378,12 +387,13 @@ class CounterfactualRegularizer(RobustAddon):
         seed: int = 0,
         cache_dir: str | Path | None = None,
         progress: bool = True,
-    ) -> dict[str, float]:
-        """Train the feature flow on the training set's frozen image features (cached in ``cache_dir``)."""
+    ) -> AddonFit:
+        """Fit the twin generator on the training set's frozen image features: the feature flow (cached in
+        ``cache_dir``) or, for ``twin="attribute"``, the attribute offsets."""
         config = self.config
         features, labels = self.dataset_features(dataset, progress=progress)
         if self.twin == "attribute":
-            return self.fit_attribute_offsets(features, labels)
+            return AddonFit(logs=self.fit_attribute_offsets(features, labels))
         result = fit_feature_flow(
             self.flow,
             features,
@@ -403,8 +413,10 @@ class CounterfactualRegularizer(RobustAddon):
             result.final_loss,
             " (cached)" if result.cached else "",
         )
-        return {
-            "counterfactual/flow_loss": result.final_loss,
-            "counterfactual/flow_cached": float(result.cached),
-            "counterfactual/num_features": float(len(features)),
-        }
+        return AddonFit(
+            logs={
+                "counterfactual/flow_loss": result.final_loss,
+                "counterfactual/flow_cached": float(result.cached),
+                "counterfactual/num_features": float(len(features)),
+            }
+        )

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
-from ...config import ConfigMixin, _check, _positive, help_field, unknown_name_error
+from ...config import ConfigMixin, _check, help_field
 
 __all__ = ["CounterfactualConfig"]
 
@@ -15,7 +15,7 @@ class CounterfactualConfig(ConfigMixin):
     """Counterfactual contrastive regularizer (DiCap, "Causality-aligned Prompt Learning via Diffusion-based
     Counterfactual Generation", https://arxiv.org/abs/2507.19882).
 
-    Before prompt tuning (``model.prepare_addons(train_data)``) a class-conditional flow-matching model of the
+    Before prompt tuning (``model.fit_addons(train_data)``, which ``prompt_robust.fit`` calls) a class-conditional flow-matching model of the
     frozen image features is trained (``hidden_dim``, ``depth``, ``train_*``, ``cond_dropout``). During prompt
     tuning every factual feature ``z`` of class ``y`` gets ``num_counterfactuals`` counterfactuals ``z'`` towards
     ``target`` classes: ``z`` is inverted to ``t_0 = 1 - noise_level`` along the class-``y`` ODE, then integrated
@@ -38,6 +38,8 @@ class CounterfactualConfig(ConfigMixin):
         "prompt is contrasted against it: the paper's), attribute (the nuisance attribute named by "
         "attribute_values, the class kept; the prompt must still classify it as the factual class) or auto "
         "(attribute when attribute_values is set, else class).",
+        choices="TWINS",
+        kind="counterfactual twin",
     )
     attribute_values: list[str] = help_field(
         [],
@@ -47,128 +49,91 @@ class CounterfactualConfig(ConfigMixin):
     attribute_templates: list[str] = help_field(
         ["a photo with a {}.", "a photo of something on a {}.", "an image showing a {}."],
         "twin='attribute': zero-shot prompts naming an attribute value ('{}'), averaged.",
+        placeholder="the value",
     )
-    weight: float = help_field(1.0, "Weight of the counterfactual term added to the task loss.")
-    temperature: float = help_field(0.07, "InfoNCE temperature (> 0).")
-    num_counterfactuals: int = help_field(1, "Counterfactuals generated per factual feature (K hard negatives).")
+    weight: float = help_field(1.0, "Weight of the counterfactual term added to the task loss.", ge=0)
+    temperature: float = help_field(
+        0.07, "InfoNCE temperature (> 0).", gt=0, hint="CLIP-style contrastive losses use about 0.07."
+    )
+    num_counterfactuals: int = help_field(1, "Counterfactuals generated per factual feature (K hard negatives).", ge=1)
     noise_level: float = help_field(
-        0.5, "How far back (diffusion time, in (0, 1]) a factual feature is inverted: larger allows bigger changes."
+        0.5,
+        "How far back (diffusion time, in (0, 1]) a factual feature is inverted: larger allows bigger changes.",
+        gt=0,
+        le=1,
+        hint="The factual feature is inverted to t_0 = 1 - noise_level (1: all the way to noise).",
     )
-    guidance_scale: float = help_field(3.0, "Weight w of the guidance towards the target class (>= 0).")
-    negative_guidance: float = help_field(1.0, "Weight w_neg of the guidance away from the factual class (>= 0).")
+    guidance_scale: float = help_field(3.0, "Weight w of the guidance towards the target class (>= 0).", ge=0)
+    negative_guidance: float = help_field(1.0, "Weight w_neg of the guidance away from the factual class (>= 0).", ge=0)
     proximity_weight: float = help_field(
         0.0,
         "Share λ in [0, 1) of the straight path back to the factual feature: the fixed λ without the search, the "
         "lower end of the search interval with it.",
+        ge=0,
+        lt=1,
+        hint="0: no pull back to the factual feature; 1 would return it unchanged.",
     )
     proximity_search: int = help_field(
         3,
         "Bisection steps of the per-sample minimal-change search over λ in [proximity_weight, proximity_max] "
         "(0: fixed λ = proximity_weight).",
+        ge=0,
     )
-    proximity_max: float = help_field(0.8, "Upper end of the λ search interval, in (proximity_weight, 1).")
+    proximity_max: float = help_field(0.8, "Upper end of the λ search interval, in (proximity_weight, 1).", gt=0, lt=1)
     validity_margin: float = help_field(
         0.01,
         "Cosine margin by which the current classifier must prefer the target class for the search to accept z'.",
+        ge=0,
     )
-    num_steps: int = help_field(5, "Fixed ODE steps of the inversion and of the guided generation, each.")
-    method: str = help_field("midpoint", "Fixed-grid ODE solver of counterfactual generation: euler or midpoint.")
+    num_steps: int = help_field(5, "Fixed ODE steps of the inversion and of the guided generation, each.", ge=1)
+    method: str = help_field(
+        "midpoint",
+        "Fixed-grid ODE solver of counterfactual generation: euler or midpoint.",
+        choices="METHODS",
+        kind="counterfactual ODE method",
+    )
     target: str = help_field(
-        "confusable", "Target class of a counterfactual: confusable (highest other logit) or random (uniform)."
+        "confusable",
+        "Target class of a counterfactual: confusable (highest other logit) or random (uniform).",
+        choices="TARGETS",
+        kind="counterfactual target",
     )
-    hidden_dim: int = help_field(256, "Width of the feature-flow velocity network.")
-    depth: int = help_field(2, "Residual MLP blocks of the feature-flow velocity network.")
-    train_steps: int = help_field(1000, "Flow-matching steps of the feature flow in prepare_addons().")
-    train_lr: float = help_field(2e-3, "Peak AdamW learning rate of the feature flow (cosine decay to 10%).")
-    train_batch_size: int = help_field(256, "Features per feature-flow training step.")
+    hidden_dim: int = help_field(256, "Width of the feature-flow velocity network.", ge=1)
+    depth: int = help_field(2, "Residual MLP blocks of the feature-flow velocity network.", ge=0)
+    train_steps: int = help_field(
+        1000, "Flow-matching steps of the feature flow (fitted by fit_addons() before prompt tuning).", ge=1
+    )
+    train_lr: float = help_field(2e-3, "Peak AdamW learning rate of the feature flow (cosine decay to 10%).", gt=0)
+    train_batch_size: int = help_field(256, "Features per feature-flow training step.", ge=1)
     cond_dropout: float = help_field(
-        0.2, "Probability a training feature's class is replaced by the null label (trains the marginal field)."
+        0.2,
+        "Probability a training feature's class is replaced by the null label (trains the marginal field).",
+        ge=0,
+        lt=1,
+        hint="It is the share of training features that train the marginal field (guidance needs > 0).",
     )
-    feature_batch_size: int = help_field(64, "Images per batch when computing the training features.")
+    feature_batch_size: int = help_field(64, "Images per batch when computing the training features.", ge=1)
 
     METHODS: ClassVar[tuple[str, ...]] = ("euler", "midpoint")
     TARGETS: ClassVar[tuple[str, ...]] = ("confusable", "random")
     TWINS: ClassVar[tuple[str, ...]] = ("auto", "class", "attribute")
 
     def __post_init__(self) -> None:
-        def is_int(value: Any) -> bool:
-            return isinstance(value, int) and not isinstance(value, bool)
-
-        def is_number(value: Any) -> bool:
-            return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
-
-        for name in ("weight", "temperature", "noise_level", "guidance_scale", "negative_guidance"):
-            value = getattr(self, name)
-            _check(is_number(value) and abs(value) != float("inf"), f"{name} must be a finite number; got {value!r}.")
-        for name in ("proximity_weight", "train_lr", "cond_dropout"):
-            value = getattr(self, name)
-            _check(is_number(value), f"{name} must be a number; got {value!r}.")
-        _positive("weight", self.weight, allow_zero=True)
+        super().__post_init__()
         _check(
-            self.temperature > 0,
-            f"temperature must be > 0; got {self.temperature!r}. CLIP-style contrastive losses use about 0.07.",
+            self.proximity_search == 0 or self.proximity_weight < self.proximity_max,
+            f"CounterfactualConfig.proximity_max must be in (proximity_weight={self.proximity_weight}, 1): the search "
+            f"interval of λ; got {self.proximity_max!r}. Raise proximity_max or lower proximity_weight.",
         )
-        _check(
-            0 < self.noise_level <= 1,
-            f"noise_level must be in (0, 1] (the factual feature is inverted to t_0 = 1 - noise_level; 1: all the "
-            f"way to noise); got {self.noise_level!r}.",
-        )
-        _positive("guidance_scale", self.guidance_scale, allow_zero=True)
-        _positive("negative_guidance", self.negative_guidance, allow_zero=True)
-        _check(
-            0 <= self.proximity_weight < 1,
-            f"proximity_weight must be in [0, 1) (0: no pull back to the factual feature; 1 would return it "
-            f"unchanged); got {self.proximity_weight!r}.",
-        )
-        for name in ("num_counterfactuals", "num_steps", "hidden_dim", "train_steps", "train_batch_size"):
-            value = getattr(self, name)
-            _check(is_int(value) and value >= 1, f"{name} must be an integer >= 1; got {value!r}.")
-        _check(
-            is_int(self.proximity_search) and self.proximity_search >= 0,
-            f"proximity_search must be an integer >= 0 (bisection steps; 0: fixed λ); got {self.proximity_search!r}.",
-        )
-        _check(
-            is_number(self.proximity_max)
-            and self.proximity_max < 1
-            and (self.proximity_search == 0 or self.proximity_weight < self.proximity_max),
-            f"proximity_max must be in (proximity_weight={self.proximity_weight}, 1): the search interval of λ; "
-            f"got {self.proximity_max!r}.",
-        )
-        _check(
-            is_number(self.validity_margin) and self.validity_margin >= 0,
-            f"validity_margin must be a number >= 0 (a cosine margin); got {self.validity_margin!r}.",
-        )
-        _check(is_int(self.depth) and self.depth >= 0, f"depth must be an integer >= 0; got {self.depth!r}.")
-        _check(
-            is_int(self.feature_batch_size) and self.feature_batch_size >= 1,
-            f"feature_batch_size must be an integer >= 1; got {self.feature_batch_size!r}.",
-        )
-        if self.method not in self.METHODS:
-            raise unknown_name_error("counterfactual ODE method", self.method, self.METHODS)
-        if self.target not in self.TARGETS:
-            raise unknown_name_error("counterfactual target", self.target, self.TARGETS)
-        if self.twin not in self.TWINS:
-            raise unknown_name_error("counterfactual twin", self.twin, self.TWINS)
         if self.twin == "attribute" or (self.twin == "auto" and self.attribute_values):
             values = [str(v).strip() for v in self.attribute_values]
             _check(
                 len(values) >= 2 and len(set(values)) == len(values) and all(values),
-                "twin='attribute' needs attribute_values: at least 2 distinct words naming the nuisance attribute's "
-                f"values, e.g. ['grass', 'water']; got {self.attribute_values!r}.",
+                "CounterfactualConfig: twin='attribute' needs attribute_values: at least 2 distinct words naming the "
+                f"nuisance attribute's values, e.g. ['grass', 'water']; got {self.attribute_values!r}.",
             )
-            for template in self.attribute_templates:
-                _check(
-                    isinstance(template, str) and template.count("{}") == 1,
-                    f"attribute template {template!r} must contain exactly one '{{}}' placeholder for the value.",
-                )
-        _positive("train_lr", self.train_lr)
-        _check(
-            0 <= self.cond_dropout < 1,
-            f"cond_dropout must be in [0, 1) (the share of training features that train the marginal field; "
-            f"0 leaves the null label untrained, so guidance needs > 0); got {self.cond_dropout!r}.",
-        )
         _check(
             self.cond_dropout > 0 or (self.guidance_scale == 1 and self.negative_guidance == 0),
-            "cond_dropout=0 never trains the marginal (null-label) field that guidance uses; set cond_dropout > 0 "
-            "(e.g. 0.2), or guidance_scale=1 and negative_guidance=0 (plain target-class sampling).",
+            "CounterfactualConfig: cond_dropout=0 never trains the marginal (null-label) field that guidance uses; set "
+            "cond_dropout > 0 (e.g. 0.2), or guidance_scale=1 and negative_guidance=0 (plain target-class sampling).",
         )

@@ -14,8 +14,6 @@ Features are standardised before the flow sees them: ``x = (z - mean) * scale`` 
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import math
 from dataclasses import dataclass
@@ -26,18 +24,20 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ... import _io
+from ... import cache
 from ...flows.matching import flow_matching_loss
 from ...flows.time import TimeEmbedding
+from .config import CounterfactualConfig
+
+_DEFAULT = CounterfactualConfig()  # the one source of the flow's default settings
 
 __all__ = ["FeatureFlow", "FeatureFlowNet", "FlowFitResult", "fit_feature_flow"]
 
 logger = logging.getLogger(__name__)
 
 _CACHE_VERSION = 1
-_CACHE_PREFIX = "counterfactual-flow-"
-_WEIGHTS_NAME = "flow.safetensors"
-_META_NAME = "flow.json"
+_CACHE_KIND = "counterfactual-flow"
+_WEIGHTS_NAME = "flow.safetensors"  # its JSON sidecar (the final loss and the settings) is flow.json
 
 
 class _Block(nn.Module):
@@ -78,7 +78,9 @@ class FeatureFlowNet(nn.Module):
         torch.Size([4, 8])
     """
 
-    def __init__(self, feature_dim: int, num_classes: int, hidden_dim: int = 256, depth: int = 3) -> None:
+    def __init__(
+        self, feature_dim: int, num_classes: int, hidden_dim: int = _DEFAULT.hidden_dim, depth: int = _DEFAULT.depth
+    ) -> None:
         super().__init__()
         for name, value in (("feature_dim", feature_dim), ("num_classes", num_classes), ("hidden_dim", hidden_dim)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -146,11 +148,13 @@ class FeatureFlow(nn.Module):
     Example:
         >>> flow = FeatureFlow(feature_dim=8, num_classes=3, hidden_dim=32, depth=1)
         >>> z = torch.nn.functional.normalize(torch.randn(5, 8), dim=-1)
-        >>> torch.allclose(flow.decode(flow.encode(z)), z, atol=1e-6), flow.ready
+        >>> torch.allclose(flow.decode(flow.encode(z)), z, atol=1e-6), flow.fitted
         (True, False)
     """
 
-    def __init__(self, feature_dim: int, num_classes: int, hidden_dim: int = 256, depth: int = 3) -> None:
+    def __init__(
+        self, feature_dim: int, num_classes: int, hidden_dim: int = _DEFAULT.hidden_dim, depth: int = _DEFAULT.depth
+    ) -> None:
         super().__init__()
         self.net = FeatureFlowNet(feature_dim, num_classes, hidden_dim, depth)
         self.register_buffer("feature_mean", torch.zeros(feature_dim))
@@ -158,7 +162,7 @@ class FeatureFlow(nn.Module):
         self.register_buffer("trained_steps", torch.zeros((), dtype=torch.long))
 
     @property
-    def ready(self) -> bool:
+    def fitted(self) -> bool:
         """True once the flow has been trained (or loaded trained)."""
         return int(self.trained_steps) > 0
 
@@ -247,37 +251,35 @@ class FlowFitResult:
 
 def _fingerprint(flow: FeatureFlow, features: torch.Tensor, labels: torch.Tensor, settings: dict) -> str:
     """What a fitted flow depends on: every feature and label, the architecture and the training settings."""
-    digest = hashlib.sha256()
-    meta = {
+    architecture = {
         "version": _CACHE_VERSION,
         "feature_dim": flow.feature_dim,
         "num_classes": flow.num_classes,
         "hidden_dim": flow.net.hidden_dim,
         "depth": len(flow.net.blocks),
-        **settings,
     }
-    digest.update(json.dumps(meta, sort_keys=True).encode())
-    digest.update(features.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-    digest.update(labels.detach().to("cpu", torch.int64).contiguous().numpy().tobytes())
-    return digest.hexdigest()[:20]
+    features = features.detach().to(torch.float32)
+    return cache.cache_key(_CACHE_KIND, {**architecture, **settings}, features, labels.detach().to(torch.int64))
 
 
-def _load_cached(flow: FeatureFlow, folder: Path) -> float | None:
-    """Load a cached flow into ``flow``; the cached final loss, or None when there is no usable cache."""
-    weights, meta = folder / _WEIGHTS_NAME, folder / _META_NAME
-    if not (weights.is_file() and meta.is_file()):
-        return None
-    try:
-        tensors = _io.read_safetensors(weights, "cached feature flow")
-        info = _io.read_json(meta, "cached feature flow metadata")
-        own = flow.state_dict()
+def _load_cached(flow: FeatureFlow, path: Path, key: str) -> float | None:
+    """Load a cached flow into ``flow``; the cached final loss, or None when there is no usable cache (a damaged
+    one is named in a warning and retrained)."""
+    own = flow.state_dict()
+
+    def matches(entry: cache.CacheEntry) -> str | None:
+        tensors, info = entry.tensors, entry.info or {}
         if set(tensors) != set(own) or any(tuple(own[k].shape) != tuple(v.shape) for k, v in tensors.items()):
-            raise ValueError("tensor names or shapes differ from this flow")
-        flow.load_state_dict({k: v.to(own[k].device, own[k].dtype) for k, v in tensors.items()})
-        return float(info["final_loss"])
-    except (ValueError, KeyError, TypeError) as err:
-        logger.warning("ignoring the damaged feature-flow cache in %s (%s); retraining it", folder, err)
+            return "its tensor names or shapes differ from this flow"
+        if not isinstance(info.get("final_loss"), (int, float)):
+            return "its sidecar records no final loss"
         return None
+
+    entry = cache.read_cached(path, key=key, info=True, validate=matches, what="feature-flow cache file")
+    if entry is None:
+        return None
+    flow.load_state_dict({k: v.to(own[k].device, own[k].dtype) for k, v in entry.tensors.items()})
+    return float(entry.info["final_loss"])
 
 
 def fit_feature_flow(
@@ -286,9 +288,9 @@ def fit_feature_flow(
     labels: torch.Tensor,
     *,
     steps: int,
-    lr: float = 2e-3,
-    batch_size: int = 256,
-    cond_dropout: float = 0.2,
+    lr: float = _DEFAULT.train_lr,
+    batch_size: int = _DEFAULT.train_batch_size,
+    cond_dropout: float = _DEFAULT.cond_dropout,
     seed: int = 0,
     cache_dir: str | Path | None = None,
     progress: bool = True,
@@ -298,8 +300,10 @@ def fit_feature_flow(
     The network is re-initialised from ``seed`` and trained with AdamW (cosine decay to 10% of ``lr``) on
     minibatches drawn with replacement; the result depends on ``seed`` and the data only. With ``cache_dir`` the
     trained state is written to ``cache_dir/counterfactual-flow-<fingerprint>/`` (``flow.safetensors`` +
-    ``flow.json``), the fingerprint covering every feature, label, the architecture and the settings; a rerun
-    with the same inputs loads it, and other inputs get another folder (nothing is overwritten).
+    ``flow.json``), the fingerprint (:func:`prompt_robust.cache.cache_key`) covering every feature, label, the
+    architecture and the settings; a rerun with the same inputs loads it, and other inputs get another folder
+    (nothing is overwritten). A cached entry that is unreadable, altered or from another entry is retrained and
+    replaced with a warning.
 
     Args:
         flow: the flow to train.
@@ -319,7 +323,7 @@ def fit_feature_flow(
     Example:
         >>> flow = FeatureFlow(feature_dim=2, num_classes=2, hidden_dim=16, depth=1)
         >>> feats, labels = torch.randn(20, 2), torch.arange(20) % 2
-        >>> fit_feature_flow(flow, feats, labels, steps=3, progress=False).cached, flow.ready
+        >>> fit_feature_flow(flow, feats, labels, steps=3, progress=False).cached, flow.fitted
         (False, True)
     """
     if features.dim() != 2 or features.shape[1] != flow.feature_dim:
@@ -345,8 +349,9 @@ def fit_feature_flow(
     settings = {"steps": steps, "lr": lr, "batch_size": batch_size, "cond_dropout": cond_dropout, "seed": seed}
     folder = None
     if cache_dir is not None:
-        folder = Path(cache_dir) / f"{_CACHE_PREFIX}{_fingerprint(flow, features, labels, settings)}"
-        cached = _load_cached(flow, folder)
+        key = _fingerprint(flow, features, labels, settings)
+        folder = Path(cache_dir) / key
+        cached = _load_cached(flow, folder / _WEIGHTS_NAME, key)
         if cached is not None:
             logger.info("loaded the cached feature flow from %s", folder)
             return FlowFitResult(final_loss=cached, cached=True, cache_path=folder)
@@ -400,7 +405,7 @@ def fit_feature_flow(
     tail = losses[-max(1, steps // 10) :]
     final = sum(tail) / len(tail)
     if folder is not None:
-        _io.write_safetensors(folder / _WEIGHTS_NAME, flow.state_dict(), metadata={"format": "pt"})
-        _io.write_json(folder / _META_NAME, {"final_loss": final, "n": int(features.shape[0]), **settings})
+        info = {"final_loss": final, "n": int(features.shape[0]), **settings}
+        cache.write_cached(folder / _WEIGHTS_NAME, flow.state_dict(), key=key, info=info)
         logger.info("cached the feature flow in %s", folder)
     return FlowFitResult(final_loss=final, cached=False, cache_path=folder)

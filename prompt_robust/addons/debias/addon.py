@@ -20,7 +20,7 @@ adapter (its state is training bookkeeping).
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,7 @@ from torch import nn
 from ...attributes import attribute_text_features, classify_attributes, pseudo_label_accuracy
 from ...data.items import iterate_batches
 from ...layers import module_device
-from ..base import RobustAddon, register_addon
+from ..base import AddonFit, ForwardState, LossTerms, RobustAddon, register_addon
 from ._data import INDEX_KEY, column
 from .config import DebiasConfig
 from .weights import balanced_group_weights, dpt_group_weights, ema_update, group_means, groupdro_update
@@ -47,15 +47,6 @@ _GROUP_SOURCES = (
 )
 
 
-def _logits(output: Any) -> torch.Tensor:
-    if isinstance(output, torch.Tensor):
-        return output
-    logits = output["logits"] if isinstance(output, Mapping) else getattr(output, "logits", None)
-    if not isinstance(logits, torch.Tensor):
-        raise TypeError(f"the learner returned a {type(output).__name__} without a logits tensor.")
-    return logits
-
-
 def _true_class_prob(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     probs = logits.detach().float().softmax(dim=-1)  # (b, n_cls)
     return probs.gather(1, labels.long().unsqueeze(1)).squeeze(1)  # (b,)
@@ -66,8 +57,9 @@ class DebiasReweighting(RobustAddon):
     """Group reweighting of the prompt-tuning loss: annotation-free DPT and the oracle, group DRO and JTT
     baselines, chosen by :attr:`DebiasConfig.mode`.
 
-    Call ``model.prepare_addons(train)`` before training: it computes the group sizes (and, in mode ``"pseudo"``,
-    the pseudo-labels). During training :meth:`sample_weights` returns the batch's per-sample loss weights, and
+    Call ``model.fit_addons(train)`` before training: it computes the group sizes (and, in mode ``"pseudo"``,
+    the pseudo-labels; ``prompt_robust.fit`` does it for you). During training :meth:`batch_weights` gives the
+    batch's per-sample loss weights, and
     the wrapped model's loss is ``Σ w_i·ce_i / Σ w_i``.
 
     Paper: https://arxiv.org/abs/2503.08368
@@ -83,7 +75,7 @@ class DebiasReweighting(RobustAddon):
         >>> config = pr.DebiasConfig(attribute_values=["grass", "water"])
         >>> model = pr.wrap(learner, pr.RobustConfig(debias=config))
         >>> train = [(torch.randn(3, 32, 32), i % 2) for i in range(8)]
-        >>> logs = model.prepare_addons(train, progress=False)
+        >>> logs = model.fit_addons(train, progress=False)
         >>> out = model(torch.stack([x for x, _ in train]), labels=torch.tensor([y for _, y in train]))
         >>> model.addons["debias"].num_groups, out.loss.dim()  # groups (class, pseudo-attribute); a scalar loss
         (4, 0)
@@ -93,6 +85,7 @@ class DebiasReweighting(RobustAddon):
     description = "Annotation-free debiasing with group reweighting."
     order = 40
     config_class = DebiasConfig
+    fit_phase = "before_prompt"
 
     def __init__(self, learner: nn.Module, config: DebiasConfig) -> None:
         super().__init__(learner, config)
@@ -104,11 +97,10 @@ class DebiasReweighting(RobustAddon):
         self.pseudo_labels = torch.zeros(0, dtype=torch.long)  # (n,) pseudo-attribute of each training example
         self.upweighted = torch.zeros(0, dtype=torch.bool)  # (n,) JTT's error set as a mask
         self.group_names: list[str] = []
-        self.prepared = False
+        self._fitted = False
         self.updates = 0
         self._attribute_text: torch.Tensor | None = None  # (A, d), the zero-shot attribute classifier
         self._error_set: torch.Tensor | None = None
-        self._logs: dict[str, float] = {}
 
     # -- public helpers ------------------------------------------------------------------------------------------
     @property
@@ -121,7 +113,7 @@ class DebiasReweighting(RobustAddon):
 
     def set_error_set(self, indices: Sequence[int] | torch.Tensor) -> None:
         """Give mode ``"jtt"`` the error set of the ERM identification run (positions in the training set, e.g.
-        from :func:`~prompt_robust.addons.debias.jtt_error_set`); call before ``model.prepare_addons(train)``.
+        from :func:`~prompt_robust.addons.debias.jtt_error_set`); call before ``model.fit_addons(train)``.
 
         Args:
             indices: positions of the misclassified training examples.
@@ -132,12 +124,12 @@ class DebiasReweighting(RobustAddon):
         if error_set.dim() != 1 or (error_set.numel() and int(error_set.min()) < 0):
             raise ValueError(f"the error set must be a 1-D list of non-negative positions; got {indices!r}.")
         self._error_set = error_set.unique()
-        self.prepared = False
+        self._fitted = False
 
     def group_weights(self) -> dict[str, float]:
         """Current weight of every non-empty group, by name (modes ``"pseudo"``, ``"oracle"``; ``"groupdro"``:
         the group distribution ``q``)."""
-        self._require_prepared()
+        self._require_fitted()
         weights = self._current_group_weights()
         if weights is None:
             return {}
@@ -147,8 +139,15 @@ class DebiasReweighting(RobustAddon):
             if n > 0
         }
 
-    # -- prepare -------------------------------------------------------------------------------------------------
-    def prepare(
+    # -- fit -----------------------------------------------------------------------------------------------------
+    @property
+    def fitted(self) -> bool:
+        """True once :meth:`fit` has seen the training set's groups. Training bookkeeping only: an adapter holds
+        nothing of this add-on (it changes the loss, not the predictions), and a resumed training run fits it
+        again (deterministically) before its running statistics are restored from the checkpoint."""
+        return self._fitted
+
+    def fit(
         self,
         model: nn.Module,
         dataset: Any,
@@ -156,8 +155,8 @@ class DebiasReweighting(RobustAddon):
         seed: int = 0,
         cache_dir: str | Path | None = None,
         progress: bool = True,
-    ) -> dict[str, float]:
-        """Group sizes of the training set (and its pseudo-labels in mode ``"pseudo"``); returns logs.
+    ) -> AddonFit:
+        """Group sizes of the training set (and its pseudo-labels in mode ``"pseudo"``).
 
         Args:
             model: the wrapped model (mode ``"pseudo"`` reads its initial predictions).
@@ -175,7 +174,7 @@ class DebiasReweighting(RobustAddon):
             logs = self._prepare_true_groups(dataset)
         else:
             logs = self._prepare_jtt(dataset)
-        self.prepared = True
+        self._fitted = True
         weights = self.group_weights()
         if weights:
             kind = "group distribution q" if self.mode == "groupdro" else "group weights"
@@ -189,7 +188,7 @@ class DebiasReweighting(RobustAddon):
                 ),
             )
             logs.update({f"debias/w/{name}": w for name, w in weights.items()})
-        return logs
+        return AddonFit(logs=logs)
 
     def _nonempty_counts(self) -> list[int]:
         return [n for n in self.group_counts.tolist() if n > 0]
@@ -219,7 +218,7 @@ class DebiasReweighting(RobustAddon):
             ):
                 x = batch["pixel_values"].to(device)
                 y = torch.as_tensor(batch["labels"]).long()
-                p_true.append(_true_class_prob(_logits(model(x)), y.to(device)).cpu())  # (b,)
+                p_true.append(_true_class_prob(model(x).logits, y.to(device)).cpu())  # (b,)
                 a, _ = classify_attributes(self.learner.image_features(x), self._attribute_text)
                 attributes.append(a.cpu())
                 labels.append(y)
@@ -285,7 +284,7 @@ class DebiasReweighting(RobustAddon):
             raise ValueError(
                 "mode 'jtt' upweights the error set of an ERM identification run, and none was given. Train ERM "
                 "first, then: errors = prompt_robust.addons.debias.jtt_error_set(erm_model, train); "
-                "model.addons['debias'].set_error_set(errors); model.prepare_addons(train); and train on "
+                "model.addons['debias'].set_error_set(errors); model.fit_addons(train); and train on "
                 "prompt_robust.addons.debias.with_index(train). See docs/debias.md."
             )
         n = len(dataset)
@@ -309,8 +308,8 @@ class DebiasReweighting(RobustAddon):
 
     def training_state(self) -> dict[str, torch.Tensor]:
         """The running group statistics (EMA of ``p̄``, GroupDRO's ``q``) and the update count; everything else is
-        recomputed identically by :meth:`prepare`."""
-        if not self.prepared:
+        recomputed identically by :meth:`fit`."""
+        if not self._fitted:
             return {}
         state = {name: getattr(self, name) for name in self._RUNNING}
         return {**state, "updates": torch.tensor(self.updates, dtype=torch.long)}
@@ -318,7 +317,7 @@ class DebiasReweighting(RobustAddon):
     def load_training_state(self, state: Mapping[str, torch.Tensor]) -> None:
         if not state:
             return
-        self._require_prepared()
+        self._require_fitted()
         expected = {*self._RUNNING, "updates"}
         if set(state) != expected:
             raise ValueError(f"debias training state must hold {sorted(expected)}; got {sorted(state)}.")
@@ -326,7 +325,7 @@ class DebiasReweighting(RobustAddon):
             current = getattr(self, name)
             if tuple(state[name].shape) != tuple(current.shape):
                 raise ValueError(
-                    f"debias training state {name!r} has shape {tuple(state[name].shape)}, but prepare() on this "
+                    f"debias training state {name!r} has shape {tuple(state[name].shape)}, but fit() on this "
                     f"training set gives {tuple(current.shape)}: the checkpoint was written for another training set "
                     "or attribute_values."
                 )
@@ -334,11 +333,11 @@ class DebiasReweighting(RobustAddon):
         self.updates = int(state["updates"])
 
     # -- weights -------------------------------------------------------------------------------------------------
-    def _require_prepared(self) -> None:
-        if not self.prepared:
+    def _require_fitted(self) -> None:
+        if not self._fitted:
             raise RuntimeError(
                 f"the debias add-on (mode {self.mode!r}) has not seen the training set: call "
-                "model.prepare_addons(train) before training (prompt_robust's bench, CLI and RobustCallback do)."
+                "model.fit_addons(train) before training (prompt_robust's bench, CLI and RobustCallback do)."
             )
 
     def _current_group_weights(self) -> torch.Tensor | None:
@@ -354,24 +353,28 @@ class DebiasReweighting(RobustAddon):
         index = torch.as_tensor(batch[INDEX_KEY]).long().cpu()  # (b,)
         if index.numel() and (int(index.min()) < 0 or int(index.max()) >= size):
             raise ValueError(
-                f"batch {INDEX_KEY!r} values reach {int(index.max())}, but prepare() saw a training set of {size} "
-                "examples; call model.prepare_addons(train) on the same training set you train on."
+                f"batch {INDEX_KEY!r} values reach {int(index.max())}, but fit() saw a training set of {size} "
+                "examples; call model.fit_addons(train) on the same training set you train on."
             )
         return index
 
-    def _pseudo_attributes(self, batch: Mapping[str, Any]) -> torch.Tensor:
+    def _pseudo_attributes(
+        self, batch: Mapping[str, Any], features: Callable[[], torch.Tensor] | None = None
+    ) -> torch.Tensor:
         """The batch's pseudo-attributes ``(b,)``: looked up by index when items carry one, else recomputed from
         the images with the cached zero-shot attribute classifier (works with any loader and with augmentation;
         free for learners whose forward already computed the prompt-free image features)."""
         if INDEX_KEY in batch and self.pseudo_labels.numel():
             return self.pseudo_labels[self._index(batch, self.pseudo_labels.numel())]
-        features = self.learner.image_features(batch["pixel_values"])  # (b, d)
-        return classify_attributes(features, self._attribute_text.to(features.device))[0].cpu()
+        z = features() if features is not None else self.learner.image_features(batch["pixel_values"])  # (b, d)
+        return classify_attributes(z, self._attribute_text.to(z.device))[0].cpu()
 
-    def _groups(self, batch: Mapping[str, Any], labels: torch.Tensor) -> torch.Tensor:
+    def _groups(
+        self, batch: Mapping[str, Any], labels: torch.Tensor, features: Callable[[], torch.Tensor] | None
+    ) -> torch.Tensor:
         if self.mode == "pseudo":
             n_values = len(self.config.attribute_values)
-            groups = labels * n_values + self._pseudo_attributes(batch)  # (b,)
+            groups = labels * n_values + self._pseudo_attributes(batch, features)  # (b,)
         else:
             key = self.config.groups_key
             if key not in batch:
@@ -383,19 +386,18 @@ class DebiasReweighting(RobustAddon):
             groups = torch.as_tensor(batch[key]).long().cpu()  # (b,)
         if groups.numel() and (int(groups.min()) < 0 or int(groups.max()) >= self.num_groups):
             raise ValueError(
-                f"group id {int(groups.max())} is out of range: the training set seen by prepare() has "
+                f"group id {int(groups.max())} is out of range: the training set seen by fit() has "
                 f"{self.num_groups} groups ({'class x pseudo-attribute' if self.mode == 'pseudo' else 'true groups'}). "
-                "Call model.prepare_addons(train) on the training set you train on."
+                "Call model.fit_addons(train) on the training set you train on."
             )
         return groups
 
-    def _maybe_log(self, group_weights: torch.Tensor) -> None:
+    def _group_logs(self, group_weights: torch.Tensor, train: bool) -> dict[str, float]:
         names = [n for n, c in zip(self.group_names, self.group_counts.tolist(), strict=True) if c > 0]
         kept = group_weights[self.group_counts > 0].tolist()
         prefix = "debias/q/" if self.mode == "groupdro" else "debias/w/"
-        self._logs = {prefix + name: float(w) for name, w in zip(names, kept, strict=True)}
         every = self.config.log_every
-        if self.training and every and self.updates % every == 0:
+        if train and every and self.updates % every == 0:
             logger.info(
                 "debias (%s) step %d %s: %s",
                 self.mode,
@@ -403,21 +405,39 @@ class DebiasReweighting(RobustAddon):
                 "q" if self.mode == "groupdro" else "group weights",
                 ", ".join(f"{name} {w:.3f}" for name, w in zip(names, kept, strict=True)),
             )
+        return {prefix + name: float(w) for name, w in zip(names, kept, strict=True)}
+
+    def loss_terms(self, state: ForwardState) -> LossTerms:
+        """The batch's per-sample weights and the current group weights as logs (``debias/w/<group>``,
+        ``debias/q/<group>``)."""
+        weights, logs = self.batch_weights(
+            state.batch, state.output.logits, train=state.training, features=state.image_features
+        )
+        return LossTerms(weights=weights, logs=logs)
 
     @torch.no_grad()
-    def sample_weights(self, batch: Mapping[str, Any], output: Any) -> torch.Tensor:
-        """Per-sample loss weights ``(b,)`` of the batch (no gradient); in training mode also updates the group
-        statistics (mode ``"pseudo"``: the EMA of ``p̄``; ``"groupdro"``: ``q``).
+    def batch_weights(
+        self,
+        batch: Mapping[str, Any],
+        logits: torch.Tensor,
+        *,
+        train: bool = True,
+        features: Callable[[], torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """Per-sample loss weights ``(b,)`` of the batch (no gradient) and logs; with ``train`` also updates the
+        group statistics (mode ``"pseudo"``: the EMA of ``p̄``; ``"groupdro"``: ``q``).
 
         Args:
             batch: ``pixel_values``, ``labels`` and the extra item keys (``index``, ``groups``) of the batch.
-            output: the learner's output for the batch (its logits are read).
+            logits: ``(b, n_cls)`` the model's logits for the batch.
+            train: update the running statistics (a training step).
+            features: the batch's ``learner.image_features`` when already computed (mode ``"pseudo"`` without
+                an ``index`` key reads their attribute).
         """
-        self._require_prepared()
-        logits = _logits(output)  # (b, n_cls)
+        self._require_fitted()
+        logits = logits.detach()  # (b, n_cls)
         cpu = torch.device("cpu")
         labels = torch.as_tensor(batch["labels"]).long().cpu()  # (b,)
-        train = self.training
         if train:
             self.updates += 1
         if self.mode == "jtt":
@@ -427,11 +447,11 @@ class DebiasReweighting(RobustAddon):
                     f"{INDEX_KEY!r}; got keys {sorted(batch)}. Train on prompt_robust.addons.debias.with_index(train)."
                 )
             upweighted = self.upweighted[self._index(batch, self.upweighted.numel())]  # (b,)
-            self._logs = {"debias/upweighted_fraction": float(upweighted.double().mean())}
+            logs = {"debias/upweighted_fraction": float(upweighted.double().mean())}
             weights = torch.where(upweighted, float(self.config.jtt_upweight), 1.0)
-            return weights.to(logits.device, logits.dtype)
+            return weights.to(logits.device, logits.dtype), logs
 
-        groups = self._groups(batch, labels)  # (b,) on CPU
+        groups = self._groups(batch, labels, features)  # (b,) on CPU
         n_groups = self.num_groups
         if self.mode == "pseudo":
             if train:
@@ -453,13 +473,7 @@ class DebiasReweighting(RobustAddon):
             in_batch = torch.bincount(groups, minlength=n_groups)  # (G,)
             weights = group_weights[groups] / in_batch[groups]
             weights = weights * len(weights) / weights.sum()
-        self._maybe_log(group_weights)
-        return weights.to(logits.device, logits.dtype)
-
-    def extra_loss(self, batch: Mapping[str, Any], output: Any) -> tuple[torch.Tensor | None, dict[str, float]]:
-        """No extra loss term; reports the batch's group weights (``debias/w/<group>``, ``debias/q/<group>``)."""
-        logs, self._logs = self._logs, {}
-        return None, logs
+        return weights.to(logits.device, logits.dtype), self._group_logs(group_weights, train)
 
     def extra_repr(self) -> str:
-        return f"mode={self.mode!r}, groups={self.num_groups}, prepared={self.prepared}"
+        return f"mode={self.mode!r}, groups={self.num_groups}, fitted={self._fitted}"

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from ...attributes import DEFAULT_TEMPLATES
-from ...config import ConfigMixin, _check, _positive, help_field, unknown_name_error
+from ...config import ConfigMixin, _check, help_field
 
 __all__ = ["DebiasConfig"]
 
@@ -40,90 +40,69 @@ class DebiasConfig(ConfigMixin):
         [],
         "Words naming the spurious attribute's values, e.g. ['land background', 'water background'] (>= 2, "
         "distinct; required by mode 'pseudo', ignored by the others).",
+        hint="E.g. ['land background', 'water background'].",
     )
-    eta: float = help_field(1.0, "Sharpness of the difficulty term exp[eta (1 - p_y|g)] (mode 'pseudo'; 0: 1/N_g).")
-    ema: float = help_field(0.9, "EMA factor of the groups' mean true-class probability, in [0, 1) (mode 'pseudo').")
-    mode: str = help_field("pseudo", "Where groups come from: pseudo (annotation-free), oracle, groupdro or jtt.")
+    eta: float = help_field(
+        1.0, "Sharpness of the difficulty term exp[eta (1 - p_y|g)] (mode 'pseudo'; 0: 1/N_g).", ge=0
+    )
+    ema: float = help_field(
+        0.9, "EMA factor of the groups' mean true-class probability, in [0, 1) (mode 'pseudo').", ge=0, lt=1
+    )
+    mode: str = help_field(
+        "pseudo",
+        "Where groups come from: pseudo (annotation-free), oracle, groupdro or jtt.",
+        choices="MODES",
+        kind="debias mode",
+    )
     templates: list[str] = help_field(
         list(DEFAULT_TEMPLATES),
         "Zero-shot prompts naming an attribute value ('{}'); text features are averaged over them (mode 'pseudo').",
+        min_len=1,
+        placeholder="the attribute value",
     )
-    groups_key: str = help_field("groups", "Batch key holding the true group ids (modes 'oracle' and 'groupdro').")
-    groupdro_step: float = help_field(0.01, "Step size of group DRO's exponentiated-gradient group weights.")
-    jtt_upweight: float = help_field(20.0, "JTT's lambda_up: loss weight of the ERM run's misclassified examples.")
-    batch_size: int = help_field(64, "Images per forward pass when prepare() pseudo-labels the training set.")
-    log_every: int = help_field(50, "Log the group weights every this many training batches (0: never).")
+    groups_key: str = help_field(
+        "groups", "Batch key holding the true group ids (modes 'oracle' and 'groupdro').", min_len=1
+    )
+    groupdro_step: float = help_field(0.01, "Step size of group DRO's exponentiated-gradient group weights.", gt=0)
+    jtt_upweight: float = help_field(
+        20.0,
+        "JTT's lambda_up: loss weight of the ERM run's misclassified examples.",
+        ge=1,
+        hint="The error set is upweighted; 1 is plain ERM.",
+    )
+    batch_size: int = help_field(64, "Images per forward pass when fit_addons() pseudo-labels the training set.", ge=1)
+    log_every: int = help_field(50, "Log the group weights every this many training batches (0: never).", ge=0)
 
     MODES: ClassVar[tuple[str, ...]] = ("pseudo", "oracle", "groupdro", "jtt")
 
     def __post_init__(self) -> None:
-        if self.mode not in self.MODES:
-            raise unknown_name_error("debias mode", self.mode, self.MODES)
+        super().__post_init__()
         example = "e.g. ['land background', 'water background']"
         values = self.attribute_values
-        _check(
-            isinstance(values, (list, tuple)) and all(isinstance(v, str) for v in values),
-            f"attribute_values must be a list of strings, {example}; got {values!r}.",
-        )
         if self.mode == "pseudo" or values:
             names = [v.strip() for v in values]
             unused = "" if self.mode == "pseudo" else f" (mode {self.mode!r} ignores them; pass [] instead)"
             if not names:
                 raise ValueError(
-                    "attribute_values must name at least two values of the spurious attribute for mode 'pseudo' "
-                    f"(zero-shot CLIP pseudo-labels every training image with one of them), {example}; got []. "
+                    "DebiasConfig.attribute_values must name at least two values of the spurious attribute for mode "
+                    f"'pseudo' (zero-shot CLIP pseudo-labels every training image with one of them), {example}; got []. "
                     "With group labels use mode='oracle', 'groupdro' or 'jtt' instead."
                 )
             blank = [i for i, name in enumerate(names) if not name]
             _check(
                 not blank,
-                f"attribute_values must name at least two non-empty values of the spurious attribute, {example}; "
-                f"got {list(values)!r} (entry {blank[0] if blank else 0} is blank){unused}.",
+                f"DebiasConfig.attribute_values must name at least two non-empty values of the spurious attribute, "
+                f"{example}; got {list(values)!r} (entry {blank[0] if blank else 0} is blank){unused}.",
             )
             _check(
                 len(names) >= 2,
-                f"attribute_values must name at least two values of the spurious attribute (one value cannot "
-                f"split a class into groups), {example}; got {list(values)!r}{unused}.",
+                f"DebiasConfig.attribute_values must name at least two values of the spurious attribute (one value "
+                f"cannot split a class into groups), {example}; got {list(values)!r}{unused}.",
             )
             lowered = [name.lower() for name in names]
             repeated = sorted(name for name, count in Counter(lowered).items() if count > 1)
             _check(
                 not repeated,
-                f"attribute_values must be distinct (CLIP lowercases text); repeated: {repeated}; got "
+                f"DebiasConfig.attribute_values must be distinct (CLIP lowercases text); repeated: {repeated}; got "
                 f"{list(values)!r}{unused}.",
             )
-        _check(
-            isinstance(self.templates, (list, tuple)) and len(self.templates) > 0,
-            f"templates must be a non-empty list of prompts with a '{{}}' placeholder; got {self.templates!r}.",
-        )
-        for template in self.templates:
-            ok = isinstance(template, str) and template.count("{}") == 1
-            if ok:
-                try:
-                    template.format("x")
-                except (IndexError, KeyError, ValueError):
-                    ok = False
-            _check(
-                ok,
-                f"template {template!r} must contain exactly one '{{}}' placeholder for the attribute value (and "
-                "no other braces), e.g. 'a photo with a {}.'.",
-            )
-        _check(
-            isinstance(self.groups_key, str) and bool(self.groups_key),
-            f"groups_key must be a non-empty string; got {self.groups_key!r}.",
-        )
-        _positive("eta", self.eta, allow_zero=True)
-        _check(0 <= self.ema < 1, f"ema must be in [0, 1); got {self.ema!r}.")
-        _positive("groupdro_step", self.groupdro_step)
-        _check(
-            self.jtt_upweight >= 1,
-            f"jtt_upweight must be >= 1 (the error set is upweighted; 1 is plain ERM); got {self.jtt_upweight!r}.",
-        )
-        _check(
-            isinstance(self.batch_size, int) and not isinstance(self.batch_size, bool) and self.batch_size >= 1,
-            f"batch_size must be an integer >= 1; got {self.batch_size!r}.",
-        )
-        _check(
-            isinstance(self.log_every, int) and not isinstance(self.log_every, bool) and self.log_every >= 0,
-            f"log_every must be an integer >= 0 (0: never); got {self.log_every!r}.",
-        )

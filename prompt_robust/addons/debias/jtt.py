@@ -12,8 +12,10 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from ...config import field_default
 from ...data.items import iterate_batches
 from ...layers import module_device
+from .config import DebiasConfig
 
 __all__ = ["jtt_error_set"]
 
@@ -28,7 +30,13 @@ def _logits(output) -> torch.Tensor:
 
 
 @torch.no_grad()
-def jtt_error_set(model: nn.Module, dataset: Dataset, *, batch_size: int = 64, progress: bool = True) -> torch.Tensor:
+def jtt_error_set(
+    model: nn.Module,
+    dataset: Dataset,
+    *,
+    batch_size: int = field_default(DebiasConfig, "batch_size"),
+    progress: bool = True,
+) -> torch.Tensor:
     """Positions of the training examples ``model`` misclassifies (JTT's error set), in eval mode.
 
     Paper: https://arxiv.org/abs/2107.09044

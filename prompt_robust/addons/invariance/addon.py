@@ -1,7 +1,7 @@
 """The invariant-projection add-on (CLIP-ICM, "Learning Invariant Causal Mechanism from Vision-Language Models",
 https://arxiv.org/abs/2405.15289).
 
-Before the prompt is trained, :meth:`InvariantProjection.prepare` encodes interventional pairs of the training
+Before the prompt is trained, :meth:`InvariantProjection.fit` encodes interventional pairs of the training
 images, chooses ``λ``/``k`` on held-out training images when the config leaves them open, and fits the
 projection ``P`` (the top-``k`` eigenvectors of ``ZᵀZ/n - λΔᵀΔ/m``). From then on the wrapped model predicts in
 the projected space: ``logits = scale · normalize(Pᵀz) · normalize(Pᵀt)`` with the learner's own image and text
@@ -10,7 +10,6 @@ features, so the prompt is trained (and evaluated) through the projection.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import logging
 from pathlib import Path
@@ -22,7 +21,8 @@ from torch import nn
 
 from ...backbones.base import find_backbone
 from ...layers import module_device
-from ..base import RobustAddon, learner_logit_scale, register_addon
+from ...learners.base import LearnerOutput
+from ..base import AddonFit, ForwardState, RobustAddon, learner_feature_dim, learner_logit_scale, register_addon
 from .config import InvarianceConfig
 from .features import interventional_features
 from .icm import ICMProjection
@@ -39,8 +39,8 @@ logger = logging.getLogger(__name__)
 class InvariantProjection(RobustAddon):
     """Predict in CLIP-ICM's invariant subspace: logits recomputed from the learner's projected features.
 
-    Until :meth:`prepare` has fitted the projection (the ``fitted`` buffer) the add-on changes nothing. The
-    full eigenbasis ``(d, d)``, its eigenvalues, ``k``, ``λ`` and ``fitted`` are persistent buffers of fixed shape
+    Until :meth:`fit` has fitted the projection (``fitted``) the add-on changes nothing. The full eigenbasis
+    ``(d, d)``, its eigenvalues, ``k``, ``λ`` and the fitted flag are persistent buffers of fixed shape
     (``d`` = the backbone's ``embed_dim``), so they are saved with the adapter and loaded into a fresh model.
 
     Args:
@@ -55,7 +55,7 @@ class InvariantProjection(RobustAddon):
         >>> from prompt_robust.backbones.tiny import tiny_clip_backbone
         >>> learner = pr.build_learner("coop", tiny_clip_backbone(layers=1), ["cat", "dog"], n_ctx=4)
         >>> model = pr.wrap(learner, pr.RobustConfig(invariance=pr.InvarianceConfig(lam=1.0, dim=8)))
-        >>> logs = model.prepare_addons(train_data)  # doctest: +SKIP
+        >>> logs = model.fit_addons(train_data)  # doctest: +SKIP
         >>> model.addons["invariance"].projection.shape  # doctest: +SKIP
         torch.Size([32, 8])
     """
@@ -64,19 +64,14 @@ class InvariantProjection(RobustAddon):
     description = "Invariant causal mechanism projection."
     order = 30
     config_class = InvarianceConfig
+    fit_phase = "before_prompt"
 
     def __init__(self, learner: nn.Module, config: InvarianceConfig) -> None:
         super().__init__(learner, config)
         backbone = find_backbone(learner)
         self.__dict__["backbone"] = backbone  # a plain reference: the backbone's weights are never saved here
-        d = getattr(learner, "feature_dim", None) or (backbone.embed_dim if backbone is not None else None)
-        if not d:
-            raise ValueError(
-                f"cannot tell the feature size of {type(learner).__name__}: it holds no prompt_robust ClipBackbone. "
-                "Set an int attribute `feature_dim` on the learner."
-            )
+        d = learner_feature_dim(learner)
         learner_logit_scale(learner, self.name, backbone)  # refuses a learner without a known scale, now
-        d = int(d)
         if config.dim is not None and config.dim > d:
             raise ValueError(
                 f"InvarianceConfig.dim={config.dim} exceeds the feature size {d} of this backbone; use dim <= {d} "
@@ -88,9 +83,14 @@ class InvariantProjection(RobustAddon):
         self.register_buffer("eigenvalues", torch.zeros(d, dtype=torch.float64, device=device))  # (d,)
         self.register_buffer("kept_dim", torch.tensor(d, dtype=torch.long, device=device))  # k
         self.register_buffer("lam", torch.zeros((), dtype=torch.float64, device=device))  # absolute λ
-        self.register_buffer("fitted", torch.zeros((), dtype=torch.bool, device=device))
+        self.register_buffer("projection_fitted", torch.zeros((), dtype=torch.bool, device=device))
 
     # -- state -------------------------------------------------------------------------------------------------
+    @property
+    def fitted(self) -> bool:
+        """True once the projection is fitted (by :meth:`fit`, :meth:`set_projection` or loaded with an adapter)."""
+        return bool(self.projection_fitted)
+
     @property
     def feature_dim(self) -> int:
         return self.basis.shape[0]
@@ -118,7 +118,7 @@ class InvariantProjection(RobustAddon):
             self.eigenvalues.copy_(icm.eigenvalues.to(self.eigenvalues.device, self.eigenvalues.dtype))
             self.kept_dim.fill_(int(icm.dim))
             self.lam.fill_(float(icm.lam))
-            self.fitted.fill_(True)
+            self.projection_fitted.fill_(True)
 
     def _logit_scale(self) -> torch.Tensor | float:
         return learner_logit_scale(self.learner, self.name, self.__dict__["backbone"])
@@ -146,24 +146,19 @@ class InvariantProjection(RobustAddon):
         projection = self.basis * keep  # (d, d)
         return zero_shot_logits(image_features, text_features, projection, self._logit_scale())
 
-    def adjust_output(self, output: Any) -> Any:
-        if not bool(self.fitted):
-            return output
-        image = getattr(output, "image_features", None)
-        text = getattr(output, "text_features", None)
-        if not isinstance(image, torch.Tensor) or not isinstance(text, torch.Tensor):
+    def adjust_output(self, state: ForwardState) -> LearnerOutput | None:
+        """The learner's output with its logits recomputed in the invariant subspace (once fitted)."""
+        if not self.fitted:
+            return None
+        output = state.output
+        if output.image_features is None or output.text_features is None:
             raise TypeError(
                 f"the invariance add-on recomputes the logits from the learner's features, but "
-                f"{type(self.learner).__name__} returned a {type(output).__name__} without image_features and "
+                f"{type(self.learner).__name__} returned an output without image_features and "
                 "text_features. Return prompt_robust.learners.base.LearnerOutput(logits, image_features (b, d), "
                 "text_features (n_cls, d) or (b, n_cls, d)) from forward(), or set RobustConfig.invariance=None."
             )
-        logits = self.projected_logits(image, text)
-        if dataclasses.is_dataclass(output):
-            return dataclasses.replace(output, logits=logits)
-        adjusted = copy.copy(output)
-        adjusted.logits = logits
-        return adjusted
+        return dataclasses.replace(output, logits=self.projected_logits(output.image_features, output.text_features))
 
     # -- fitting -----------------------------------------------------------------------------------------------
     def _classnames(self, why: str) -> list[str]:
@@ -204,7 +199,7 @@ class InvariantProjection(RobustAddon):
             )
         return tuple(float(v) for v in mean), tuple(float(v) for v in std)
 
-    def prepare(
+    def fit(
         self,
         model: nn.Module,
         dataset: Any,
@@ -212,7 +207,7 @@ class InvariantProjection(RobustAddon):
         seed: int = 0,
         cache_dir: str | Path | None = None,
         progress: bool = True,
-    ) -> dict[str, float]:
+    ) -> AddonFit:
         """Encode interventional pairs of ``dataset``, choose ``λ``/``k`` if unset, fit and store the projection.
 
         Args:
@@ -266,7 +261,7 @@ class InvariantProjection(RobustAddon):
             }
         )
         logger.info("CLIP-ICM projection fitted: %s", logs)
-        return logs
+        return AddonFit(logs=logs)
 
     def extra_repr(self) -> str:
-        return f"d={self.feature_dim}, dim={int(self.kept_dim)}, fitted={bool(self.fitted)}"
+        return f"d={self.feature_dim}, dim={int(self.kept_dim)}, fitted={self.fitted}"

@@ -9,8 +9,6 @@ encoding ``(1 + m) x n`` images again.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,10 +20,12 @@ from torch import nn
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from ... import _io
+from ... import cache
 from ...backbones.base import find_backbone
-from ...data.items import hash_items, ordered_loader
+from ...config import field_default
+from ...data.items import ordered_loader
 from ...layers import module_device
+from .config import InvarianceConfig
 from .interventions import get_intervention, intervene
 
 __all__ = ["InterventionalFeatures", "interventional_features", "split_fit_val"]
@@ -134,24 +134,14 @@ def _columns(interventions: Sequence[str], pairs_per_image: int) -> list[tuple[s
 
 
 def _fingerprint(learner: nn.Module, dataset: Dataset, meta: dict[str, Any]) -> str:
-    """What the features depend on: the settings, the encoder and every item of the dataset."""
+    """The cache key: the settings, the encoder and the dataset (:func:`prompt_robust.cache.cache_key`)."""
     from ...learners.base import PromptLearner
 
-    digest = hashlib.sha256()
-    digest.update(json.dumps({**meta, "version": _CACHE_VERSION, "n": len(dataset)}, sort_keys=True).encode())
     backbone = find_backbone(learner)
-    if backbone is not None:
-        digest.update(backbone.fingerprint().encode())
-    if not isinstance(learner, PromptLearner) or backbone is None:
-        # a custom learner's image_features may depend on any of its tensors
-        skip = {id(t) for t in backbone.state_dict(keep_vars=True).values()} if backbone is not None else set()
-        for name, tensor in sorted(learner.state_dict(keep_vars=True).items()):
-            if id(tensor) not in skip:
-                digest.update(name.encode())
-                digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-    # every item: reading the data once is far cheaper than encoding (1 + m) copies of it
-    hash_items(digest, dataset, range(len(dataset)))
-    return digest.hexdigest()[:20]
+    # a reference learner's image_features is its backbone's; a custom one's may depend on any of its tensors
+    encoder = backbone if isinstance(learner, PromptLearner) and backbone is not None else learner
+    settings = {**meta, "version": _CACHE_VERSION}
+    return cache.cache_key("invariance-features", settings, encoder, cache.dataset_digest(dataset))
 
 
 def interventional_features(
@@ -161,9 +151,9 @@ def interventional_features(
     *,
     mean: Sequence[float],
     std: Sequence[float],
-    pairs_per_image: int = 1,
+    pairs_per_image: int = field_default(InvarianceConfig, "pairs_per_image"),
     seed: int = 0,
-    batch_size: int = 64,
+    batch_size: int = field_default(InvarianceConfig, "feature_batch_size"),
     cache_dir: str | Path | None = None,
     progress: bool = True,
     params: dict[str, dict[str, Any]] | None = None,
@@ -173,7 +163,9 @@ def interventional_features(
     Interventions are drawn from one CPU generator seeded with ``seed``, batch after batch in dataset order,
     so the pairs are the same on every run (and device). With ``cache_dir`` the result is stored as
     ``cache_dir/invariance-features-<fingerprint>.safetensors`` and reused by later calls with the same
-    backbone, data, interventions, seed and batch size.
+    backbone, data, interventions, seed and batch size (the data by the library's dataset identity:
+    :mod:`prompt_robust.cache`). A cache file that is unreadable, altered or from another entry is recomputed
+    and replaced with a warning.
 
     Args:
         learner: a learner of the contract (its prompt-free ``image_features`` is used).
@@ -213,17 +205,25 @@ def interventional_features(
         }
         if params:  # only when set, so caches written before strength overrides existed stay valid
             meta["params"] = {name: params[name] for name in sorted(params)}
-        path = Path(cache_dir) / f"invariance-features-{_fingerprint(learner, dataset, meta)}.safetensors"
-        if path.is_file():
-            tensors = _io.read_safetensors(path, "cached interventional features")
+        key = _fingerprint(learner, dataset, meta)
+        path = Path(cache_dir) / f"{key}.safetensors"
+        names, n = [c for c, _ in columns], len(dataset)
+        loaded: list[InterventionalFeatures] = []
+
+        def build(entry: cache.CacheEntry) -> str | None:
+            t = entry.tensors
             try:
-                feats = InterventionalFeatures(
-                    tensors["clean"], tensors["intervened"], tensors["labels"], [c for c, _ in columns], path
-                )
-            except (KeyError, ValueError) as err:
-                raise ValueError(f"the cache file {str(path)!r} is damaged ({err}); delete it to recompute.") from err
+                loaded.append(InterventionalFeatures(t["clean"], t["intervened"], t["labels"], names, path))
+            except ValueError as err:
+                return str(err)
+            return None
+
+        rows = {"clean": n, "intervened": n, "labels": n}
+        place = {"columns": ",".join(names)}
+        entry = cache.read_cached(path, key=key, place=place, rows=rows, validate=build, what="interventional features")
+        if entry is not None:
             logger.info("interventional features loaded from %s", path)
-            return feats
+            return loaded[0]
     device = module_device(learner)
     generator = torch.Generator().manual_seed(int(seed))
     loader = ordered_loader(dataset, batch_size)
@@ -251,6 +251,6 @@ def interventional_features(
     )
     if path is not None:
         tensors = {"clean": feats.clean, "intervened": feats.intervened, "labels": feats.labels}
-        _io.write_safetensors(path, tensors, metadata={"columns": ",".join(feats.names)})
+        cache.write_cached(path, tensors, key=key, place={"columns": ",".join(feats.names)})
         logger.info("interventional features cached in %s", path)
     return feats

@@ -14,9 +14,11 @@ from collections.abc import Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
+from ...config import field_default
 from ...eval.metrics import accuracy
 from ...eval.probe import LinearProbe
 from ...learners.base import cosine_logits
+from .config import InvarianceConfig
 from .icm import ICMProjection
 
 __all__ = ["LinearProbe", "accuracy", "compare_predictors", "zero_shot_logits"]
@@ -65,7 +67,7 @@ def compare_predictors(
     text_features: torch.Tensor,
     tests: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
     *,
-    probe_reg: float = 1e-3,
+    probe_reg: float = field_default(InvarianceConfig, "probe_reg"),
     methods: Sequence[str] = ("zero_shot", "icm_zero_shot", "linear_probe", "icm_linear_probe"),
 ) -> dict[str, dict[str, float]]:
     """Accuracy of zero-shot and linear-probe prediction, each without and with the ICM projection.

@@ -30,6 +30,8 @@ from .features import InterventionalFeatures, split_fit_val
 from .icm import ICMProjection, Selection, dims_from_fractions, select_lam_dim
 from .predict import zero_shot_logits
 
+_DEFAULT = InvarianceConfig()  # the one source of the selection rule's default settings
+
 __all__ = ["PREDICTORS", "choose_lam_dim", "fit_from_config", "intervention_sets"]
 
 logger = logging.getLogger(__name__)
@@ -38,7 +40,7 @@ PREDICTORS = ("zero_shot", "linear_probe")
 
 
 def intervention_sets(
-    image_deltas: torch.Tensor, text_deltas: torch.Tensor | None = None, text_weight: float = 0.5
+    image_deltas: torch.Tensor, text_deltas: torch.Tensor | None = None, text_weight: float = _DEFAULT.text_weight
 ) -> tuple[list[torch.Tensor], list[float]]:
     """The sets of differences in the intervention term and their weights: the image pairs alone, or the image and
     text pairs with shares ``1 - text_weight`` and ``text_weight`` (text pairs at weight 0 are left out).
@@ -101,14 +103,14 @@ def choose_lam_dim(
     *,
     lam: float | None = None,
     dim: int | None = None,
-    lam_grid: Sequence[float] = (0.0, 0.5, 1.0, 2.0, 5.0, 10.0),
-    dim_fractions: Sequence[float] = (0.125, 0.25, 0.5, 0.75, 1.0),
-    val_fraction: float = 0.25,
-    predictor: str = "zero_shot",
+    lam_grid: Sequence[float] = tuple(_DEFAULT.lam_grid),
+    dim_fractions: Sequence[float] = tuple(_DEFAULT.dim_fractions),
+    val_fraction: float = _DEFAULT.val_fraction,
+    predictor: str = _DEFAULT.selection,
     text_features: torch.Tensor | None = None,
-    probe_reg: float = 1e-3,
+    probe_reg: float = _DEFAULT.probe_reg,
     text_deltas: torch.Tensor | None = None,
-    text_weight: float = 0.5,
+    text_weight: float = _DEFAULT.text_weight,
     seed: int = 0,
 ) -> Selection:
     """Choose the relative ``λ`` and ``k`` by the held-out rule of this module.

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ...flows import ODESampler, flow_matching_loss
-from ..base import RobustAddon, StagePlan, learner_feature_dim, register_addon
+from ..base import AddonFit, ForwardState, LossTerms, RobustAddon, StagePlan, learner_feature_dim, register_addon
 from .config import RefinerConfig
 from .network import PromptFlowNet
 from .targets import COND_KEY, DELTA_PREFIX, RefinerTargets, build_targets
@@ -58,6 +58,7 @@ class PromptRefiner(RobustAddon):
     order = 10
     config_class = RefinerConfig
     stages = ("refiner", "refiner_joint")
+    fit_phase = "after_prompt"
 
     def __init__(self, learner: nn.Module, config: RefinerConfig) -> None:
         super().__init__(learner, config)
@@ -80,7 +81,6 @@ class PromptRefiner(RobustAddon):
         self.register_buffer("trained_steps", torch.zeros((), dtype=torch.long, device=device))
         for site in self.sites:
             self.register_buffer(self._scale_name(site), torch.ones((), device=device))
-        self.stage = "prompt"
         self._noise_cache: dict[tuple, torch.Tensor] = {}
 
     # -- state -------------------------------------------------------------------------------------------------
@@ -106,7 +106,7 @@ class PromptRefiner(RobustAddon):
             self.trained_steps.copy_(state["trained_steps"])
 
     @property
-    def ready(self) -> bool:
+    def fitted(self) -> bool:
         """True once the generator has been trained (then it replaces the learner's prompt)."""
         return int(self.trained_steps) > 0
 
@@ -158,12 +158,14 @@ class PromptRefiner(RobustAddon):
         x1 = self.sampler.sample(velocity, x0).sample  # (K*b, D)
         return self._unpack(x1.reshape(samples, batch, -1).mean(0))
 
-    def refined_prompts(self, pixel_values: torch.Tensor, num_samples: int | None = None) -> dict[str, torch.Tensor]:
+    def refined_prompts(
+        self, pixel_values: torch.Tensor, num_samples: int | None = None, *, cond: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
         """Per-sample prompts ``{site: (b, n_tokens, dim)}`` for these images (the learner's prompt plus the
-        sampled offset)."""
-        if not self.ready:
+        sampled offset); ``cond``: their ``learner.image_features`` when already computed."""
+        if not self.fitted:
             raise RuntimeError("the refiner is untrained; train it with model.fit_addons(train_data) first.")
-        cond = self.learner.image_features(pixel_values)  # (b, d)
+        cond = self.learner.image_features(pixel_values) if cond is None else cond  # (b, d)
         offsets = self.sample_offsets(cond, num_samples)
         base = self.learner.prompt_tokens()
         return {
@@ -172,10 +174,10 @@ class PromptRefiner(RobustAddon):
         }
 
     # -- add-on hooks ------------------------------------------------------------------------------------------
-    def prompt_override(self, pixel_values: torch.Tensor) -> dict[str, torch.Tensor] | None:
-        if not self.ready or self.stage == "refiner":
+    def prompt_override(self, state: ForwardState) -> dict[str, torch.Tensor] | None:
+        if not self.fitted or state.stage == "refiner":
             return None
-        return self.refined_prompts(pixel_values)
+        return self.refined_prompts(state.pixel_values, cond=state.image_features())
 
     def flow_matching_loss(self, cond: torch.Tensor, deltas: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Conditional flow matching (:func:`prompt_robust.flows.flow_matching_loss`) on the straight path
@@ -196,11 +198,14 @@ class PromptRefiner(RobustAddon):
             return None
         return {site: batch[DELTA_PREFIX + site] for site in self.sites}
 
-    def stage_loss(
-        self, stage: str, pixel_values: torch.Tensor, labels: torch.Tensor, batch: Mapping[str, Any]
-    ) -> tuple[torch.Tensor, dict[str, float]] | None:
-        if stage != "refiner":
+    def _cond(self, state: ForwardState) -> torch.Tensor:
+        cond = state.batch.get(COND_KEY)  # cached with the targets
+        return state.image_features() if cond is None else cond
+
+    def stage_loss(self, state: ForwardState) -> tuple[torch.Tensor, dict[str, float]] | None:
+        if state.stage != "refiner":
             return None
+        batch = state.batch
         deltas = self._batch_targets(batch)
         if deltas is None:
             raise ValueError(
@@ -208,25 +213,20 @@ class PromptRefiner(RobustAddon):
                 f"{sorted(batch)}). Build them with model.addons['refiner'].build_targets(train_data) and train on "
                 "the returned dataset, or call model.fit_addons(train_data)."
             )
-        cond = batch.get(COND_KEY)
-        if cond is None:
-            cond = self.learner.image_features(pixel_values)
-        loss = self.flow_matching_loss(cond, deltas)
-        if self.training and torch.is_grad_enabled():
+        loss = self.flow_matching_loss(self._cond(state), deltas)
+        if state.training and torch.is_grad_enabled():
             self.trained_steps += 1
         return loss, {"refiner/fm_loss": float(loss.detach())}
 
-    def extra_loss(self, batch: Mapping[str, Any], output: Any) -> tuple[torch.Tensor | None, dict[str, float]]:
-        if self.stage != "refiner_joint" or not self.config.fm_weight:
-            return None, {}
-        deltas = self._batch_targets(batch)
+    def loss_terms(self, state: ForwardState) -> LossTerms | None:
+        """In the joint stage: ``fm_weight`` x the flow-matching loss of the batch's targets."""
+        if state.stage != "refiner_joint" or not self.config.fm_weight:
+            return None
+        deltas = self._batch_targets(state.batch)
         if deltas is None:
-            return None, {}
-        cond = batch.get(COND_KEY)
-        if cond is None:
-            cond = self.learner.image_features(batch["pixel_values"])
-        loss = self.flow_matching_loss(cond, deltas)
-        return self.config.fm_weight * loss, {"refiner/fm_loss": float(loss.detach())}
+            return None
+        loss = self.flow_matching_loss(self._cond(state), deltas)
+        return LossTerms(loss=self.config.fm_weight * loss, logs={"refiner/fm_loss": float(loss.detach())})
 
     def stage_parameters(self, stage: str) -> list[nn.Parameter]:
         return list(self.net.parameters()) if stage in self.stages else []
@@ -267,7 +267,7 @@ class PromptRefiner(RobustAddon):
         logger.info("refiner targets: %s", targets.summary())
         return targets
 
-    def plan_stages(
+    def fit(
         self,
         model: nn.Module,
         dataset: Any,
@@ -275,7 +275,9 @@ class PromptRefiner(RobustAddon):
         seed: int = 0,
         cache_dir: str | Path | None = None,
         progress: bool = True,
-    ) -> tuple[list[StagePlan], dict[str, float]]:
+    ) -> AddonFit:
+        """Build the targets on the tuned prompt (cached), then plan the ``"refiner"`` (and ``"refiner_joint"``)
+        stages on them for the model to run."""
         config = self.config
         targets = self.build_targets(dataset, cache_dir=cache_dir, progress=progress, seed=seed)
         logs = {f"refiner/targets_{k}": v for k, v in targets.summary().items()}
@@ -288,4 +290,4 @@ class PromptRefiner(RobustAddon):
             )
             if steps > 0
         ]
-        return plans, logs
+        return AddonFit(stages=plans, logs=logs)

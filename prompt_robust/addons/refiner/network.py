@@ -8,6 +8,9 @@ import torch
 from torch import nn
 
 from ...flows.time import TimeEmbedding
+from .config import RefinerConfig
+
+_DEFAULT = RefinerConfig()  # the one source of the network's default settings
 
 __all__ = ["PromptFlowNet"]
 
@@ -38,9 +41,9 @@ class PromptFlowNet(nn.Module):
         self,
         sites: Mapping[str, tuple[int, int]],
         cond_dim: int,
-        hidden_dim: int = 128,
-        layers: int = 2,
-        heads: int = 4,
+        hidden_dim: int = _DEFAULT.hidden_dim,
+        layers: int = _DEFAULT.layers,
+        heads: int = _DEFAULT.heads,
     ) -> None:
         super().__init__()
         if not sites:

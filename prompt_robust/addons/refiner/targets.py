@@ -10,12 +10,8 @@ CLIP encoders and the reference learners do.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import math
-import os
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,16 +19,18 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 from torch import nn
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from ... import _io
+from ... import cache
 from ...data.checks import check_batch, class_count
-from ...data.items import collate_images_labels, hash_items, item_as_dict
+from ...data.items import collate_images_labels
 from ...layers import module_device, non_finite
 from ...learners.base import shared_prompt_rows
+from .config import RefinerConfig
+
+_DEFAULT = RefinerConfig()  # the one source of the target rules' default settings
 
 __all__ = [
     "TARGET_RULES",
@@ -52,12 +50,11 @@ logger = logging.getLogger(__name__)
 #: batch keys of the targets
 COND_KEY = "refiner_cond"
 DELTA_PREFIX = "refiner_delta_"
-# 2: checksummed shards that record their batch, the whole dataset in the key (caches of version 1 are recomputed)
+# 2: checksummed shards that record their batch, the whole dataset in the key; since then the key and the shards'
+# records are prompt_robust.cache's (caches written before are not found again and get recomputed)
 _CACHE_VERSION = 2
-#: items whose pixels the cache key hashes in full (evenly spaced, the first and the last included)
-_FULL_ITEMS = 16
-#: pixel values the cache key hashes of every other item (a strided subsample), for datasets without identities
-_VALUES_PER_ITEM = 1024
+#: the shards' checksum (prompt_robust.cache.checksum, recorded in each file and verified on load)
+_checksum = cache.checksum
 
 
 def _logits(output: Any) -> torch.Tensor:
@@ -384,83 +381,19 @@ class RefinerTargets(Dataset):
 def _fingerprint(
     learner: nn.Module, dataset: Dataset, steps: int, lr: float, rule: dict[str, Any], batch_size: int
 ) -> str:
-    """The cache key: see :func:`build_targets` for what it covers."""
-    digest = hashlib.sha256()
-    meta = {
+    """The cache key (the folder's name): see :func:`build_targets` for what it covers."""
+    settings = {
         "version": _CACHE_VERSION,
         "learner": type(learner).__name__,
         "classnames": list(getattr(learner, "classnames", [])),
         "steps": steps,
         "lr": lr,
         "batch_size": batch_size,  # shards are batches; rule "entropy" draws its views per batch
-        "n": len(dataset),
         **rule,
     }
-    digest.update(json.dumps(meta, sort_keys=True).encode())
-    backbone_fp = getattr(getattr(learner, "backbone", None), "fingerprint", None)
-    if callable(backbone_fp):
-        digest.update(backbone_fp().encode())
-    # every learner tensor outside the (fingerprinted) backbone, trainable or not: in the "refiner" stage the
-    # learner is frozen, yet its prompt still defines the targets
-    backbone = getattr(learner, "backbone", None)
-    skip = {id(p) for p in backbone.parameters()} if isinstance(backbone, nn.Module) else set()
-    for name, param in sorted(learner.named_parameters()):
-        if id(param) not in skip:
-            digest.update(name.encode())
-            digest.update(param.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-    _hash_dataset(digest, dataset)
-    return digest.hexdigest()[:20]
-
-
-def _evenly_spaced(n: int, count: int) -> list[int]:
-    return sorted({round(i * (n - 1) / (count - 1)) for i in range(count)}) if n > 1 else [0]
-
-
-def _file_identity(path: Path) -> list[Any]:
-    """Path, size and modification time: a file renamed, replaced or rewritten in place changes it."""
-    try:
-        stat = os.stat(path)
-    except OSError:  # reported when the image is read; the key only has to differ from an existing file's
-        return [str(path), None, None]
-    return [str(path), stat.st_size, stat.st_mtime_ns]
-
-
-def _item_columns(dataset: Dataset) -> tuple[list[int], list[Any]] | None:
-    """``(labels, identities)`` of every item, read without opening an image, for datasets that list them (the
-    loaders' :class:`~prompt_robust.data.ImageListDataset` and subsets of it); None for other datasets."""
-    from ...data.loaders import ImageListDataset
-
-    if isinstance(dataset, ImageListDataset):
-        return [int(y) for y in dataset.labels], [_file_identity(path) for path in dataset.paths]
-    if isinstance(dataset, Subset):  # FewShotSubset too
-        parent = _item_columns(dataset.dataset)
-        if parent is None:
-            return None
-        picked = [int(i) for i in dataset.indices]
-        return [parent[0][i] for i in picked], [parent[1][i] for i in picked]
-    return None
-
-
-def _hash_dataset(digest: Any, dataset: Dataset) -> None:
-    """Feed the dataset part of the cache key to ``digest`` (see :func:`build_targets`)."""
-    n = len(dataset)
-    full = _evenly_spaced(n, _FULL_ITEMS)
-    digest.update(f"items={n};".encode())
-    columns = _item_columns(dataset)
-    if columns is not None:
-        labels, identities = columns
-        digest.update(json.dumps({"labels": labels, "identities": identities}).encode())
-        hash_items(digest, dataset, full)  # the pixels as the transform makes them
-        return
-    full_set = set(full)
-    for index in range(n):  # one read per item: its label, and its pixels in full or strided
-        item = item_as_dict(dataset[index])
-        pixels = torch.as_tensor(item["pixel_values"]).detach().to("cpu", torch.float32)
-        digest.update(f"{index}:{int(item['labels'])}:{tuple(pixels.shape)};".encode())
-        if index not in full_set:
-            flat = pixels.reshape(-1)
-            pixels = flat[:: max(1, flat.numel() // _VALUES_PER_ITEM)]
-        digest.update(pixels.contiguous().numpy().tobytes())
+    # the learner: its backbone's fingerprint and every tensor outside it, trainable or not (in the "refiner" stage
+    # the learner is frozen, yet its prompt still defines the targets)
+    return cache.cache_key("refiner-targets", settings, learner, cache.dataset_digest(dataset))
 
 
 def build_targets(
@@ -469,14 +402,14 @@ def build_targets(
     *,
     steps: int,
     lr: float,
-    batch_size: int = 32,
+    batch_size: int = _DEFAULT.target_batch_size,
     cache_dir: str | Path | None = None,
     progress: bool = True,
-    rule: str = "overfit",
-    n_groups: int = 4,
+    rule: str = _DEFAULT.targets,
+    n_groups: int = _DEFAULT.num_groups,
     seed: int = 0,
-    views: int = 64,
-    keep: float = 0.1,
+    views: int = _DEFAULT.entropy_views,
+    keep: float = _DEFAULT.entropy_keep,
 ) -> RefinerTargets:
     """Target-prompt offsets and conditioning features of every sample of ``dataset``.
 
@@ -497,24 +430,22 @@ def build_targets(
     resumes; group targets: one file). A rerun with the same learner, data and settings loads them; different
     settings get a different folder: nothing is overwritten.
 
-    The fingerprint covers: the cache format version; the learner's class, class names and every tensor outside
-    its backbone (the learned prompt included); the backbone's own fingerprint; ``steps``, ``lr``, ``batch_size``,
-    ``rule`` and the rule's settings (``n_groups`` and ``seed`` for ``"group"``; ``views``, ``keep`` and ``seed``
-    for ``"entropy"``); and the dataset:
+    The fingerprint (:func:`prompt_robust.cache.cache_key`) covers: the cache format version; the learner's class,
+    class names and every tensor outside its backbone (the learned prompt included); the backbone's own
+    fingerprint; ``steps``, ``lr``, ``batch_size``, ``rule`` and the rule's settings (``n_groups`` and ``seed`` for
+    ``"group"``; ``views``, ``keep`` and ``seed`` for ``"entropy"``); and the dataset by the library's one dataset
+    identity policy (:mod:`prompt_robust.cache`): its length, the label of every item, and every item's identity:
 
-    * always its length, the label of every item, and the full pixel values (after the dataset's transform) of
-      16 evenly spaced items (the first and the last included), which catches a changed transform;
-    * for an :class:`~prompt_robust.data.ImageListDataset` (the loaders' datasets) and ``Subset`` /
-      :class:`~prompt_robust.data.FewShotSubset` views of one: the labels come from its ``labels`` list and
-      every item's identity is hashed, its file path, size and modification time (a renamed, replaced or
-      rewritten image changes the key; no other image is opened);
-    * for any other dataset every item is read once: its label, its pixel tensor's shape and a strided
-      subsample of its pixel values (about 1024 values per item, every ``numel // 1024``-th) are hashed, so a
-      change confined to pixels between the sampled ones of an item other than those 16 goes unnoticed.
+    * for datasets that list their image files (the loaders' :class:`~prompt_robust.data.ImageListDataset`, and
+      ``Subset`` / :class:`~prompt_robust.data.FewShotSubset` views of one), each file's path, size and
+      modification time (a renamed, replaced or rewritten image changes the key; no image is opened for it), plus
+      the full pixel values (after the dataset's transform) of 16 evenly spaced items, which catches a changed
+      transform;
+    * for any other dataset every item is read once and its label, shape and full pixel values are hashed.
 
     Not covered: anything the dataset's items carry besides pixels and labels, and the code of the learner's
-    ``forward``. Caches written before version 2 of this key are not found again and get recomputed (their
-    folders are left as they were).
+    ``forward``. Caches written before the shared key (:mod:`prompt_robust.cache`) are not found again and get
+    recomputed (their folders are left as they were).
 
     Every cached file carries, in its safetensors metadata, the key of its folder, its batch number and sample
     range (group targets: the sample count) and a sha256 checksum of its tensors. A file that is unreadable,
@@ -548,7 +479,7 @@ def build_targets(
             key.update(n_groups=n_groups, seed=seed)
         elif rule == "entropy":
             key.update(views=views, keep=keep, seed=seed)
-        folder = Path(cache_dir) / f"refiner-targets-{_fingerprint(learner, dataset, steps, lr, key, batch_size)}"
+        folder = Path(cache_dir) / _fingerprint(learner, dataset, steps, lr, key, batch_size)
         folder.mkdir(parents=True, exist_ok=True)
     batches = [range(s, min(s + batch_size, len(dataset))) for s in range(0, len(dataset), batch_size)]
     was_training = learner.training
@@ -586,16 +517,6 @@ def _batch(
     return batch["pixel_values"].to(device), batch["labels"].to(device)
 
 
-def _checksum(tensors: Mapping[str, torch.Tensor]) -> str:
-    """sha256 of the tensors' names, dtypes, shapes and bytes (what a cached file's metadata records)."""
-    digest = hashlib.sha256()
-    for name in sorted(tensors):
-        tensor = tensors[name].detach().to("cpu").contiguous()
-        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
 def _require_finite(tensors: Mapping[str, torch.Tensor], what: str) -> None:
     """Freshly computed targets with NaN/Inf are an error (caching or training on them would spread it)."""
     bad = non_finite(tensors)
@@ -607,53 +528,11 @@ def _require_finite(tensors: Mapping[str, torch.Tensor], what: str) -> None:
         )
 
 
-def _write_checked(path: Path, tensors: dict[str, torch.Tensor], place: dict[str, str]) -> None:
-    """Write cached targets with their place and checksum in the file's metadata (what :func:`_read_checked`
-    verifies)."""
-    _io.write_safetensors(path, tensors, metadata={**place, "sha256": _checksum(tensors)})
-
-
-def _read_checked(path: Path, place: dict[str, str], rows: dict[str, int]) -> dict[str, torch.Tensor] | None:
-    """The tensors of a cached file when it is intact and is the one expected at ``path``; else None, after a
-    warning that names the file (the caller recomputes and replaces it).
-
-    Args:
-        path: the cached file.
-        place: metadata the file must carry (its folder's key and its batch or sample count).
-        rows: tensor name -> expected first dimension; the names must all be present.
-    """
-    reason = None
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as handle:
-            metadata = handle.metadata() or {}
-            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
-    except Exception as err:  # safetensors raises its own error types for damaged headers
-        reason = f"it is not readable as a safetensors file ({err})"
-    else:
-        found = {key: metadata.get(key) for key in place}
-        if "sha256" not in metadata:
-            reason = "it carries no checksum (written by another tool or an older version)"
-        elif found != place:
-            reason = (
-                f"it was written for {found} but this file must hold {place}: shards were swapped, renamed or "
-                "copied from another cache"
-            )
-        elif _checksum(tensors) != metadata["sha256"]:
-            reason = "its checksum does not match its contents (a flipped bit or a partial copy)"
-        elif non_finite(tensors):
-            reason = f"it holds NaN or Inf (in {', '.join(non_finite(tensors))})"
-        else:
-            wrong = {name: n for name, n in rows.items() if name not in tensors or tensors[name].shape[0] != n}
-            if wrong:
-                reason = f"it lacks tensors or rows (expected first dimensions {wrong})"
-    if reason is None:
-        return tensors
-    warnings.warn(
-        f"refiner target cache file {str(path)!r} is not used: {reason}; recomputing it (the file is replaced).",
-        RuntimeWarning,
-        stacklevel=4,
-    )
-    return None
+def _read_shard(path: Path, key: str, place: dict[str, str], rows: dict[str, int]) -> dict[str, torch.Tensor] | None:
+    """The tensors of a cached file when it is intact, finite and the one expected at ``path``; else None after a
+    warning naming it (:func:`prompt_robust.cache.read_cached`), and the caller recomputes and replaces it."""
+    entry = cache.read_cached(path, key=key, place=place, rows=rows, finite=True, what="refiner target cache file")
+    return entry.tensors if entry is not None else None
 
 
 def _sample_targets(learner, dataset, batches, device, folder, rule_fn, labelled, progress) -> _Computed:
@@ -662,10 +541,10 @@ def _sample_targets(learner, dataset, batches, device, folder, rule_fn, labelled
     n_classes = class_count(learner)
     for number, indices in enumerate(tqdm(batches, desc="refiner targets", disable=not progress)):
         shard = folder / f"shard-{number:05d}.safetensors" if folder is not None else None
-        place = {"cache": key, "batch": str(number), "samples": f"{indices.start}..{indices.stop - 1}"}
+        place = {"batch": str(number), "samples": f"{indices.start}..{indices.stop - 1}"}
         if shard is not None and shard.is_file():  # cached: the batch's images are not even read
             n = len(indices)
-            part = _read_checked(shard, place, {"cond": n, "loss_before": n, "loss_after": n})
+            part = _read_shard(shard, key, place, {"cond": n, "loss_before": n, "loss_after": n})
             if part is not None:
                 parts.append(part)
                 continue
@@ -679,7 +558,7 @@ def _sample_targets(learner, dataset, batches, device, folder, rule_fn, labelled
             part[f"delta.{site}"] = (p - base[site]).float().cpu()
         _require_finite(part, f"batch {number} (samples {place['samples']})")
         if shard is not None:
-            _write_checked(shard, part, place)
+            cache.write_cached(shard, part, key=key, place=place)
         parts.append(part)
     sites = [key[len("delta.") :] for key in parts[0] if key.startswith("delta.")]
     return _Computed(
@@ -694,10 +573,10 @@ def _group_targets(learner, dataset, batches, device, folder, settings, progress
     steps, lr, n_groups, seed = settings
     path = folder / "group-targets.safetensors" if folder is not None else None
     n = len(dataset)
-    place = {"cache": folder.name if folder is not None else "", "samples": f"0..{n - 1}"}
+    key, place = folder.name if folder is not None else "", {"samples": f"0..{n - 1}"}
     part = None
     if path is not None and path.is_file():
-        part = _read_checked(path, place, {"cond": n, "loss_before": n, "loss_after": n, "groups": n})
+        part = _read_shard(path, key, place, {"cond": n, "loss_before": n, "loss_after": n, "groups": n})
     if part is None:
         n_classes = class_count(learner)
         loaded = [_batch(dataset, indices, device, n_classes) for indices in batches]
@@ -716,7 +595,7 @@ def _group_targets(learner, dataset, batches, device, folder, settings, progress
             part[f"group_delta.{site}"] = (p - base[site]).float().cpu()  # (G, n, w)
         _require_finite(part, "the group targets")
         if path is not None:
-            _write_checked(path, part, place)
+            cache.write_cached(path, part, key=key, place=place)
     groups = part["groups"].long()
     sites = [key[len("group_delta.") :] for key in part if key.startswith("group_delta.")]
     return _Computed(

@@ -33,7 +33,7 @@ def counterfactual_quality_benchmark(
     config: CounterfactualConfig | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Per seed: the feature flow is fitted (as ``prepare_addons`` does) on ``k`` photo shots of the 24 classes
+    """Per seed: the feature flow is fitted (as ``fit_addons`` does) on ``k`` photo shots of the 24 classes
     (the benchmark's DG split); the probe is fitted on the *other* images of the training pool, which the flow
     never saw; counterfactuals of held-out photos target each one's most confusable class under the probe. The
     minimal-change search is judged by the zero-shot classifier (the learner being tuned, in training), never by
@@ -53,7 +53,7 @@ def counterfactual_quality_benchmark(
         learner = build_learner("zeroshot", backbone, classes)
         model = wrap(learner, RobustConfig(counterfactual=config))
         train, indices = tasks.dg_train(k, seed)
-        model.prepare_addons(train, seed=seed, cache_dir=out_dir / "cache", progress=False)
+        model.fit_addons(train, phase="before_prompt", seed=seed, cache_dir=out_dir / "cache", progress=False)
         addon = model.addons["counterfactual"]
         pool = tasks.dg_train(tasks.pool_per_class, seed)[0]  # the whole pool, in pool order
         held = unused_indices(len(pool), indices)
