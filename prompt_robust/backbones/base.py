@@ -4,6 +4,7 @@ A prompt learner never touches a concrete CLIP class. It talks to a :class:`Clip
 
 * ``tokenize(texts)`` -> token ids padded to the context length, EOT kept in place;
 * ``token_embedding`` (the embedding table) and ``eot_positions(input_ids)`` (where pooling reads);
+* ``text_length(input_ids)``: how many leading positions the text tower runs (see below);
 * ``encode_text(input_ids, token_embeds=..., deep_prompts=...)`` -> projected text features;
 * ``encode_image(pixel_values, prompts=..., deep_prompts=...)`` -> projected image features;
 * ``logit_scale`` and the dimensions of both towers.
@@ -11,6 +12,12 @@ A prompt learner never touches a concrete CLIP class. It talks to a :class:`Clip
 Prompts are injected with forward hooks that live only for the duration of one call, so a backbone is
 never left modified: nothing has to be "unhooked" afterwards, and the same backbone can be shared by
 several learners.
+
+Text sequences are trimmed: the text tower is causal and pools one position per sequence (the EOT token), so no
+position after the batch's last pooled one can change a text feature. ``encode_text`` therefore runs only the
+first :meth:`ClipBackbone.text_length` positions (e.g. 8 of CLIP's 77 for ``"a photo of a cat."``); the
+features are those of the full run up to float rounding. ``trim_text = False`` (or ``trim=False``) runs all of
+them, for comparison or a fixed shape.
 """
 
 from __future__ import annotations
@@ -138,8 +145,17 @@ class ClipBackbone(nn.Module, ABC):
         """Index of the token pooled into the text feature, ``(n,)``, with the model's own rule."""
 
     @abstractmethod
-    def _run_text(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """The implementation's projected text features for ``input_ids`` (hooks may be active)."""
+    def _run_text(self, input_ids: torch.Tensor, length: int) -> torch.Tensor:
+        """The implementation's projected text features for ``input_ids`` (hooks may be active).
+
+        Args:
+            input_ids: ``(n, context_length)`` token ids, as given to :meth:`encode_text`.
+            length: run only positions ``0 .. length - 1`` (position embeddings ``0 .. length - 1``, a
+                ``length x length`` causal mask); every pooled position and every deep-prompt slot lies inside.
+                The token-embedding hook of :meth:`encode_text` answers a lookup of all ids or of the first
+                ``length``, whichever the implementation makes. Running all positions instead is correct, only
+                slower.
+        """
 
     @abstractmethod
     def _run_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -156,6 +172,11 @@ class ClipBackbone(nn.Module, ABC):
 
     #: whether transformer blocks see ``(batch, length, width)`` (True) or ``(length, batch, width)``.
     layers_batch_first: bool = True
+
+    #: run the text tower on the first :meth:`text_length` positions only (exact, see the module docstring); set
+    #: it to False on an instance to run all ``context_length`` positions (to compare, or to keep one fixed shape
+    #: for CUDA graphs / ``torch.compile``). ``encode_text(..., trim=...)`` overrides it for one call.
+    trim_text: bool = True
 
     # ----------------------------------------------------------------------------------------------------
     # Shared public interface
@@ -241,11 +262,38 @@ class ClipBackbone(nn.Module, ABC):
                 f"prompt_robust.data.transform_for(backbone)) before calling the model."
             )
 
+    def text_length(self, input_ids: torch.Tensor, deep_prompts: Mapping[int, torch.Tensor] | None = None) -> int:
+        """How many leading positions the text tower must run for ``input_ids``: the last pooled position of the
+        batch + 1, widened to hold every deep prompt (``1 + n_tokens``), at most ``input_ids.shape[1]``.
+
+        With the causal mask a position only sees positions before it, so the pooled (EOT) states, and hence the
+        features, do not depend on anything later. Deep prompts longer than a short prompt's EOT still get their
+        slots (positions after the EOT that they rewrite cannot change the features either, but they must exist).
+
+        Args:
+            input_ids: ``(n, context_length)`` token ids.
+            deep_prompts: ``{layer_index: (n | 1, n_tokens, text_width)}`` as for :meth:`encode_text`.
+
+        Example:
+            >>> from prompt_robust.backbones.tiny import tiny_clip_backbone
+            >>> backbone = tiny_clip_backbone(layers=1)
+            >>> ids = backbone.tokenize(["a cat.", "a photo of a cat."])  # BOS ... EOT, padded to 24
+            >>> backbone.eot_positions(ids).tolist(), backbone.text_length(ids)
+            ([4, 7], 8)
+        """
+        full = input_ids.shape[-1]
+        if input_ids.numel() == 0:
+            return full
+        pooled = int(self.eot_positions(input_ids).max()) + 1  # one host sync per call
+        deep = max((PROMPT_START + prompts.shape[-2] for prompts in (deep_prompts or {}).values()), default=0)
+        return min(full, max(pooled, deep))
+
     def encode_text(
         self,
         input_ids: torch.Tensor,
         token_embeds: torch.Tensor | None = None,
         deep_prompts: Mapping[int, torch.Tensor] | None = None,
+        trim: bool | None = None,
     ) -> torch.Tensor:
         """Projected (unnormalised) text features.
 
@@ -255,21 +303,34 @@ class ClipBackbone(nn.Module, ABC):
                 lookup (this is how learned context vectors enter the text tower).
             deep_prompts: ``{layer_index: (n | 1, n_tokens, text_width)}``; before block ``layer_index`` (>= 1)
                 the hidden states right after BOS are replaced by these tokens (MaPLe's deep text prompts).
+            trim: run only the first :meth:`text_length` positions (the same features: the tower is causal and
+                pools at EOT); None: the backbone's ``trim_text`` (True unless switched off).
 
         Returns:
             ``(n, embed_dim)`` text features.
+
+        Example:
+            >>> from prompt_robust.backbones.tiny import tiny_clip_backbone
+            >>> backbone = tiny_clip_backbone(layers=1)
+            >>> ids = backbone.tokenize(["a photo of a cat."])
+            >>> diff = backbone.encode_text(ids) - backbone.encode_text(ids, trim=False)
+            >>> bool(diff.abs().max() < 1e-5)
+            True
         """
+        full = input_ids.shape[-1]
+        length = self.text_length(input_ids, deep_prompts) if (self.trim_text if trim is None else trim) else full
         with contextlib.ExitStack() as stack:
             if token_embeds is not None:
                 expected = (*input_ids.shape, self.text_width)
                 if tuple(token_embeds.shape) != expected:
                     raise ValueError(f"token_embeds must have shape {expected}; got {tuple(token_embeds.shape)}.")
                 embeds = token_embeds.to(self.dtype)
-                handle = self.token_embedding.register_forward_hook(lambda _m, _i, _o: embeds)
+                # (n, L', w): the implementation looks up all ids or only the kept ones; answer as many positions
+                handle = self.token_embedding.register_forward_hook(lambda _m, _i, out: embeds[:, : out.shape[-2]])
                 stack.callback(handle.remove)
             if deep_prompts:
                 self._hook_deep(stack, self.text_layers, deep_prompts, "deep text prompts")
-            return self._run_text(input_ids)
+            return self._run_text(input_ids, length)
 
     def encode_image(
         self,

@@ -215,10 +215,12 @@ class HFClipBackbone(ClipBackbone):
             return input_ids.to(torch.int).argmax(dim=-1)
         return (input_ids == self._eos_token_id).to(torch.int).argmax(dim=-1)
 
-    def _run_text(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def _run_text(self, input_ids: torch.Tensor, length: int) -> torch.Tensor:
         # No padding mask: the causal mask already keeps every token up to EOT from seeing the padding, which
-        # is how CLIP was trained (and what open_clip does).
-        return _features(self.clip.get_text_features(input_ids=input_ids))
+        # is how CLIP was trained (and what open_clip does). CLIPTextTransformer takes position ids 0..L-1 and
+        # builds its causal mask from the length of what it is given, and its pooling rule finds the same EOT in
+        # the kept prefix, so the trimmed ids are all it needs.
+        return _features(self.clip.get_text_features(input_ids=input_ids[:, :length]))
 
     def _run_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return _features(self.clip.get_image_features(pixel_values=pixel_values.to(self.dtype)))

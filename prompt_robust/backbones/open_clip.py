@@ -3,8 +3,14 @@
 What the adapter relies on in open_clip (checked against open_clip_torch 3.3):
 
 * ``CLIP.encode_text`` looks tokens up through the ``token_embedding`` module, so the shared forward hook of
-  :meth:`ClipBackbone.encode_text` injects learned context; the text length never changes, so the fixed causal
-  ``attn_mask`` buffer stays valid.
+  :meth:`ClipBackbone.encode_text` injects learned context. It adds the full ``(context_length, width)``
+  ``positional_embedding`` and passes the full causal ``attn_mask`` buffer to ``transformer``; to run a trimmed
+  sequence (:meth:`ClipBackbone.text_length`) a pre-hook on ``transformer`` keeps the first ``L`` positions of
+  its input (position embeddings already added, so positions ``0 .. L-1`` keep theirs) and the top-left
+  ``L x L`` block of the mask. ``ln_final`` works per position and the pooling indexes the (shorter) states with
+  the full ids, whose EOT lies inside the kept prefix. Towers without a causal mask (``attn_mask`` None) are
+  never trimmed. The transformer's input is ``(batch, length, width)`` when it has a ``batch_first`` attribute
+  (open_clip >= 2.26, which transposes inside), else ``(length, batch, width)``.
 * The text tower pools at ``argmax(input_ids)`` (``text_pool_type='argmax'``, the CLIP BPE's EOT id 49407 is the
   largest id) or at the first ``eos_id`` (``'eos'``). Towers pooling at a fixed position (``'first'``, ``'last'``:
   SigLIP / CLIPA style) or not at all (``'none'``) are refused: the reference learners lay prompts out around
@@ -334,9 +340,28 @@ class OpenClipBackbone(ClipBackbone):
             return input_ids.argmax(dim=-1)
         return (input_ids == self._eos_id).to(torch.int).argmax(dim=-1)
 
-    def _run_text(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def _run_text(self, input_ids: torch.Tensor, length: int) -> torch.Tensor:
         # encode_text calls self.token_embedding(text), which is where the base class's hook substitutes embeddings.
-        return self.model.encode_text(input_ids)
+        # It always looks up and position-embeds all context_length ids (cheap); the blocks run on `length`.
+        if length >= input_ids.shape[-1] or getattr(self.model, "attn_mask", None) is None:
+            return self.model.encode_text(input_ids)
+        seq_dim = 1 if hasattr(self.model.transformer, "batch_first") else 0
+
+        def keep_prefix(_module: nn.Module, args: tuple, kwargs: dict):
+            x = args[0].narrow(seq_dim, 0, length)  # (n, L, w) or (L, n, w)
+            if len(args) > 1:  # attn_mask passed by position
+                mask = args[1]
+                return (x, None if mask is None else mask[..., :length, :length], *args[2:]), kwargs
+            mask = kwargs.get("attn_mask")
+            if mask is not None:  # (context_length, context_length) -> (L, L)
+                kwargs = {**kwargs, "attn_mask": mask[..., :length, :length]}
+            return (x,), kwargs
+
+        handle = self.model.transformer.register_forward_pre_hook(keep_prefix, with_kwargs=True)
+        try:
+            return self.model.encode_text(input_ids)
+        finally:
+            handle.remove()
 
     def _run_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
         features = self.model.encode_image(pixel_values.to(self.dtype))

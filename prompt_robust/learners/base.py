@@ -69,7 +69,7 @@ class LearnerConfig(ConfigMixin):
     text_chunk_size: int | None = help_field(
         None,
         "Most text sequences encoded in one pass (per-sample prompts need batch x classes of them); bounds "
-        "memory. None: no bound.",
+        "memory. Each pass runs only up to its last EOT position. None: no bound.",
         ge=1,
     )
 
@@ -321,7 +321,8 @@ class PromptLearner(nn.Module):
                 ``b`` must equal the single leading dim of ``ctx``).
 
         Inside :func:`shared_prompt_rows`, rows of a per-sample context ``(b, ...)`` that share an owner and are
-        equal (deep prompts included) are encoded once.
+        equal (deep prompts included) are encoded once. Each chunk goes through ``backbone.encode_text``, which runs
+        only up to that chunk's last EOT position (:meth:`ClipBackbone.text_length`).
 
         Returns:
             ``(..., n_cls, embed_dim)``.
