@@ -21,12 +21,13 @@ import difflib
 import importlib.util
 import json
 import logging
+import os
 import re
 import shlex
 import sys
 import types
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -211,6 +212,17 @@ def _global_args(parser: argparse.ArgumentParser, *, command: bool) -> None:
     group.add_argument(
         "--debug", action="store_true", default=default, help="Show the traceback of an error (not one line)."
     )
+    group.add_argument(
+        "--threads",
+        default=argparse.SUPPRESS if command else None,
+        metavar="N|auto",
+        help=(
+            "Intra-op CPU threads of torch. auto (default; also PROMPT_ROBUST_THREADS): 1 for small models (the "
+            "embedded mini CLIP; demo, bench, pretrain-backbone), else the cores this process may use, at most 8; an "
+            "OMP_NUM_THREADS set in the environment is kept. Extra threads of a small model only wait on each "
+            "other, and on a busy machine they make a run many times slower."
+        ),
+    )
 
 
 def _replaced_dir(out: Path) -> Path:
@@ -244,10 +256,64 @@ def _command_line() -> str:
     return "prompt-robust " + " ".join(shlex.quote(a) for a in sys.argv[1:])
 
 
-def _embedded_or_given(spec: str | None):
+#: models with fewer parameters run on one thread under --threads auto (the embedded mini CLIP has ~2M)
+_SMALL_MODEL_PARAMS = 20_000_000
+#: commands whose models are small by construction (the embedded world, its benchmarks, its pretraining)
+_SMALL_MODEL_COMMANDS = ("demo", "bench", "pretrain-backbone")
+
+
+def _available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def thread_count(
+    setting: str | int | None, *, small_model: bool, environ: Mapping[str, str] | None = None
+) -> int | None:
+    """Torch's intra-op thread count for ``--threads setting`` (None: keep torch's choice).
+
+    ``auto`` (or None) is 1 for a small model, else the cores this process may use (at most 8), unless
+    ``OMP_NUM_THREADS`` is set (the user's choice is kept: None). A number is used as given.
+
+    Example:
+        >>> thread_count("auto", small_model=True, environ={}), thread_count("3", small_model=True, environ={})
+        (1, 3)
+        >>> thread_count(None, small_model=False, environ={"OMP_NUM_THREADS": "4"}) is None
+        True
+    """
+    environ = os.environ if environ is None else environ
+    setting = setting if setting is not None else environ.get("PROMPT_ROBUST_THREADS", "auto")
+    if str(setting).strip().lower() != "auto":
+        try:
+            count = int(setting)
+        except ValueError:
+            count = 0
+        if count < 1:
+            raise ValueError(f"--threads must be 'auto' or a whole number >= 1; got {setting!r}.")
+        return count
+    if environ.get("OMP_NUM_THREADS"):
+        return None
+    return 1 if small_model else min(_available_cores(), 8)
+
+
+def _set_threads(args: argparse.Namespace, *, small_model: bool) -> None:
+    import torch
+
+    count = thread_count(getattr(args, "threads", None), small_model=small_model)
+    if count is not None and count != torch.get_num_threads():
+        torch.set_num_threads(count)
+    logging.getLogger(__name__).info("torch intra-op threads: %d", torch.get_num_threads())
+
+
+def _embedded_or_given(spec: str | None, args: argparse.Namespace | None = None):
     from .backbones import load_backbone
 
-    return load_backbone(spec or "embedded")
+    backbone = load_backbone(spec or "embedded")
+    if args is not None:
+        _set_threads(args, small_model=sum(p.numel() for p in backbone.parameters()) < _SMALL_MODEL_PARAMS)
+    return backbone
 
 
 _BENCH_OVERWRITE_HELP = (
@@ -483,7 +549,7 @@ def _train(args: argparse.Namespace) -> int:
     _check_data_args(args)
     _check_train_out(args)
     out = Path(args.out)
-    backbone = _embedded_or_given(args.backbone)
+    backbone = _embedded_or_given(args.backbone, args)
     data = _dataset(args, "train", transform_for(backbone))
     indices, meta = None, None
     if args.k:
@@ -546,7 +612,7 @@ def _eval(args: argparse.Namespace) -> int:
     _check_data_args(args)
     if not (Path(args.adapter) / "adapter_config.json").is_file():
         raise UsageError(f"--adapter {args.adapter!r} holds no adapter_config.json; give the adapter/ folder of a run.")
-    backbone = _embedded_or_given(args.backbone)
+    backbone = _embedded_or_given(args.backbone, args)
     model = RobustPromptModel.from_pretrained(args.adapter, backbone=backbone, strict_backbone=args.strict_backbone)
     sets = _dataset(args, "test", transform_for(backbone))
     sets = sets if isinstance(sets, dict) else {"test": sets}
@@ -689,6 +755,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     with _library_progress_bars(not args.quiet):
         try:
+            if args.command in _SMALL_MODEL_COMMANDS:
+                _set_threads(args, small_model=True)
             return args.func(args)
         except KeyboardInterrupt:
             if args.debug:
