@@ -145,7 +145,8 @@ class HFClipBackbone(ClipBackbone):
 
     @property
     def logit_scale(self) -> torch.Tensor:
-        return self.clip.logit_scale.exp().clamp(max=100.0)
+        # not clamped, as transformers' CLIPModel.forward and the learners' reference repositories
+        return self.clip.logit_scale.exp()
 
     @property
     def is_peft(self) -> bool:

@@ -283,8 +283,10 @@ class OpenClipBackbone(ClipBackbone):
 
     @property
     def logit_scale(self) -> torch.Tensor:
-        # reshape: open_clip may store a (1,) "nonscalar" logit scale; the protocol promises a 0-dim tensor.
-        return self.model.logit_scale.exp().clamp(max=100.0).reshape(())
+        # reshape: open_clip may store a (1,) "nonscalar" logit scale; the protocol promises a 0-dim tensor. Not
+        # clamped: open_clip clamps the parameter while training CLIP, never at inference (nor do the learners'
+        # reference repositories)
+        return self.model.logit_scale.exp().reshape(())
 
     def _check_tokenizer(self, open_clip) -> None:
         # A tokenizer whose ids the embedding table does not cover would fail deep inside the model, and one
