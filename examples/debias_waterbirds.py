@@ -33,6 +33,7 @@ from _data import add_data_args, add_run_args, check_args, fit_config  # example
 
 import prompt_robust as pr
 import prompt_robust.addons.debias as db
+from prompt_robust.attributes import pseudo_label_accuracy
 from prompt_robust.bench.runner import LEARNER_SETTINGS
 from prompt_robust.bench.tasks import SPURIOUS_BACKGROUNDS, WorldTasks
 from prompt_robust.cli import add_dataclass_args, dataclass_from_args
@@ -114,7 +115,7 @@ def main(argv: list[str] | None = None) -> dict:
     results["after training"] = group_metrics(model, test)
     pseudo_accuracy = None
     if args.mode == "pseudo":
-        pseudo_accuracy = db.pseudo_label_accuracy(model.addons["debias"].pseudo_labels, true_attribute)
+        pseudo_accuracy = pseudo_label_accuracy(model.addons["debias"].pseudo_labels, true_attribute)
 
     model.save_pretrained(out / "adapter", overwrite=args.overwrite)
     record = {"mode": args.mode, "results": results, "pseudo_label_accuracy": pseudo_accuracy, "prepare_logs": logs}

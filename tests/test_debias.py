@@ -15,6 +15,7 @@ from torch import nn
 
 import prompt_robust as pr
 import prompt_robust.addons.debias as db  # registers the "debias" add-on
+from prompt_robust import attributes
 from prompt_robust.bench.tasks import TaskData
 from prompt_robust.training import FitConfig, evaluate, fit
 
@@ -187,11 +188,11 @@ def test_addon_tracks_true_class_probability_and_weights_by_formula(train):
 
 # -- pseudo-labels from images and words only ------------------------------------------------------------------------
 def test_pseudo_labelling_takes_no_attribute_and_never_reads_one(train):
-    params = set(inspect.signature(db.pseudo_attribute_labels).parameters)
+    params = set(inspect.signature(attributes.pseudo_attribute_labels).parameters)
     assert params == {"learner", "dataset", "attribute_values", "templates", "batch_size", "progress"}
     assert not params & {"groups", "attributes", "true_attributes", "group_names"}
     # items whose true group/attribute raise when read: pseudo-labelling (and prepare) never touch them
-    pseudo = db.pseudo_attribute_labels(FeatureLearner(), GuardedItems(train), VALUES, progress=False)
+    pseudo = attributes.pseudo_attribute_labels(FeatureLearner(), GuardedItems(train), VALUES, progress=False)
     assert torch.equal(pseudo, train.groups % 2)
     model = wrapped(pr.DebiasConfig(attribute_values=VALUES))
     model.fit_addons(GuardedItems(train), progress=False)
@@ -212,13 +213,13 @@ def test_pseudo_weights_ignore_true_groups_in_the_batch(train, with_index):
 
 
 def test_pseudo_labels_equal_the_true_attribute_on_a_known_problem(train):
-    pseudo = db.pseudo_attribute_labels(FeatureLearner(), train, VALUES, batch_size=64, progress=False)
-    assert db.pseudo_label_accuracy(pseudo, train.groups % 2) == 1.0
+    pseudo = attributes.pseudo_attribute_labels(FeatureLearner(), train, VALUES, batch_size=64, progress=False)
+    assert attributes.pseudo_label_accuracy(pseudo, train.groups % 2) == 1.0
     # the values' order decides the ids: reversed words give the complementary labels
-    flipped = db.pseudo_attribute_labels(FeatureLearner(), train, VALUES[::-1], progress=False)
+    flipped = attributes.pseudo_attribute_labels(FeatureLearner(), train, VALUES[::-1], progress=False)
     assert torch.equal(flipped, 1 - pseudo)
     # templates are averaged: per-value features are unit vectors
-    text = db.attribute_text_features(FeatureLearner(), VALUES, ["a photo with a {}.", "on a {}."])
+    text = attributes.attribute_text_features(FeatureLearner(), VALUES, ["a photo with a {}.", "on a {}."])
     assert text.shape == (2, DIM) and torch.allclose(text.norm(dim=-1), torch.ones(2))
 
 
@@ -230,7 +231,7 @@ def test_pseudo_labels_with_a_real_clip_backbone_and_its_learner(clip_backbone):
     images = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     templates = ["a photo with a {}.", "a photo of something on a {}."]
     values = ["grass", "water"]
-    text = db.attribute_text_features(learner, values, templates)
+    text = attributes.attribute_text_features(learner, values, templates)
     with torch.no_grad():
         per_template = F.normalize(
             backbone.encode_text(backbone.tokenize(["a photo with a grass.", "a photo of something on a grass."])),
@@ -238,7 +239,9 @@ def test_pseudo_labels_with_a_real_clip_backbone_and_its_learner(clip_backbone):
         )
         image = F.normalize(backbone.encode_image(images), dim=-1)
     assert torch.allclose(text[0], F.normalize(per_template.mean(0), dim=-1), atol=1e-5)
-    pseudo = db.pseudo_attribute_labels(learner, [(x, 0) for x in images], values, templates=templates, progress=False)
+    pseudo = attributes.pseudo_attribute_labels(
+        learner, [(x, 0) for x in images], values, templates=templates, progress=False
+    )
     assert torch.equal(pseudo, (image @ text.t()).argmax(-1))
 
 
@@ -256,7 +259,7 @@ def test_bad_attribute_names_are_refused_clearly(values, match):
     with pytest.raises(ValueError, match=match):
         pr.DebiasConfig(attribute_values=values)
     with pytest.raises(ValueError, match=match):  # the same rules for direct calls
-        db.attribute_text_features(FeatureLearner(), values)
+        attributes.attribute_text_features(FeatureLearner(), values)
 
 
 def test_config_modes_and_fields_are_validated():

@@ -11,6 +11,7 @@ import prompt_robust as pr
 import prompt_robust.addons.invariance as inv  # registers the "invariance" add-on
 from prompt_robust.addons.invariance import interventions as iv
 from prompt_robust.bench.tasks import TaskData
+from prompt_robust.eval.probe import LinearProbe
 
 # ---------------------------------------------------------------------------------------------------------------
 # synthetic features with a known invariant subspace
@@ -133,8 +134,8 @@ def test_zero_shot_and_probes_in_the_projected_space():
     torch.testing.assert_close(inv.zero_shot_logits(image, text, icm.projection, 10.0), expected)
     per_sample = text.expand(5, -1, -1)  # (b, n_cls, d) gives the same logits as the shared (n_cls, d)
     torch.testing.assert_close(inv.zero_shot_logits(image, per_sample, icm.projection, 10.0), expected)
-    probe = inv.LinearProbe(1e-3).fit(feats.clean, feats.labels)
-    again = inv.LinearProbe(1e-3).fit(feats.clean, feats.labels)
+    probe = LinearProbe(1e-3).fit(feats.clean, feats.labels)
+    again = LinearProbe(1e-3).fit(feats.clean, feats.labels)
     assert torch.equal(probe.weight, again.weight)  # deterministic
     test_z, test_y = _synthetic(n=120, seed=1).intervened_flat()
     out = inv.compare_predictors(feats.clean, feats.labels, icm, text, {"shifted": (test_z, test_y)})

@@ -12,8 +12,9 @@ from conftest import CLASSNAMES, LEARNER_KWARGS, N_TRAIN
 from test_custom_learner import MyTextBias
 
 import prompt_robust as pr
-from prompt_robust.addons.refiner import ODESampler, PromptFlowNet, overfit_prompts
+from prompt_robust.addons.refiner import PromptFlowNet, overfit_prompts
 from prompt_robust.addons.refiner import targets as targets_module
+from prompt_robust.flows import ODESampler
 
 SMALL = {"hidden_dim": 32, "layers": 1, "heads": 4, "inner_steps": 2, "train_steps": 30, "train_batch_size": 12}
 

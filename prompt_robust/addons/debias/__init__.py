@@ -12,13 +12,6 @@ Annotations", https://arxiv.org/abs/2503.08368) and the group-robustness baselin
 See ``docs/debias.md``.
 """
 
-from ...attributes import (
-    DEFAULT_TEMPLATES,
-    attribute_text_features,
-    classify_attributes,
-    pseudo_attribute_labels,
-    pseudo_label_accuracy,
-)
 from ._data import INDEX_KEY, IndexedDataset, with_index
 from .addon import DebiasReweighting
 from .config import DebiasConfig
@@ -27,20 +20,15 @@ from .metrics import group_robustness
 from .weights import balanced_group_weights, dpt_group_weights, ema_update, groupdro_update
 
 __all__ = [
-    "DEFAULT_TEMPLATES",
     "INDEX_KEY",
     "DebiasConfig",
     "DebiasReweighting",
     "IndexedDataset",
-    "attribute_text_features",
     "balanced_group_weights",
-    "classify_attributes",
     "dpt_group_weights",
     "ema_update",
     "group_robustness",
     "groupdro_update",
     "jtt_error_set",
-    "pseudo_attribute_labels",
-    "pseudo_label_accuracy",
     "with_index",
 ]

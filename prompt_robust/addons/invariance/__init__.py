@@ -17,7 +17,7 @@ from .icm import (
     select_lam_dim,
 )
 from .interventions import IMAGE_INTERVENTIONS, ImageIntervention, get_intervention, intervene, text_deltas, text_pairs
-from .predict import LinearProbe, accuracy, compare_predictors, zero_shot_logits
+from .predict import compare_predictors, zero_shot_logits
 from .selection import choose_lam_dim
 
 __all__ = [
@@ -27,9 +27,7 @@ __all__ = [
     "InterventionalFeatures",
     "InvarianceConfig",
     "InvariantProjection",
-    "LinearProbe",
     "Selection",
-    "accuracy",
     "choose_lam_dim",
     "compare_predictors",
     "dims_from_fractions",
