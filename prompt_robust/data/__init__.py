@@ -6,6 +6,15 @@ The embedded procedural world and its tasks belong to the synthetic benchmark (:
 from __future__ import annotations
 
 from .fewshot import FewShotSubset, load_split, sample_few_shot, save_split
+from .imagenet import (
+    load_imagenet,
+    load_imagenet_a,
+    load_imagenet_r,
+    load_imagenet_sketch,
+    load_imagenet_targets,
+    load_imagenet_v2,
+    read_imagenet_classnames,
+)
 from .loaders import (
     ImageListDataset,
     image_transform,
@@ -24,8 +33,15 @@ __all__ = [
     "load_celeba",
     "load_coop_split",
     "load_domainbed",
+    "load_imagenet",
+    "load_imagenet_a",
+    "load_imagenet_r",
+    "load_imagenet_sketch",
+    "load_imagenet_targets",
+    "load_imagenet_v2",
     "load_split",
     "load_waterbirds",
+    "read_imagenet_classnames",
     "sample_few_shot",
     "save_split",
     "split_by_domain",
