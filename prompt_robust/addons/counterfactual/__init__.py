@@ -5,11 +5,18 @@ their quality metrics, and the add-on (registered as ``"counterfactual"`` on imp
 from .addon import CounterfactualRegularizer
 from .config import CounterfactualConfig
 from .feature_flow import FeatureFlow, FeatureFlowNet, FlowFitResult, fit_feature_flow
-from .generator import TARGET_MODES, CounterfactualGenerator, CounterfactualOutput, choose_targets
+from .generator import (
+    TARGET_MODES,
+    CounterfactualCacheInfo,
+    CounterfactualGenerator,
+    CounterfactualOutput,
+    choose_targets,
+)
 from .metrics import CounterfactualQuality, counterfactual_quality, fit_linear_probe
 
 __all__ = [
     "TARGET_MODES",
+    "CounterfactualCacheInfo",
     "CounterfactualConfig",
     "CounterfactualGenerator",
     "CounterfactualOutput",

@@ -9,7 +9,10 @@ Diffusion-based Counterfactual Generation", https://arxiv.org/abs/2507.19882).
    ``weight · mean_i -log exp(t_y·z/τ) / (exp(t_y·z/τ) + Σ_k exp(t_y·z'_k/τ))``
 
    with ``t_y`` the prompt-conditioned text feature of the true class: the prompt is pulled to the factual
-   feature and pushed from the feature that differs from it only in the class-causal factor.
+   feature and pushed from the feature that differs from it only in the class-causal factor. What does not
+   depend on the prompt (a feature's inversion and its candidates per target and ``λ``) is memoised by the
+   generator (``cache_mb``), so repeated features (a fixed few-shot set, from the second epoch on) cost no ODE;
+   the targets and the ``λ`` search still use the current prompt at every step, so the loss is the per-step one.
 
 See ``docs/counterfactual.md`` for the choices made where the paper is silent.
 """
@@ -392,6 +395,7 @@ class CounterfactualRegularizer(RobustAddon):
         ``cache_dir``) or, for ``twin="attribute"``, the attribute offsets."""
         config = self.config
         features, labels = self.dataset_features(dataset, progress=progress)
+        self.generator.clear_cache()  # the memo belongs to the flow being replaced (it would also notice the change)
         if self.twin == "attribute":
             return AddonFit(logs=self.fit_attribute_offsets(features, labels))
         result = fit_feature_flow(

@@ -23,7 +23,8 @@ class CounterfactualConfig(ConfigMixin):
     the straight path back to ``z`` with share ``λ``, ``num_steps`` steps of ``method`` each way. ``λ`` is found
     per sample by ``proximity_search`` bisection steps in ``[proximity_weight, proximity_max]``: the largest
     ``λ`` (smallest change) whose ``z'`` the current prompt's classifier still assigns to ``y'`` by
-    ``validity_margin`` (minimal sufficiency); with ``proximity_search=0`` it is ``proximity_weight``. The
+    ``validity_margin`` (minimal sufficiency); with ``proximity_search=0`` it is ``proximity_weight``. What does
+    not depend on the prompt (inversions, candidates per ``λ``) is memoised within ``cache_mb``. The
     loss adds ``weight x`` InfoNCE of the prompt's true-class text feature against ``z`` (positive) and the
     ``z'`` (negatives) at ``temperature``. See ``docs/counterfactual.md``.
 
@@ -97,6 +98,15 @@ class CounterfactualConfig(ConfigMixin):
         "Target class of a counterfactual: confusable (highest other logit) or random (uniform).",
         choices="TARGETS",
         kind="counterfactual target",
+    )
+    cache_mb: float = help_field(
+        256.0,
+        "Memory cap (MiB, on the features' device) of the memo of prompt-independent generation: the inverted state "
+        "of each (feature, class) and the counterfactual of each (feature, class, target, λ), least recently used "
+        "dropped first. Repeated features (a fixed few-shot set of a frozen backbone, from the second epoch on) then "
+        "cost no ODE and the loss is unchanged; with data augmentation nothing repeats. 0: generate every step.",
+        ge=0,
+        hint="0 turns the memo off; a memo row costs about 4·d + 768 bytes for d-dim features.",
     )
     hidden_dim: int = help_field(256, "Width of the feature-flow velocity network.", ge=1)
     depth: int = help_field(2, "Residual MLP blocks of the feature-flow velocity network.", ge=0)
