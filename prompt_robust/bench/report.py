@@ -9,7 +9,7 @@ from typing import Any
 from .. import _io
 from .runner import TASKS
 
-__all__ = ["recorded_settings", "sanity_checks", "write_outputs"]
+__all__ = ["METRIC_NOTES", "format_table", "recorded_settings", "sanity_checks", "write_outputs"]
 
 logger = logging.getLogger(__name__)
 
@@ -22,20 +22,51 @@ _METRIC_ORDER = {
 }
 
 
+#: what each task's metrics mean, one line per task (printed under its table)
+METRIC_NOTES = {
+    "base_to_new": "base: accuracy on the classes the prompt was tuned on; new: on held-out classes of the same "
+    "datasets, never seen in training; hm: their harmonic mean (high only when both are).",
+    "domain_generalization": "trained on photos; source_photo: accuracy on held-out photos; sketch, painting, "
+    "pixel: on styles never seen in training; avg: mean over those unseen styles.",
+    "spurious": "avg: accuracy over all test images; worst_group: the lowest accuracy of any (class, background) "
+    "group, where the background misleads; gap: avg - worst_group (smaller is more robust).",
+    "retrieval": "i2t / t2i R@k: share of image (text) queries whose matching text (image) is among the top k.",
+    "cross_dataset": "acc: accuracy on datasets the prompt was not trained on.",
+}
+
+
 def _pct(value: float) -> str:
     return f"{100 * value:.1f}"
 
 
-def format_table(task: str, means: dict, stds: dict) -> str:
-    """A markdown table of one task: methods x metrics, ``mean ± std`` in percent."""
+def seed_count(raw: dict) -> int:
+    """The most seeds any method ran (``raw``: ``{method: {seed: results}}``)."""
+    return max((len(seeds) for seeds in raw.values()), default=0)
+
+
+def format_table(task: str, means: dict, stds: dict, *, seeds: int = 2) -> str:
+    """A markdown table of one task: methods x metrics in percent, ``mean ± std`` (the mean alone for one seed,
+    whose std says nothing), with the task's metric note under it."""
     methods = list(means[task])
     metrics = [m for m in _METRIC_ORDER.get(task, []) if m in means[task][methods[0]]]
     metrics += [m for m in means[task][methods[0]] if m not in metrics]
     lines = ["| method | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
     for method in methods:
-        cells = [f"{_pct(means[task][method][m])} ± {_pct(stds[task][method][m])}" for m in metrics]
+        cells = [
+            _pct(means[task][method][m]) + (f" ± {_pct(stds[task][method][m])}" if seeds > 1 else "") for m in metrics
+        ]
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    if task in METRIC_NOTES:
+        lines += ["", METRIC_NOTES[task]]
     return "\n".join(lines)
+
+
+def _value_range(values: list[float], errors: list[float]) -> tuple[float, float]:
+    """Y limits that show the differences: the bars' range (with error bars) plus a margin, not 0-100."""
+    low = min(v - e for v, e in zip(values, errors, strict=True))
+    high = max(v + e for v, e in zip(values, errors, strict=True))
+    margin = max(1.0, 0.15 * (high - low))
+    return max(0.0, low - margin), min(100.0, high + margin)
 
 
 def sanity_checks(means: dict) -> list[str]:
@@ -62,7 +93,7 @@ def sanity_checks(means: dict) -> list[str]:
     return checks
 
 
-def _plots(out_dir: Path, means: dict, stds: dict) -> list[str]:
+def _plots(out_dir: Path, means: dict, stds: dict, *, seeds: int = 2) -> list[str]:
     try:
         import matplotlib
     except ImportError:
@@ -75,18 +106,27 @@ def _plots(out_dir: Path, means: dict, stds: dict) -> list[str]:
     written = []
     if "base_to_new" in means:
         methods = list(means["base_to_new"])
-        fig, ax = plt.subplots(figsize=(1.6 + 1.4 * len(methods), 3.4))
+        fig, ax = plt.subplots(figsize=(2.4 + 1.4 * len(methods), 3.4))
         width = 0.26
+        values, errors = [], []
         for i, metric in enumerate(("base", "new", "hm")):
             xs = [j + (i - 1) * width for j in range(len(methods))]
             ys = [100 * means["base_to_new"][m][metric] for m in methods]
-            es = [100 * stds["base_to_new"][m][metric] for m in methods]
-            ax.bar(xs, ys, width, yerr=es, capsize=2, label=metric.upper() if metric == "hm" else metric)
-        ax.set_xticks(range(len(methods)), methods)
+            es = [100 * stds["base_to_new"][m][metric] if seeds > 1 else 0.0 for m in methods]
+            values, errors = values + ys, errors + es
+            ax.bar(
+                xs,
+                ys,
+                width,
+                yerr=es if seeds > 1 else None,
+                capsize=2,
+                label=metric.upper() if metric == "hm" else metric,
+            )
+        ax.set_xticks(range(len(methods)), methods, rotation=20, ha="right", fontsize=8)
         ax.set_ylabel("accuracy (%)")
-        ax.set_ylim(0, 100)
-        ax.set_title("Base-to-new generalisation")
-        ax.legend(loc="lower right", fontsize=8)
+        ax.set_ylim(*_value_range(values, errors))
+        ax.set_title("Base-to-new generalisation" + ("" if seeds > 1 else " (one seed)"))
+        ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
         fig.tight_layout()
         fig.savefig(out_dir / "base_to_new.png", dpi=120)
         plt.close(fig)
@@ -94,18 +134,20 @@ def _plots(out_dir: Path, means: dict, stds: dict) -> list[str]:
     if "spurious_groups" in means:
         methods = list(means["spurious_groups"])
         groups = list(means["spurious_groups"][methods[0]])
-        fig, ax = plt.subplots(figsize=(2 + 0.9 * len(groups), 3.6))
+        fig, ax = plt.subplots(figsize=(3.4 + 0.9 * len(groups), 3.6))
         width = 0.8 / len(methods)
+        values, errors = [], []
         for i, method in enumerate(methods):
             xs = [j + (i - (len(methods) - 1) / 2) * width for j in range(len(groups))]
             ys = [100 * means["spurious_groups"][method][g] for g in groups]
-            es = [100 * stds["spurious_groups"][method][g] for g in groups]
-            ax.bar(xs, ys, width, yerr=es, capsize=2, label=method)
+            es = [100 * stds["spurious_groups"][method][g] if seeds > 1 else 0.0 for g in groups]
+            values, errors = values + ys, errors + es
+            ax.bar(xs, ys, width, yerr=es if seeds > 1 else None, capsize=2, label=method)
         ax.set_xticks(range(len(groups)), groups, rotation=30, ha="right", fontsize=8)
         ax.set_ylabel("accuracy (%)")
-        ax.set_ylim(0, 100)
-        ax.set_title("Spurious correlation: accuracy per (class, background) group")
-        ax.legend(fontsize=8)
+        ax.set_ylim(*_value_range(values, errors))
+        ax.set_title("Accuracy per (class, background) group" + ("" if seeds > 1 else " (one seed)"))
+        ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
         fig.tight_layout()
         fig.savefig(out_dir / "spurious_groups.png", dpi=120)
         plt.close(fig)
@@ -149,18 +191,20 @@ def write_outputs(
         out_dir / "results_seeds.json",
         {"settings": settings, "std": stds, "per_seed": {m: {str(s): r for s, r in v.items()} for m, v in raw.items()}},
     )
+    seeds = seed_count(raw)
     lines = [header, ""]
     for task in TASKS:
         if task in means:
-            lines += [f"## {task}", "", format_table(task, means, stds), ""]
+            lines += [f"## {task}", "", format_table(task, means, stds, seeds=seeds), ""]
         if task == "base_to_new" and "base_to_new_datasets" in means:
-            lines += ["### base_to_new per dataset", "", format_table("base_to_new_datasets", means, stds), ""]
+            table = format_table("base_to_new_datasets", means, stds, seeds=seeds)
+            lines += ["### base_to_new per dataset", "", table, ""]
     if "spurious_groups" in means:
-        lines += ["### spurious: accuracy per group", "", format_table("spurious_groups", means, stds), ""]
+        lines += ["### spurious: accuracy per group", "", format_table("spurious_groups", means, stds, seeds=seeds), ""]
     checks = sanity_checks(means)
     if checks:
         lines += ["## Sanity checks", ""] + [f"- {check}" for check in checks] + [""]
-    plots = _plots(out_dir, means, stds)
+    plots = _plots(out_dir, means, stds, seeds=seeds)
     lines += [f"![{name}]({name})" for name in plots]
     (out_dir / "report.md").write_text("\n".join(lines) + "\n")
     return ["results.json", "results_seeds.json", "report.md", *plots]

@@ -35,7 +35,7 @@ def run_standard(request: SuiteRequest, config, title: str) -> str:
     """Run the benchmark of ``config`` (a :class:`~prompt_robust.bench.runner.BenchConfig`) into ``request.out``
     and write its report, titled ``title``; returns the tables and sanity checks to print."""
     # imported here, at call time, so that a test's stand-in for run_benchmark is the one called
-    from ..report import format_table, sanity_checks, write_outputs
+    from ..report import format_table, sanity_checks, seed_count, write_outputs
     from ..runner import TASKS, run_benchmark, summarize
 
     started = time.time()
@@ -47,10 +47,11 @@ def run_standard(request: SuiteRequest, config, title: str) -> str:
     means, stds = summarize(raw)
     header = (
         f"# {title}\n\nCommand: `{request.command}`  \nBackbone: `{backbone.name}`  \nSeeds: {config.seeds} "
-        f"(mean ± std, %)  \nWall time: {time.time() - started:.0f} s"
+        f"({'mean ± std' if len(config.seeds) > 1 else 'one seed'}, %)  \nWall time: {time.time() - started:.0f} s"
     )
     files = write_outputs(out, raw, means, stds, header=header, settings=settings)
-    lines = [f"\n{task}\n" + format_table(task, means, stds) for task in TASKS if task in means]
+    seeds = seed_count(raw)
+    lines = [f"\n{task}\n" + format_table(task, means, stds, seeds=seeds) for task in TASKS if task in means]
     checks = sanity_checks(means)
     if checks:
         lines.append("\nsanity checks\n" + "\n".join(f"- {c}" for c in checks))
