@@ -51,6 +51,8 @@ CONFIG_SECTIONS: tuple[tuple[str, str, tuple[tuple[str, str], ...]], ...] = (
             ("prompt_robust.learners.cocoop", "CoCoOpConfig"),
             ("prompt_robust.learners.vpt", "VPTConfig"),
             ("prompt_robust.learners.maple", "MaPLeConfig"),
+            ("prompt_robust.learners.kgcoop", "KgCoOpConfig"),
+            ("prompt_robust.learners.promptsrc", "PromptSRCConfig"),
         ),
     ),
     (

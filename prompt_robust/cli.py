@@ -1,4 +1,4 @@
-"""The ``prompt-robust`` command line: ``demo``, ``bench``, ``pretrain-backbone``, ``train``, ``eval``.
+"""The ``prompt-robust`` command line: ``demo``, ``bench``, ``pretrain-backbone``, ``train``, ``eval``, ``reproduce``.
 
 Options of the training, benchmark and pretraining commands are generated from their config dataclasses
 (:class:`~prompt_robust.training.FitConfig`, :class:`~prompt_robust.bench.runner.BenchConfig`,
@@ -141,6 +141,7 @@ _CLI_WORDS: tuple[tuple[re.Pattern[str], str | Callable[[re.Match[str]], str], t
     (re.compile(r"\bFitConfig\.(\w+)"), lambda m: "--" + m.group(1).replace("_", "-"), ("train",)),
     (re.compile(r"\bresume=(['\"])new-settings\1"), "--resume-new-settings", ("train",)),
     (re.compile(r"\boverwrite=True\b"), "--overwrite", None),
+    (re.compile(r"\banother output folder\b"), "another --out", ("reproduce",)),
     (re.compile(r"\bstrict_backbone=False\b"), "--no-strict-backbone", None),
     (
         re.compile(r"\bdelete it or choose another --out\b"),
@@ -465,11 +466,63 @@ def _pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _reproduce(args: argparse.Namespace) -> int:
+    from .methods import parse_method
+    from .reproduce import ReproduceConfig, parse_overrides, run_reproduce
+    from .reproduce.runner import dataset_status
+
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {str(out)!r} is a file; give a folder for the results, trainings and tables.")
+    if not Path(args.data_root).is_dir():
+        raise UsageError(
+            f"--data-root {args.data_root!r} is not a folder; give the folder holding the datasets in CoOp's layout "
+            "(see docs/datasets.md)."
+        )
+    for method in args.methods:
+        parse_method(method)  # the benchmark's grammar: learner[+add-on[:mode]]...
+    config = ReproduceConfig(
+        protocol=args.protocol,
+        data_root=args.data_root,
+        methods=args.methods,
+        seeds=args.seeds,
+        shots=args.shots,
+        preset=args.preset,
+        overrides=parse_overrides(args.overrides or []),
+        addons={name: _json_option(args, name) for name in _addon_names() if getattr(args, f"{name}_config")},
+        datasets=args.datasets,
+        device=args.device,
+        precision=args.precision,
+        augment=args.augment,
+        num_workers=args.workers,
+        eval_batch_size=args.eval_batch_size,
+    )
+    for line in dataset_status(config)[2]:
+        print(f"missing {line}")
+    backbone = _embedded_or_given(args.backbone, args)
+    report = run_reproduce(config, backbone, out, overwrite=args.overwrite, progress=not args.quiet)
+    if report.moved_to is not None:
+        print(f"moved the results and trainings of other settings to {report.moved_to}")
+    print(report.table_markdown)
+    print(
+        f"{len(report.ran)} unit(s) run, {len(report.reused)} reused ({report.device}, {report.precision}); tables: "
+        f"{report.paths['markdown']}, {report.paths['json']}"
+    )
+    return 0
+
+
+def _addon_names() -> list[str]:
+    from .config import RobustConfig
+
+    return list(RobustConfig.addon_configs())
+
+
 #: what each dataset layout needs: option -> (what it is, "dir" or "file")
 _DATA_NEEDS: dict[str, dict[str, tuple[str, str]]] = {
     "coop": {"split_file": ("split_zhou_<Dataset>.json", "file"), "image_dir": ("the split file's image root", "dir")},
     "waterbirds": {"root": ("the Waterbirds folder holding metadata.csv", "dir")},
     "celeba": {"root": ("the CelebA folder", "dir")},
+    "imagenet": {"root": ("the data folder holding imagenet/ (CoOp's $DATA; see docs/datasets.md)", "dir")},
     "domainbed": {"root": ("the DomainBed dataset folder, one subfolder per domain", "dir"), "test_domains": ("", "")},
 }
 
@@ -501,9 +554,32 @@ def _dataset(args: argparse.Namespace, split: str, transform):
         return loaders.load_waterbirds(args.root, split, transform=transform)
     if kind == "celeba":
         return loaders.load_celeba(args.root, args.target, args.spurious, split, transform=transform)
+    if kind == "imagenet":
+        return _imagenet_sets(args, split, transform)
     dataset = loaders.load_domainbed(args.root, transform=transform)
     train, tests = loaders.split_by_domain(dataset, args.test_domains)
     return train if split == "train" else tests
+
+
+def _imagenet_sets(args: argparse.Namespace, split: str, transform):
+    """ImageNet's training split, or its test sets for eval: those named by --targets, else every one whose folder
+    is under --root (ImageNet-A and -R over their own 200 classes, as the papers test them)."""
+    from .data.imagenet import IMAGENET_TARGETS, load_imagenet, load_imagenet_targets
+    from .reproduce.datasets import DATASETS
+
+    if split == "train":
+        return load_imagenet(args.root, "train", transform=transform)
+    targets = args.targets
+    if not targets:
+        root = Path(args.root)
+
+        def present(name: str) -> bool:
+            if name == "imagenet":
+                return (root / "imagenet" / "images" / "val").is_dir()
+            return DATASETS[name].missing(root) is None
+
+        targets = [name for name in IMAGENET_TARGETS if present(name)] or ["imagenet"]  # the loader names what lacks
+    return load_imagenet_targets(args.root, targets, transform=transform)
 
 
 #: a train run's artifacts under --out: what --overwrite moves aside before training afresh
@@ -618,6 +694,8 @@ def _eval(args: argparse.Namespace) -> int:
     sets = sets if isinstance(sets, dict) else {"test": sets}
     report = {}
     for name, data in sets.items():
+        if list(getattr(model.learner, "classnames", data.classnames)) != list(data.classnames):
+            model.learner.set_classnames(data.classnames)  # e.g. ImageNet-A/-R: their own 200 classes
         groups = "groups" if getattr(data, "groups", None) is not None else None
         metrics = evaluate(model, data, groups_key=groups)
         report[name] = {k: v for k, v in metrics.items() if k != "per_group"}
@@ -629,16 +707,104 @@ def _add_data_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dataset",
         required=True,
-        choices=["coop", "waterbirds", "celeba", "domainbed"],
-        help="Layout of the dataset under --root (see docs/quickstart.md).",
+        choices=["coop", "waterbirds", "celeba", "domainbed", "imagenet"],
+        help="Layout of the dataset under --root (see docs/datasets.md).",
     )
-    parser.add_argument("--root", help="Dataset root (waterbirds, celeba, domainbed).")
+    parser.add_argument(
+        "--root", help="Dataset root (waterbirds, celeba, domainbed; imagenet: the folder holding imagenet/)."
+    )
     parser.add_argument("--split-file", help="split_zhou_<Dataset>.json (coop layout).")
     parser.add_argument("--image-dir", help="Image root of the split file (coop layout).")
     parser.add_argument("--target", default="Blond_Hair", help="CelebA target attribute.")
     parser.add_argument("--spurious", default="Male", help="CelebA spurious attribute.")
     parser.add_argument("--test-domains", nargs="+", help="DomainBed held-out domains.")
+    parser.add_argument(
+        "--targets",
+        nargs="+",
+        choices=["imagenet", "imagenetv2", "imagenet-sketch", "imagenet-a", "imagenet-r"],
+        help="imagenet: the test sets eval reads (default: every one present under --root).",
+    )
     parser.add_argument("--backbone", help="hf:<dir>, <dir> or open_clip:<model>:<weights>; default: embedded.")
+
+
+def _reproduce_args(parser: argparse.ArgumentParser) -> None:
+    from .reproduce import PRESETS, PROTOCOLS
+    from .reproduce.runner import DEVICES, PRECISIONS
+
+    parser.add_argument(
+        "--protocol",
+        required=True,
+        choices=list(PROTOCOLS),
+        help="; ".join(f"{p.name}: {p.title}" for p in PROTOCOLS.values()) + " (see docs/reproduce.md).",
+    )
+    parser.add_argument(
+        "--data-root",
+        required=True,
+        help="Folder holding the datasets in CoOp's layout (docs/datasets.md); those present decide what runs, and "
+        "each missing one is named.",
+    )
+    parser.add_argument(
+        "--backbone", required=True, help="hf:<dir> (e.g. a saved CLIP ViT-B/16), <dir> or open_clip:<model>:<weights>."
+    )
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        default=["zeroshot", "coop"],
+        help="Learners, optionally +add-ons (coop coop+refiner maple+debias:oracle), as bench --methods.",
+    )
+    parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3], help="Seeds (mean ± std over them).")
+    parser.add_argument("--shots", type=int, default=16, help="Training images per class (0: the whole split).")
+    parser.add_argument(
+        "--preset",
+        choices=list(PRESETS),
+        default="paper",
+        help="Learner recipes: paper (the reference configs, docs/reproduce.md) or quick (one epoch of each).",
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        nargs="+",
+        action="extend",
+        metavar="KEY=VALUE",
+        help="Override recipe or learner fields: lr=0.01, epochs=5, batch_size=8, steps=100 (instead of epochs), "
+        "maple.depth=3 (one learner only); see docs/reproduce.md.",
+    )
+    parser.add_argument("--datasets", nargs="+", help="Run only these datasets of the protocol (default: all present).")
+    parser.add_argument(
+        "--device", default="auto", help=f"{' | '.join(DEVICES)} | cuda:N (auto: a GPU when torch sees one)."
+    )
+    parser.add_argument(
+        "--precision",
+        choices=list(PRECISIONS),
+        default="auto",
+        help="torch.autocast precision (auto: bf16 on a GPU that has it, else fp16; fp32 on the CPU).",
+    )
+    parser.add_argument(
+        "--no-augment",
+        dest="augment",
+        action="store_false",
+        help="Train on CLIP's centre crop instead of the references' random resized crop and flip.",
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        help="Data-loading processes, training and testing (default: 8 or the available cores on a GPU, 0 on the CPU).",
+    )
+    parser.add_argument("--eval-batch-size", type=int, default=100, help="Test images per forward pass.")
+    for name in _addon_names():
+        parser.add_argument(f"--{name}-config", help=f"Settings of the +{name} methods as a JSON object of fields.")
+    parser.add_argument(
+        "--out",
+        required=True,
+        help="Output folder: results/ (one JSON per dataset, method and seed), train/ (adapters), splits/, tables/. "
+        "A rerun skips finished units and resumes an interrupted training.",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="Move results and trainings of other settings into <out>/replaced-<UTC YYYYmmdd-HHMMSS>/ and run them "
+        "again (without it they are refused).",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -743,6 +909,9 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_false",
         help="Attach the adapter to a backbone other than the one it was trained with (its fingerprint differs); "
         "the numbers then describe that combination.",
+    )
+    _reproduce_args(
+        command("reproduce", "Run a seed paper's protocol on real datasets and write its table.", _reproduce)
     )
     for sub in commands.choices.values():
         _global_args(sub, command=True)

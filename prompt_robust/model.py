@@ -428,7 +428,8 @@ class RobustPromptModel(nn.Module):
     def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None, **batch: Any) -> RobustOutput:
         """Logits for ``pixel_values``; the loss too when ``labels`` are given.
 
-        In training mode the loss is the add-ons' training objective (reweighted task loss plus regularizers). In
+        In training mode the loss is the add-ons' training objective (reweighted task loss plus regularizers), plus
+        the learner's own regulariser (``LearnerOutput.loss``, e.g. KgCoOp's) whenever the learner trains. In
         eval mode it is the plain mean cross-entropy, comparable across methods and defined before any add-on
         has been prepared (e.g. ``Trainer.evaluate()`` before training).
 
@@ -457,6 +458,7 @@ class RobustPromptModel(nn.Module):
             override.update(addon.prompt_override(state) or {})
         raw = self.learner(pixel_values, prompt_override=override) if override else self.learner(pixel_values)
         state.output = as_learner_output(raw)
+        learner_loss = getattr(raw, "loss", None)  # the learner's own regulariser (LearnerOutput.loss), if any
         for addon in addons:
             state.output = addon.adjust_output(state) or state.output
         logits = state.output.logits
@@ -480,6 +482,16 @@ class RobustPromptModel(nn.Module):
                 if term.loss is not None:
                     loss = loss + term.loss
                 logs.update(term.logs)
+            # the learner's regulariser is part of its training objective: added whenever the learner trains
+            trains = self.stage == "prompt" or any(addon.trains_learner(self.stage) for addon in addons)
+            if self.training and trains and learner_loss is not None:
+                if not isinstance(learner_loss, torch.Tensor) or learner_loss.numel() != 1:
+                    got = tuple(learner_loss.shape) if isinstance(learner_loss, torch.Tensor) else learner_loss
+                    raise ValueError(
+                        f"the learner's output.loss must be a scalar tensor (its regulariser) or None; got {got!r}."
+                    )
+                loss = loss + learner_loss.reshape(())
+                logs["learner/loss"] = float(learner_loss.detach())
         return RobustOutput(loss=loss, logits=logits, logs=logs, learner_output=state.output)
 
     # -- training stages ---------------------------------------------------------------------------------------

@@ -730,7 +730,7 @@ def test_shared_prompt_rows_encode_each_copy_once_with_the_same_values_and_gradi
     logits, grad, texts = run(shared=True)
     logits0, grad0, texts0 = run(shared=False)
     torch.testing.assert_close(logits, logits0, rtol=0, atol=1e-5)
-    torch.testing.assert_close(grad, grad0, rtol=1e-4, atol=1e-5)  # float summation order
+    torch.testing.assert_close(grad, grad0, rtol=1e-3, atol=1e-4)  # float summation order (a wrong merge is O(1))
     assert texts0 == 5 * len(CLASSNAMES)
     # CoCoOp shifts every row by its own image: nothing to merge; the others encode one row per copy
     assert texts == (texts0 if name == "cocoop" else 2 * len(CLASSNAMES))

@@ -34,7 +34,8 @@ from ..backbones.base import ClipBackbone
 from ..config import ConfigMixin, RobustConfig, _check, help_field, unknown_name_error
 from ..data.fewshot import save_split
 from ..eval.metrics import accuracy, accuracy_gap, harmonic_mean, per_group_accuracy, worst_group_accuracy
-from ..learners import LEARNERS, build_learner
+from ..learners import build_learner
+from ..methods import addon_config, parse_method
 from ..model import RobustPromptModel, wrap
 from ..training import FitConfig, fit
 from . import world
@@ -56,7 +57,8 @@ LEARNER_SETTINGS: dict[str, dict[str, Any]] = {
     "coop": {"ctx_init": "a photo of a"},
     "cocoop": {"ctx_init": "a photo of a"},
     "vpt": {"n_tokens": 4, "deep": True},
-    "maple": {"ctx_init": "a photo of a", "depth": 3},
+    # ctx_layout "all": the 4 learned tokens the embedded world was calibrated and benchmarked with
+    "maple": {"ctx_init": "a photo of a", "depth": 3, "ctx_layout": "all"},
 }
 
 #: each learner's training schedule, from its paper's few-shot configuration (SGD with momentum 0.9, one epoch of
@@ -157,25 +159,6 @@ class BenchConfig(ConfigMixin):
         return settings
 
 
-def parse_method(method: str) -> tuple[str, list[str]]:
-    """``"maple+debias"`` -> ``("maple", ["debias"])``, with names checked. An add-on may name a variant of its
-    config's ``mode`` after a colon: ``"coop+debias:oracle"``."""
-    learner, *addons = [part.strip() for part in method.split("+")]
-    if learner not in LEARNERS:
-        raise unknown_name_error("learner", learner, list(LEARNERS))
-    for addon in addons:
-        name, _, mode = addon.partition(":")
-        if name not in _addon_configs():
-            raise unknown_name_error("add-on", name, list(_addon_configs()))
-        if mode and "mode" not in {f.name for f in dataclasses.fields(_addon_configs()[name])}:
-            raise ValueError(f"add-on {name!r} has no modes; write {learner}+{name} without ':{mode}'.")
-    return learner, addons
-
-
-def _addon_config(name: str, mode: str, settings: dict[str, Any]) -> Any:
-    return _addon_configs()[name](**{**settings, **({"mode": mode} if mode else {})})
-
-
 @torch.no_grad()
 def _outputs(model: RobustPromptModel, data: TaskData, batch_size: int = 250) -> tuple[torch.Tensor, torch.Tensor]:
     """Predicted labels and prompted image features of a whole set."""
@@ -256,7 +239,7 @@ class _Runner:
         configs = {}
         for addon in addons:
             name, _, mode = addon.partition(":")
-            configs[name] = _addon_config(name, mode, self.config.addon_settings(name, attribute_values))
+            configs[name] = addon_config(name, mode, self.config.addon_settings(name, attribute_values))
         return wrap(learner, RobustConfig(**configs))
 
     def _fit_config(self, learner: str, n: int, seed: int) -> FitConfig:
@@ -386,7 +369,7 @@ def _addon_settings(config: BenchConfig, method: str) -> dict[str, Any]:
     resolved = {}
     for addon in parse_method(method)[1]:
         name, _, mode = addon.partition(":")
-        resolved[addon] = _addon_config(name, mode, config.addon_settings(name)).to_dict()
+        resolved[addon] = addon_config(name, mode, config.addon_settings(name)).to_dict()
     return resolved
 
 

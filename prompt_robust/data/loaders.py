@@ -48,6 +48,7 @@ __all__ = [
     "load_celeba",
     "load_coop_split",
     "load_domainbed",
+    "load_fgvc_aircraft",
     "load_waterbirds",
     "split_by_domain",
     "transform_for",
@@ -935,3 +936,58 @@ def split_by_domain(
         d = dataset.domain_names.index(name)
         tests[name] = dataset.subset([i for i, domain in enumerate(dataset.domains) if domain == d])
     return dataset.subset(train_idx), tests
+
+
+_FGVC_LAYOUT = (
+    "<root>/fgvc_aircraft/variants.txt (one class name per line, the line order is the class order), "
+    "images_variant_{train,val,test}.txt ('<image id> <class name>' per line) and images/<image id>.jpg"
+)
+
+
+def load_fgvc_aircraft(
+    root: str | os.PathLike, split: str = "train", *, transform: Callable[[Any], torch.Tensor] | None = None
+) -> ImageListDataset:
+    """FGVCAircraft as CoOp reads it (``datasets/fgvc_aircraft.py``): the 100 variants of ``variants.txt`` as
+    classes, ``images_variant_<split>.txt`` listing ``<image id> <variant name>``, images at
+    ``images/<image id>.jpg``.
+
+    Args:
+        root: the folder holding ``variants.txt`` (CoOp's ``$DATA/fgvc_aircraft``).
+        split: ``"train"``, ``"val"`` or ``"test"``.
+        transform: PIL image -> tensor, e.g. ``transform_for(backbone)``.
+
+    Raises:
+        FileNotFoundError: a list file is missing.
+        ValueError: a line names a variant that ``variants.txt`` lacks, or the split lists no image.
+
+    Example:
+        >>> test = load_fgvc_aircraft("data/fgvc_aircraft", "test")  # doctest: +SKIP
+    """
+    if split not in ("train", "val", "test"):
+        raise ValueError(f"split must be 'train', 'val' or 'test'; got {split!r}.")
+    root = Path(root)
+    variants, listing = root / "variants.txt", root / f"images_variant_{split}.txt"
+    for path in (variants, listing):
+        if not path.is_file():
+            raise FileNotFoundError(f"FGVCAircraft file {str(path)!r} does not exist. Expected layout: {_FGVC_LAYOUT}.")
+    classnames = [line.strip() for line in variants.read_text(encoding="utf-8").splitlines() if line.strip()]
+    index = {name: i for i, name in enumerate(classnames)}
+    paths, labels = [], []
+    for line_num, line in enumerate(listing.read_text(encoding="utf-8").splitlines(), start=1):
+        image, _, name = line.strip().partition(" ")
+        if not image:
+            continue
+        if name not in index:
+            raise ValueError(
+                f"{listing}, line {line_num}: variant {name!r} is not in {variants}; every line must be "
+                "'<image id> <variant name>' with a name of variants.txt."
+            )
+        if "/" in image or "\\" in image or image.startswith("."):
+            raise ValueError(f"{listing}, line {line_num}: image id {image!r} must be a plain file name.")
+        paths.append(root / "images" / f"{image}.jpg")
+        labels.append(index[name])
+    if not paths:
+        raise ValueError(f"{listing} lists no images; expected lines '<image id> <variant name>'.")
+    return ImageListDataset(
+        paths, labels, classnames, transform=transform, root=root / "images", source=f"{listing} [{split}]"
+    )

@@ -13,7 +13,9 @@ from ..config import unknown_name_error
 from .base import ClassPrompts, LearnerConfig, LearnerOutput, PromptLearner, PromptLearnerProtocol
 from .cocoop import CoCoOp, CoCoOpConfig
 from .coop import CoOp, CoOpConfig
+from .kgcoop import KgCoOp, KgCoOpConfig
 from .maple import MaPLe, MaPLeConfig
+from .promptsrc import GaussianPromptAggregation, PromptSRC, PromptSRCConfig
 from .vpt import VPT, VPTConfig
 from .zeroshot import ZeroShotCLIP, ZeroShotConfig
 
@@ -25,19 +27,26 @@ __all__ = [
     "CoCoOpConfig",
     "CoOp",
     "CoOpConfig",
+    "GaussianPromptAggregation",
+    "KgCoOp",
+    "KgCoOpConfig",
     "LearnerConfig",
     "LearnerOutput",
     "MaPLe",
     "MaPLeConfig",
     "PromptLearner",
     "PromptLearnerProtocol",
+    "PromptSRC",
+    "PromptSRCConfig",
     "VPTConfig",
     "ZeroShotCLIP",
     "ZeroShotConfig",
     "build_learner",
 ]
 
-LEARNERS: dict[str, type[PromptLearner]] = {cls.learner_type: cls for cls in (ZeroShotCLIP, CoOp, CoCoOp, VPT, MaPLe)}
+LEARNERS: dict[str, type[PromptLearner]] = {
+    cls.learner_type: cls for cls in (ZeroShotCLIP, CoOp, CoCoOp, VPT, MaPLe, KgCoOp, PromptSRC)
+}
 
 
 def build_learner(
@@ -50,7 +59,7 @@ def build_learner(
     """Build a reference learner by name.
 
     Args:
-        name: one of ``zeroshot``, ``coop``, ``cocoop``, ``vpt``, ``maple``.
+        name: one of ``zeroshot``, ``coop``, ``cocoop``, ``vpt``, ``maple``, ``kgcoop``, ``promptsrc``.
         backbone: the CLIP backbone.
         classnames: class names to predict.
         config: the learner's config object or a dict of its fields (None: defaults).

@@ -55,11 +55,15 @@ class LearnerOutput:
             when a custom learner returns only logits (add-ons that need them say so).
         text_features: ``(n_classes, embed_dim)`` or, for per-sample prompts, ``(batch, n_classes, embed_dim)``,
             L2-normalised; None as above.
+        loss: a scalar the learner adds to its own training objective (a regulariser such as KgCoOp's or
+            PromptSRC's), computed in training mode only; None for learners without one. The wrapped model adds
+            it to the loss in training mode whenever the learner trains (``docs/learner_contract.md``).
     """
 
     logits: torch.Tensor
     image_features: torch.Tensor | None = None
     text_features: torch.Tensor | None = None
+    loss: torch.Tensor | None = None
 
 
 @dataclass
@@ -135,18 +139,31 @@ class ClassPrompts(nn.Module):
 
     The learned context replaces the ``n_ctx`` placeholders; ``position`` moves the class name to the end
     (CoOp default), the middle (context split in two halves around it) or the front. Total length and the EOT
-    position never change, so pooling reads the right token.
+    position never change, so pooling reads the right token. The class name moved is the bare name's tokens, as
+    in CoOp's reference code (a name ending in punctuation may merge with the appended "." into one token).
+
+    With ``prefix`` (MaPLe's layout) the text is ``"<prefix> <classname>."`` and the learned context replaces
+    the first ``n_ctx`` tokens of the prefix; the prefix's other tokens stay fixed text (``"a photo of a"`` with
+    ``n_ctx=2``: "a photo" learned, "of a" fixed).
 
     Args:
         backbone: the CLIP backbone (its tokenizer and token embedding are used).
         classnames: class names.
         n_ctx: number of learned context tokens (0 allowed: plain ``"{name}."``).
-        position: ``"end"``, ``"middle"`` or ``"front"``.
+        position: ``"end"``, ``"middle"`` or ``"front"`` (``prefix`` needs ``"end"``).
+        prefix: fixed words whose first ``n_ctx`` tokens are learned, or None.
     """
 
     POSITIONS: ClassVar[tuple[str, ...]] = ("end", "middle", "front")
 
-    def __init__(self, backbone: ClipBackbone, classnames: Sequence[str], n_ctx: int, position: str = "end") -> None:
+    def __init__(
+        self,
+        backbone: ClipBackbone,
+        classnames: Sequence[str],
+        n_ctx: int,
+        position: str = "end",
+        prefix: str | None = None,
+    ) -> None:
         super().__init__()
         if position not in self.POSITIONS:
             from ..config import unknown_name_error
@@ -154,27 +171,49 @@ class ClassPrompts(nn.Module):
             raise unknown_name_error("class token position", position, self.POSITIONS)
         self.n_ctx = n_ctx
         names = check_classnames(classnames)
-        base = backbone.tokenize([f"{name}." for name in names])  # (n_cls, L): BOS name . EOT pad
-        eot = backbone.eot_positions(base)
-        length = base.shape[1]
-        if int(eot.max()) + n_ctx >= length:
-            worst = names[int(eot.argmax())]
-            raise ValueError(
-                f"class {worst!r} with {n_ctx} context tokens does not fit in the context length {length}; use "
-                "fewer context tokens or a shorter class name."
-            )
-        # Shift everything after BOS right by n_ctx; the placeholders reuse BOS's id (never the EOT id, so
-        # neither pooling rule can pick them).
-        placeholder = base[:, :1].expand(-1, n_ctx)
-        ids_end = torch.cat([base[:, :1], placeholder, base[:, 1 : length - n_ctx]], dim=1)  # (n_cls, L)
-        name_lens = (eot - 2).tolist()  # tokens of the name, without the final "."
-        order = torch.stack([self._order(length, n_ctx, n, position) for n in name_lens]).to(base.device)
+        if prefix:
+            if position != "end":
+                raise ValueError(
+                    f"a fixed prompt prefix ({prefix!r}) keeps the class name at the end; got {position!r}."
+                )
+            ids_end = backbone.tokenize([f"{prefix} {name}." for name in names])  # (n_cls, L): BOS prefix name . EOT
+            length = ids_end.shape[1]
+            prefix_tokens = int(backbone.eot_positions(backbone.tokenize([prefix]))[0]) - 1
+            if not 0 <= n_ctx <= prefix_tokens:
+                raise ValueError(
+                    f"{n_ctx} learned context tokens cannot replace the first tokens of the prefix {prefix!r}, which "
+                    f"has {prefix_tokens}; use n_ctx <= {prefix_tokens}."
+                )
+            name_lens = [0] * len(names)  # the name stays at the end: nothing is moved
+        else:
+            base = backbone.tokenize([f"{name}." for name in names])  # (n_cls, L): BOS name . EOT pad
+            eot = backbone.eot_positions(base)
+            length = base.shape[1]
+            if int(eot.max()) + n_ctx >= length:
+                worst = names[int(eot.argmax())]
+                raise ValueError(
+                    f"class {worst!r} with {n_ctx} context tokens does not fit in the context length {length}; use "
+                    "fewer context tokens or a shorter class name."
+                )
+            # Shift everything after BOS right by n_ctx; the placeholders reuse BOS's id (never the EOT id, so
+            # neither pooling rule can pick them).
+            placeholder = base[:, :1].expand(-1, n_ctx)
+            ids_end = torch.cat([base[:, :1], placeholder, base[:, 1 : length - n_ctx]], dim=1)  # (n_cls, L)
+            # tokens of the bare name (CoOp's name_lens), not eot - 2 from "{name}.": a name ending in punctuation
+            # may merge with the "." into one token, which then moves with the name
+            name_lens = (backbone.eot_positions(backbone.tokenize(names)) - 1).tolist()
+        eot = backbone.eot_positions(ids_end)  # (n_cls,) in the "end" layout, which the others only permute before it
+        order = torch.stack([self._order(length, n_ctx, n, position) for n in name_lens]).to(ids_end.device)
         with torch.no_grad():
             embeds = backbone.token_embedding(ids_end)  # (n_cls, L, w)
         self.register_buffer("input_ids", torch.gather(ids_end, 1, order), persistent=False)  # (n_cls, L)
         self.register_buffer("prefix", embeds[:, :1].clone(), persistent=False)  # (n_cls, 1, w)
         self.register_buffer("suffix", embeds[:, 1 + n_ctx :].clone(), persistent=False)  # (n_cls, L-1-n_ctx, w)
         self.register_buffer("order", order, persistent=False)  # (n_cls, L)
+        # After every class's EOT (shifted right by n_ctx) the classes hold the same tokens (the padding), so a
+        # prefix of at least `min_length` positions plus that shared tail rebuilds every sequence exactly.
+        differs = (self.input_ids != self.input_ids[:1]).any(dim=0).nonzero()  # positions where classes differ
+        self.min_length = max(int(eot.max()) + 1, int(differs.max()) + 1 if len(differs) else 0)
 
     @staticmethod
     def _order(length: int, n_ctx: int, name_len: int, position: str) -> torch.Tensor:
@@ -195,16 +234,32 @@ class ClassPrompts(nn.Module):
     def num_classes(self) -> int:
         return self.input_ids.shape[0]
 
-    def assemble(self, ctx: torch.Tensor) -> torch.Tensor:
-        """Token embeddings with the context in place.
+    def assemble(self, ctx: torch.Tensor, length: int | None = None) -> torch.Tensor:
+        """Token embeddings with the context in place, for the first ``length`` positions.
 
         Args:
             ctx: ``(..., n_cls | 1, n_ctx, w)``: shared ``(1, n_ctx, w)``, class-specific ``(n_cls, n_ctx, w)``,
                 per-sample ``(b, 1, n_ctx, w)`` or per-sample class-specific ``(b, n_cls, n_ctx, w)``.
+            length: build only positions ``0 .. length - 1`` (what a trimmed text pass reads, see
+                :meth:`ClipBackbone.text_length`); at least every class's EOT position + 1. None: all of them.
 
         Returns:
-            ``(..., n_cls, L, w)`` token embeddings.
+            ``(..., n_cls, length, w)`` token embeddings.
+
+        Example:
+            >>> from prompt_robust.backbones.tiny import tiny_clip_backbone
+            >>> prompts = ClassPrompts(tiny_clip_backbone(layers=1), ["cat", "dog"], n_ctx=2)
+            >>> ctx = torch.zeros(1, 2, 32)
+            >>> prompts.assemble(ctx).shape, prompts.assemble(ctx, prompts.min_length).shape
+            (torch.Size([2, 24, 32]), torch.Size([2, 6, 32]))
         """
+        full = self.input_ids.shape[1]
+        length = full if length is None else int(length)
+        if not self.min_length <= length <= full:
+            raise ValueError(
+                f"assemble(length={length}) must keep every class's EOT token: length must lie in "
+                f"{self.min_length}..{full} (None: all {full} positions)."
+            )
         lead = ctx.shape[:-3]
         n_cls = self.num_classes
         shape = (*lead, n_cls)
@@ -212,11 +267,20 @@ class ClassPrompts(nn.Module):
         parts = [
             self.prefix.expand(*shape, 1, width),
             ctx.to(self.prefix.dtype).expand(*shape, self.n_ctx, width),
-            self.suffix.expand(*shape, self.suffix.shape[1], width),
+            self.suffix[:, : length - 1 - self.n_ctx].expand(*shape, length - 1 - self.n_ctx, width),
         ]
-        tokens = torch.cat(parts, dim=-2)  # (..., n_cls, L, w) in the "end" layout
-        index = self.order.expand(*shape, -1).unsqueeze(-1).expand(*shape, -1, width)
+        tokens = torch.cat(parts, dim=-2)  # (..., n_cls, length, w) in the "end" layout
+        # the layouts only permute positions before "." and EOT, so the first `length` positions come from the
+        # first `length` of the "end" layout
+        index = self.order[:, :length].expand(*shape, -1).unsqueeze(-1).expand(*shape, -1, width)
         return torch.gather(tokens, -2, index)
+
+    def tail(self, length: int) -> torch.Tensor:
+        """``(L - length, w)``: the token embeddings after the first ``length`` (>= :attr:`min_length`) positions,
+        the same for every class; ``cat([assemble(ctx, length), tail(length)])`` equals ``assemble(ctx)``."""
+        if not self.min_length <= length <= self.input_ids.shape[1]:
+            raise ValueError(f"tail(length={length}): length must lie in {self.min_length}..{self.input_ids.shape[1]}.")
+        return self.suffix[0, length - 1 - self.n_ctx :]
 
 
 class PromptLearner(nn.Module):
@@ -322,7 +386,9 @@ class PromptLearner(nn.Module):
 
         Inside :func:`shared_prompt_rows`, rows of a per-sample context ``(b, ...)`` that share an owner and are
         equal (deep prompts included) are encoded once. Each chunk goes through ``backbone.encode_text``, which runs
-        only up to that chunk's last EOT position (:meth:`ClipBackbone.text_length`).
+        only up to that chunk's last EOT position (:meth:`ClipBackbone.text_length`); so the context is assembled
+        into those positions only (:meth:`ClassPrompts.assemble` with ``length``), and each chunk gets the shared
+        padding tail (:meth:`ClassPrompts.tail`) just before its pass.
 
         Returns:
             ``(..., n_cls, embed_dim)``.
@@ -332,11 +398,17 @@ class PromptLearner(nn.Module):
             first, inverse = merged
             deep = {k: (v[first] if v.dim() == 3 else v) for k, v in (deep_prompts or {}).items()}
             return self.encode_prompts(prompts, ctx[first], deep)[inverse]
-        embeds = prompts.assemble(ctx)  # (..., n_cls, L, w)
+        full = prompts.input_ids.shape[1]
+        # Build only the positions the text passes read (trimming, ClipBackbone.text_length): with per-sample
+        # prompts the full (b, n_cls, context_length, w) embeddings would dominate memory.
+        length = full
+        if self.backbone.trim_text:
+            length = max(self.backbone.text_length(prompts.input_ids, deep_prompts), prompts.min_length)
+        embeds = prompts.assemble(ctx, length)  # (..., n_cls, L', w)
         lead = embeds.shape[:-2]
-        length, width = embeds.shape[-2:]
-        flat = embeds.reshape(-1, length, width)  # (N, L, w), N = prod(lead)
-        ids = prompts.input_ids.expand(*lead, -1).reshape(-1, length)  # (N, L)
+        width = embeds.shape[-1]
+        flat = embeds.reshape(-1, length, width)  # (N, L', w), N = prod(lead)
+        ids = prompts.input_ids.expand(*lead, -1).reshape(-1, full)  # (N, L)
         n_cls = prompts.num_classes
         deep = {}
         for layer, value in (deep_prompts or {}).items():
@@ -347,7 +419,11 @@ class PromptLearner(nn.Module):
         for start in range(0, flat.shape[0], chunk):
             stop = start + chunk
             part = {k: (v[start:stop] if v.dim() == 3 else v) for k, v in deep.items()}
-            outs.append(self.backbone.encode_text(ids[start:stop], token_embeds=flat[start:stop], deep_prompts=part))
+            chunk_embeds = flat[start:stop]  # (n, L', w)
+            if length < full:  # encode_text takes whole sequences; the trimmed pass does not read the shared tail
+                tail = prompts.tail(length).expand(chunk_embeds.shape[0], -1, -1)  # (n, L - L', w)
+                chunk_embeds = torch.cat([chunk_embeds, tail], dim=1)  # (n, L, w)
+            outs.append(self.backbone.encode_text(ids[start:stop], token_embeds=chunk_embeds, deep_prompts=part))
         features = torch.cat(outs).reshape(*lead, -1)
         return F.normalize(features, dim=-1)
 
@@ -425,9 +501,18 @@ def image_features_in_batches(learner: nn.Module, pixel_values: torch.Tensor, ba
 
 
 def init_context(
-    backbone: ClipBackbone, n_ctx: int, ctx_init: str | None, width: int, std: float = 0.02
+    backbone: ClipBackbone,
+    n_ctx: int,
+    ctx_init: str | None,
+    width: int,
+    std: float = 0.02,
+    *,
+    first_tokens: bool = False,
 ) -> tuple[torch.Tensor, int]:
     """Context vectors: the token embeddings of ``ctx_init`` (then ``n_ctx`` is its token count) or N(0, std²).
+
+    With ``first_tokens`` only the first ``n_ctx`` tokens of ``ctx_init`` become the context (MaPLe's reference
+    layout, where the rest of the words stay fixed text: :class:`ClassPrompts` with ``prefix=ctx_init``).
 
     Returns:
         ``(n_ctx, width)`` tensor and the resulting ``n_ctx``.
@@ -437,6 +522,12 @@ def init_context(
         n_tokens = int(backbone.eot_positions(ids)[0]) - 1
         if n_tokens < 1:
             raise ValueError(f"ctx_init {ctx_init!r} tokenizes to no token.")
+        if first_tokens:
+            _check(
+                1 <= n_ctx <= n_tokens,
+                f"n_ctx={n_ctx} learned tokens must lie in 1..{n_tokens}, the tokens of ctx_init {ctx_init!r}.",
+            )
+            n_tokens = n_ctx
         with torch.no_grad():
             ctx = backbone.token_embedding(ids)[0, 1 : 1 + n_tokens].clone().float()
         return ctx, n_tokens

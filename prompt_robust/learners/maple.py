@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -19,11 +20,28 @@ __all__ = ["MaPLe", "MaPLeConfig"]
 
 @dataclass
 class MaPLeConfig(ContextConfig):
-    """MaPLe options (paper: 2 tokens, depth 9 of 12; depth is capped at the backbone's layer count)."""
+    """MaPLe options (paper: 2 tokens, depth 9 of 12; depth is capped at the backbone's layer count).
 
-    n_ctx: int = help_field(2, "Prompt tokens per layer (ignored when ctx_init is given).", ge=0)
+    The default layout is the paper's and its repository's (``configs/trainers/MaPLe/vit_b16_c2_ep5_batch4_2ctx
+    .yaml``, ``trainers/maple.py``): the prompt reads "a photo of a {class}.", the first ``n_ctx`` = 2 tokens
+    ("a photo") are learned, "of a" stays fixed text. ``ctx_layout="all"`` learns every token of ``ctx_init``
+    instead (``n_ctx`` becomes its token count, 4 for "a photo of a"), as CoOp does with a context init.
+    """
+
+    n_ctx: int = help_field(
+        2, "Learned prompt tokens per layer (with ctx_layout='paper': the first n_ctx tokens of ctx_init).", ge=0
+    )
     ctx_init: str | None = help_field("a photo of a", "Initialise the first-layer text prompt from these words.")
     depth: int = help_field(9, "Number of prompted layers in both towers (capped at the backbone depth).", ge=1)
+    ctx_layout: str = help_field(
+        "paper",
+        "How ctx_init becomes the prompt: paper (its first n_ctx tokens learned, the rest fixed text, as MaPLe's "
+        "reference) or all (every token of ctx_init learned; n_ctx is ignored).",
+        choices="LAYOUTS",
+        kind="MaPLe context layout",
+    )
+
+    LAYOUTS: ClassVar[tuple[str, ...]] = ("paper", "all")
 
 
 class MaPLe(PromptLearner):
@@ -38,8 +56,8 @@ class MaPLe(PromptLearner):
     Example:
         >>> from prompt_robust.backbones.tiny import tiny_clip_backbone
         >>> model = MaPLe(tiny_clip_backbone(layers=2), ["cat", "dog"])
-        >>> model.prompt_tokens()["text"].shape  # depth capped at 2 layers, 4 tokens from "a photo of a"
-        torch.Size([8, 32])
+        >>> model.prompt_tokens()["text"].shape  # depth capped at 2 layers, 2 tokens ("a photo") per layer
+        torch.Size([4, 32])
     """
 
     learner_type = "maple"
@@ -49,7 +67,16 @@ class MaPLe(PromptLearner):
         super().__init__(backbone, classnames, config)
         config = self.config
         self.depth = min(config.depth, backbone.num_text_layers, backbone.num_vision_layers)
-        first, self.n_ctx = init_context(backbone, config.n_ctx, config.ctx_init, backbone.text_width, config.init_std)
+        # the paper's layout: the first n_ctx tokens of ctx_init learned, its other words fixed text (ClassPrompts)
+        self._fixed_prefix = config.ctx_init if config.ctx_init and config.ctx_layout == "paper" else None
+        first, self.n_ctx = init_context(
+            backbone,
+            config.n_ctx,
+            config.ctx_init,
+            backbone.text_width,
+            config.init_std,
+            first_tokens=self._fixed_prefix is not None,
+        )
         deeper = torch.randn(self.depth - 1, self.n_ctx, backbone.text_width) * config.init_std
         self.text_prompts = nn.Parameter(torch.cat([first.unsqueeze(0), deeper]).to(backbone.device))  # (J, n, w)
         self.coupling = nn.ModuleList(
@@ -58,7 +85,7 @@ class MaPLe(PromptLearner):
         self._build_class_state()
 
     def _build_class_state(self) -> None:
-        self.prompts = ClassPrompts(self.backbone, self.classnames, self.n_ctx)
+        self.prompts = ClassPrompts(self.backbone, self.classnames, self.n_ctx, prefix=self._fixed_prefix)
 
     def prompt_tokens(self) -> dict[str, torch.Tensor]:
         return {"text": self.text_prompts.reshape(-1, self.text_prompts.shape[-1])}
