@@ -8,6 +8,7 @@ it removes (:func:`remove_stale_temps`), from the live file of a concurrent writ
 from __future__ import annotations
 
 import contextlib
+import datetime
 import functools
 import hashlib
 import json
@@ -17,7 +18,7 @@ import socket
 import stat
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -393,3 +394,34 @@ def read_safetensors(
         return load_file(str(path), device=str(device))
     except Exception as err:  # safetensors raises its own error types for damaged headers
         raise ValueError(f"{what} {str(path)!r} is not a readable safetensors file ({err}).") from err
+
+
+def move_aside(out: str | os.PathLike, paths: Sequence[str | os.PathLike]) -> Path | None:
+    """Move the existing ``paths`` (files or folders under ``out``, absolute or relative to it) into a new
+    ``out/replaced-<UTC YYYYmmdd-HHMMSS>/`` (suffixed -2, -3 ... within the same second), keeping their paths
+    relative to ``out``; nothing is deleted or copied (a rename on the same file system).
+
+    Returns:
+        The new folder, or None when none of ``paths`` exists.
+
+    Example:
+        >>> import tempfile
+        >>> out = Path(tempfile.mkdtemp())
+        >>> (out / "adapter").mkdir()
+        >>> moved = move_aside(out, ["adapter", "missing.json"])
+        >>> moved.name.startswith("replaced-"), (moved / "adapter").is_dir(), (out / "adapter").exists()
+        (True, True, False)
+    """
+    out = Path(out)
+    present = [out / path for path in paths if (out / path).exists()]
+    if not present:
+        return None
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    target, n = out / f"replaced-{stamp}", 2
+    while target.exists():
+        target, n = out / f"replaced-{stamp}-{n}", n + 1
+    for path in present:
+        destination = target / path.relative_to(out)
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        path.rename(destination)
+    return target

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import datetime
 import difflib
 import importlib.util
 import json
@@ -31,7 +30,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from . import __version__
+from . import __version__, _io
 
 if TYPE_CHECKING:
     from .bench.suites import Suite, SuiteRequest
@@ -226,26 +225,13 @@ def _global_args(parser: argparse.ArgumentParser, *, command: bool) -> None:
     )
 
 
-def _replaced_dir(out: Path) -> Path:
-    """A new ``<out>/replaced-<UTC YYYYmmdd-HHMMSS>/`` (suffixed -2, -3 ... within the same second)."""
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
-    target, n = out / f"replaced-{stamp}", 2
-    while target.exists():
-        target, n = out / f"replaced-{stamp}-{n}", n + 1
-    return target
-
-
 def _move_aside(out: Path, names: list[str], what: str) -> Path | None:
     """Move ``names`` (files or folders under ``out``) into a new ``replaced-<time>/`` folder, deleting nothing;
     prints where they went."""
     names = [name for name in names if (out / name).exists()]
-    if not names:
-        return None
-    target = _replaced_dir(out)
-    target.mkdir(parents=True)
-    for name in names:
-        (out / name).rename(target / name)  # the same file system: a rename, nothing copied
-    print(f"moved {what} ({', '.join(names)}) to {target}")
+    target = _io.move_aside(out, names)
+    if target is not None:
+        print(f"moved {what} ({', '.join(names)}) to {target}")
     return target
 
 
@@ -607,7 +593,6 @@ def _split_conflict(path: Path, meta: dict[str, Any] | None, indices: list[int] 
     """Why the split saved at ``path`` is not the one this run uses (None: it is, or there is none)."""
     if not path.is_file():
         return None
-    from . import _io
 
     saved = _io.read_json(path, "few-shot split")
     if meta is not None and saved.get("indices") == indices and all(saved.get(k) == v for k, v in meta.items()):

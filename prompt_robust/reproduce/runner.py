@@ -19,7 +19,6 @@ by every unit that tests it (cross-dataset and domain generalisation share the I
 from __future__ import annotations
 
 import contextlib
-import datetime
 import functools
 import hashlib
 import json
@@ -359,24 +358,6 @@ def _conflicts(units: Sequence[_Unit]) -> list[tuple[Path, str]]:
     return list(found.items())
 
 
-def _replaced_dir(out: Path) -> Path:
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
-    target, n = out / f"replaced-{stamp}", 2
-    while target.exists():
-        target, n = out / f"replaced-{stamp}-{n}", n + 1
-    return target
-
-
-def _move_aside(out: Path, paths: Sequence[Path]) -> Path:
-    """Move ``paths`` (under ``out``) into a new ``out/replaced-<time>/`` keeping their relative paths."""
-    target = _replaced_dir(out)
-    for path in paths:
-        destination = target / path.relative_to(out)
-        destination.parent.mkdir(parents=True, exist_ok=True)
-        path.rename(destination)
-    return target
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # data
 # ---------------------------------------------------------------------------------------------------------------
@@ -709,7 +690,7 @@ def run_reproduce(
                 f"{out} holds results or trainings made with other settings: {shown}{more}. Pass overwrite=True to "
                 f"move them into {out}/replaced-<UTC time>/ and run them again, or choose another output folder."
             )
-        moved_to = _move_aside(out, [path for path, _ in conflicts])
+        moved_to = _io.move_aside(out, [path for path, _ in conflicts])
         logger.info("moved %d results/trainings of other settings to %s", len(conflicts), moved_to)
     runner = _Runner(protocol, config, backbone, out, device, precision, progress)
     ran, reused = [], []
