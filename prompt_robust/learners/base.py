@@ -390,9 +390,43 @@ class PromptLearner(nn.Module):
         into those positions only (:meth:`ClassPrompts.assemble` with ``length``), and each chunk gets the shared
         padding tail (:meth:`ClassPrompts.tail`) just before its pass.
 
+        Without gradients (prediction), the features of a context shared by the whole batch (``ctx`` of 3 dims) are
+        kept and reused while nothing they depend on changes: the same class layout, the same context and deep
+        prompt tensors unmodified (their in-place version counters), every parameter of the learner unmodified.
+        CoOp or MaPLe then encodes its class prompts once, not once per test batch.
+
         Returns:
             ``(..., n_cls, embed_dim)``.
         """
+        if not torch.is_grad_enabled() and ctx.dim() == 3:
+            key = self._text_cache_key(prompts, ctx, deep_prompts)
+            cached = self.__dict__.get("_shared_text_features")
+            if cached is not None and cached[0] == key:
+                return cached[1]
+            with torch.no_grad():
+                features = self._encode_prompts(prompts, ctx, deep_prompts)
+            self.__dict__["_shared_text_features"] = (key, features)
+            return features
+        return self._encode_prompts(prompts, ctx, deep_prompts)
+
+    def _text_cache_key(
+        self, prompts: ClassPrompts, ctx: torch.Tensor, deep_prompts: Mapping[int, torch.Tensor] | None
+    ) -> tuple:
+        """What shared-context text features depend on: identities, shapes and in-place versions."""
+
+        def ident(t: torch.Tensor) -> tuple:
+            return (t.data_ptr(), t._version, tuple(t.shape), tuple(t.stride()), t.dtype, t.device)
+
+        deep = tuple(sorted((k, ident(v)) for k, v in (deep_prompts or {}).items()))
+        params = tuple((id(p), p._version) for p in self.parameters())
+        return (id(prompts), ident(ctx), deep, params, self.backbone.trim_text)
+
+    def _encode_prompts(
+        self,
+        prompts: ClassPrompts,
+        ctx: torch.Tensor,
+        deep_prompts: Mapping[int, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         merged = _merge_shared_rows(ctx, deep_prompts)
         if merged is not None:
             first, inverse = merged
