@@ -68,6 +68,7 @@ CONFIG_SECTIONS: tuple[tuple[str, str, tuple[tuple[str, str], ...]], ...] = (
             ("prompt_robust.bench.runner", "BenchConfig"),
             ("prompt_robust.bench.pretrain", "PretrainConfig"),
             ("prompt_robust.bench.world", "WorldConfig"),
+            ("prompt_robust.bench.suites.speed", "SpeedConfig"),
         ),
     ),
 )

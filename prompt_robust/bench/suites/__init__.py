@@ -16,6 +16,7 @@ from . import mechanisms  # noqa: F401  mechanisms
 from . import refiner  # noqa: F401  refiner-sweep, refiner-cost
 from . import counterfactual  # noqa: F401  counterfactual-quality
 from . import icm  # noqa: F401  icm, icm-grid
+from . import speed  # noqa: F401  speed
 # isort: on
 
 __all__ = ["SUITES", "Suite", "SuiteRequest", "get_suite", "register_suite"]
