@@ -103,55 +103,58 @@ def _plots(out_dir: Path, means: dict, stds: dict, *, seeds: int = 2) -> list[st
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    written = []
+    def grouped_bars(name: str, ticks: list[str], series: dict[str, list[tuple[float, float]]], **style) -> None:
+        """One bar per (series, tick): ``series[label][tick] = (mean, std)`` as fractions; written to ``name``."""
+        fig, ax = plt.subplots(figsize=style["figsize"])
+        width = style["width"]
+        values, errors = [], []
+        for i, (label, points) in enumerate(series.items()):
+            xs = [j + (i - (len(series) - 1) / 2) * width for j in range(len(ticks))]
+            ys = [100 * mean for mean, _ in points]
+            es = [100 * std if seeds > 1 else 0.0 for _, std in points]
+            values, errors = values + ys, errors + es
+            ax.bar(xs, ys, width, yerr=es if seeds > 1 else None, capsize=2, label=label)
+        ax.set_xticks(range(len(ticks)), ticks, rotation=style["rotation"], ha="right", fontsize=8)
+        ax.set_ylabel("accuracy (%)")
+        ax.set_ylim(*_value_range(values, errors))
+        ax.set_title(style["title"] + ("" if seeds > 1 else " (one seed)"))
+        ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out_dir / name, dpi=120)
+        plt.close(fig)
+        written.append(name)
+
+    written: list[str] = []
     if "base_to_new" in means:
         methods = list(means["base_to_new"])
-        fig, ax = plt.subplots(figsize=(2.4 + 1.4 * len(methods), 3.4))
-        width = 0.26
-        values, errors = [], []
-        for i, metric in enumerate(("base", "new", "hm")):
-            xs = [j + (i - 1) * width for j in range(len(methods))]
-            ys = [100 * means["base_to_new"][m][metric] for m in methods]
-            es = [100 * stds["base_to_new"][m][metric] if seeds > 1 else 0.0 for m in methods]
-            values, errors = values + ys, errors + es
-            ax.bar(
-                xs,
-                ys,
-                width,
-                yerr=es if seeds > 1 else None,
-                capsize=2,
-                label=metric.upper() if metric == "hm" else metric,
-            )
-        ax.set_xticks(range(len(methods)), methods, rotation=20, ha="right", fontsize=8)
-        ax.set_ylabel("accuracy (%)")
-        ax.set_ylim(*_value_range(values, errors))
-        ax.set_title("Base-to-new generalisation" + ("" if seeds > 1 else " (one seed)"))
-        ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
-        fig.tight_layout()
-        fig.savefig(out_dir / "base_to_new.png", dpi=120)
-        plt.close(fig)
-        written.append("base_to_new.png")
+        table, spread = means["base_to_new"], stds["base_to_new"]
+        series = {
+            metric.upper() if metric == "hm" else metric: [(table[m][metric], spread[m][metric]) for m in methods]
+            for metric in ("base", "new", "hm")
+        }
+        grouped_bars(
+            "base_to_new.png",
+            methods,
+            series,
+            figsize=(2.4 + 1.4 * len(methods), 3.4),
+            width=0.26,
+            rotation=20,
+            title="Base-to-new generalisation",
+        )
     if "spurious_groups" in means:
-        methods = list(means["spurious_groups"])
-        groups = list(means["spurious_groups"][methods[0]])
-        fig, ax = plt.subplots(figsize=(3.4 + 0.9 * len(groups), 3.6))
-        width = 0.8 / len(methods)
-        values, errors = [], []
-        for i, method in enumerate(methods):
-            xs = [j + (i - (len(methods) - 1) / 2) * width for j in range(len(groups))]
-            ys = [100 * means["spurious_groups"][method][g] for g in groups]
-            es = [100 * stds["spurious_groups"][method][g] if seeds > 1 else 0.0 for g in groups]
-            values, errors = values + ys, errors + es
-            ax.bar(xs, ys, width, yerr=es if seeds > 1 else None, capsize=2, label=method)
-        ax.set_xticks(range(len(groups)), groups, rotation=30, ha="right", fontsize=8)
-        ax.set_ylabel("accuracy (%)")
-        ax.set_ylim(*_value_range(values, errors))
-        ax.set_title("Accuracy per (class, background) group" + ("" if seeds > 1 else " (one seed)"))
-        ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
-        fig.tight_layout()
-        fig.savefig(out_dir / "spurious_groups.png", dpi=120)
-        plt.close(fig)
-        written.append("spurious_groups.png")
+        table, spread = means["spurious_groups"], stds["spurious_groups"]
+        methods = list(table)
+        groups = list(table[methods[0]])
+        series = {method: [(table[method][g], spread[method][g]) for g in groups] for method in methods}
+        grouped_bars(
+            "spurious_groups.png",
+            groups,
+            series,
+            figsize=(3.4 + 0.9 * len(groups), 3.6),
+            width=0.8 / len(methods),
+            rotation=30,
+            title="Accuracy per (class, background) group",
+        )
     return written
 
 
